@@ -1,0 +1,14 @@
+"""The core op set, one module per family, and ``REGISTRY``, the registry built from it.
+
+Each family module exports ``OPS``, a plain list of ``OpDef``s; nothing registers
+itself on import. Users who add ops build their own registry with
+``REGISTRY.extended([...])`` and pass it to ``Graph``.
+"""
+
+from ..registry import Registry
+from . import creation, elementwise, linalg, nn, reduce, shape
+
+CORE_OPS = [*elementwise.OPS, *shape.OPS, *linalg.OPS, *reduce.OPS, *nn.OPS, *creation.OPS]
+REGISTRY = Registry(CORE_OPS)
+
+__all__ = ["CORE_OPS", "REGISTRY"]
