@@ -205,7 +205,7 @@ class Graph:
         if isinstance(data, torch.Tensor):
             type = type or TensorType(to_dtype(data.dtype), tuple(data.shape))
             data = TensorData(data)
-        if type is None:
+        if type is None and self.typed:
             raise GraphError("a lazy constant needs its type")
         name = self._fresh_constant_name(name or "c")
         value = Value(self, type, name, data=data)
@@ -260,21 +260,19 @@ class Graph:
         self.outputs = values
 
     @contextmanager
-    def inserting_before(self, node: Node) -> Iterator[None]:
-        """New nodes go right before ``node`` while the context is open."""
-        saved, self._insert_at = self._insert_at, self.index_of(node)
+    def inserting_at(self, index: int) -> Iterator[None]:
+        """New nodes go at position ``index`` (in order) while the context is open."""
+        saved, self._insert_at = self._insert_at, index
         try:
             yield
         finally:
             self._insert_at = saved
 
-    @contextmanager
-    def inserting_after(self, node: Node) -> Iterator[None]:
-        saved, self._insert_at = self._insert_at, self.index_of(node) + 1
-        try:
-            yield
-        finally:
-            self._insert_at = saved
+    def inserting_before(self, node: Node):
+        return self.inserting_at(self.index_of(node))
+
+    def inserting_after(self, node: Node):
+        return self.inserting_at(self.index_of(node) + 1)
 
     # -- editing ----------------------------------------------------------------------
     def index_of(self, node: Node) -> int:
@@ -290,6 +288,7 @@ class Graph:
                 raise GraphError(f"cannot erase {node.op}: its result is still used")
         node.drop_inputs()
         self.nodes.pop(self.index_of(node))
+        node.graph = None  # marks the node as erased
 
     def remove_unused_constants(self) -> int:
         used = [k for k, v in self.constants.items() if v.uses or any(o is v for o in self.outputs)]

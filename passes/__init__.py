@@ -1,1 +1,38 @@
-"""placeholder"""
+"""Passes over kiln graphs: the pass manager, the declarative pattern rewriter, and the
+built-in passes, each registered by name, with named pipelines of them.
+
+``passes`` imports ``ir`` and nothing else of kiln.
+"""
+
+from .canonicalize import CANONICAL_RULES
+from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
+from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
+from .pattern import AttrVar, Match, Pattern, is_splat, trace
+from .rewriter import RewriteLimitError, Rewrites, Rule, rewrite
+
+canonicalize = rewrite_pass("canonicalize", CANONICAL_RULES,
+                            "algebraic identities, data-movement chains and cast chains")
+fold = Pass("fold_constants", fold_constants, "ops over constants become (lazy) constants")
+cse = Pass("cse", eliminate_common_subexpressions, "merge identical nodes and small constants")
+dce = Pass("dce", eliminate_dead_code, "drop unused nodes and constants")
+
+PASSES: dict[str, Pass] = {p.name: p for p in (canonicalize, fold, cse, dce)}
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "cleanup": ("canonicalize", "fold_constants", "cse", "dce"),
+}
+
+
+def pipeline(name: str) -> list[Pass]:
+    """The passes of the named pipeline."""
+    if name not in PIPELINES:
+        raise KeyError(f"unknown pipeline {name!r}; pipelines are {', '.join(sorted(PIPELINES))}")
+    return [PASSES[p] for p in PIPELINES[name]]
+
+
+__all__ = [
+    "AttrVar", "CANONICAL_RULES", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
+    "PassManager", "PassRecord", "Pattern", "RewriteLimitError", "Rewrites", "Rule",
+    "canonicalize", "cse", "dce", "eliminate_common_subexpressions", "eliminate_dead_code",
+    "fold", "fold_constants", "format_records", "is_splat", "pipeline", "rewrite",
+    "rewrite_pass", "trace",
+]
