@@ -229,6 +229,9 @@ class Graph:
              location: str | None = None, result_types: Sequence[TensorType] | None = None) -> Node:
         """Create a node of ``op`` at the insertion point; infer its result types."""
         opdef = self.registry[op]
+        inputs = list(inputs)
+        while inputs and inputs[-1] is None and not opdef.is_variadic:
+            inputs.pop()  # canonical form: missing trailing optional operands are left out
         if not opdef.arity_ok(len(inputs)):
             raise GraphError(f"op {op} takes operands ({', '.join(opdef.operands)}), got {len(inputs)}")
         attrs = self._complete_attrs(opdef, attrs or {})

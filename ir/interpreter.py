@@ -105,5 +105,4 @@ def _check(graph: Graph, node, value: Value, tensor: torch.Tensor, env) -> None:
 
 
 def _where(graph: Graph, node) -> str:
-    text = f"node `{format_node(node, Namer(graph))}`"
-    return text + (f" (from {node.location})" if node.location else "")
+    return f"node `{format_node(node, Namer(graph))}`"

@@ -107,6 +107,7 @@ def _split_top(text: str) -> list[str]:
 
 
 def _parse_type(cursor: _Cursor) -> TensorType:
+    cursor.skip()
     start = cursor.pos
     name = cursor.match(re.compile(r"([A-Za-z0-9_]+)\["), "a type like f32[4, n]")
     cursor.pos -= 1
@@ -259,7 +260,6 @@ class _GraphParser:
                 cursor.expect(",")
         if not opdef.arity_ok(len(inputs)):
             raise cursor.error(f"{op} takes operands ({', '.join(opdef.operands)}), got {len(inputs)}", op_at)
-        inputs += [None] * (len(opdef.operand_specs) - len(inputs)) if not opdef.is_variadic else []
         attrs = self._attrs(cursor, opdef) if cursor.peek("{") else {}
         cursor.expect(":")
         types = [_parse_type(cursor)]

@@ -231,7 +231,7 @@ class OpDef:
         placeholders = placeholders or {}
         unknown = (set(given) | set(placeholders)) - set(self.attrs)
         if unknown:
-            raise AttrError(f"op {self.name} has no attribute {', '.join(sorted(unknown))}")
+            raise AttrError(f"op {self.name} has no attribute {', '.join(repr(u) for u in sorted(unknown))}")
         out = {}
         for name, attr in self.attrs.items():
             if name in placeholders:

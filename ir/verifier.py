@@ -44,16 +44,15 @@ class _Checker:
             self._define(value, "constant")
             if value.name != key or value.data is None or value.type is None:
                 self.problems.append(f"constant {self.name(value)} must be named {key!r}, typed and hold data")
-        nodes = set()
+        self.in_graph = {id(n) for n in g.nodes}
         for node in g.nodes:
-            nodes.add(id(node))
             self._node(node, bound)
         for value in g.outputs:
             if id(value) not in self.defined:
                 self.problems.append(f"output {self.name(value)} is not defined in the graph")
         for value in g.values():
             for use in value.uses:
-                if id(use.node) not in nodes:
+                if id(use.node) not in self.in_graph:
                     self.problems.append(f"{self.name(value)} has a dangling use by a {use.node.op} node "
                                          "that is not in the graph")
                 elif use.index >= len(use.node.inputs) or use.node.inputs[use.index] is not value:
@@ -69,8 +68,6 @@ class _Checker:
 
     def _node(self, node: Node, bound: set) -> None:
         where = f"node `{format_node(node, self.name)}`"
-        if node.location:
-            where += f" (from {node.location})"
 
         def fail(reason: str) -> None:
             self.problems.append(f"{where}: {reason}")
@@ -78,9 +75,12 @@ class _Checker:
         for index, value in enumerate(node.inputs):
             if value is None:
                 continue
-            if id(value) not in self.defined:
-                fail(f"operand {index} {self.name(value)} is used before it is defined"
-                     if value.graph is self.graph else f"operand {index} belongs to another graph")
+            if value.graph is not self.graph:
+                fail(f"operand {index} belongs to another graph")
+            elif value.producer is not None and id(value.producer) not in self.in_graph:
+                fail(f"operand {index} is a result of a {value.producer.op} node that is not in the graph")
+            elif id(value) not in self.defined:
+                fail(f"operand {index} {self.name(value)} is used before it is defined")
             if not any(u.node is node and u.index == index for u in value.uses):
                 fail(f"operand {index} {self.name(value)} does not list this use")
         for index, result in enumerate(node.results):

@@ -140,5 +140,5 @@ def rewrite(graph: Graph, rules: Sequence[Rule] | Iterable[Rule], max_sweeps: in
         if not fired:
             return counts
         counts.update(fired)
-    raise RewriteLimitError(f"rules did not reach a fixpoint in {max_sweeps} sweeps; still firing: {fired}")
+    raise RewriteLimitError(f"rules did not reach a fixpoint in {max_sweeps} sweeps; rewrites made: {counts}")
 

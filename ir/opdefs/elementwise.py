@@ -65,7 +65,7 @@ def _binary(name: str, reference, infer=arithmetic, commutative: bool = False, d
 
 
 def _unary(name: str, reference, infer=float_unary, doc: str = "") -> OpDef:
-    return OpDef(name, ("x",), infer, reference, doc=doc)
+    return OpDef(name, ("x",), infer, reference, doc=doc or f"elementwise {name}")
 
 
 def _where(cond: TensorType, x: TensorType, y: TensorType) -> TensorType:

@@ -1,0 +1,30 @@
+"""Assertions for pass tests: a transformation preserves what the interpreter computes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..ir import Graph, interpret, verify
+
+
+def assert_preserves(transform: Callable[[Graph], Any], graph: Graph, inputs: Sequence[torch.Tensor],
+                     rtol: float = 1e-5, atol: float = 1e-6) -> Graph:
+    """Apply ``transform`` to a copy of ``graph``; check that the copy still verifies and
+    that the interpreter gives the same outputs (within ``rtol``/``atol``, NaNs equal) on
+    ``inputs``. Return the transformed copy for further checks."""
+    verify(graph)
+    expected = interpret(graph, inputs)
+    result = graph.clone()
+    transform(result)
+    verify(result)
+    actual = interpret(result, inputs)
+    assert len(actual) == len(expected), f"{len(expected)} outputs became {len(actual)}"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape and a.dtype == e.dtype, \
+            f"output {i}: {e.dtype}{tuple(e.shape)} became {a.dtype}{tuple(a.shape)}"
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m, i=i: f"output {i} changed:\n{m}\n\nafter:\n{result}")
+    return result

@@ -1,0 +1,24 @@
+"""Shared test set-up: hypothesis profiles (``HYPOTHESIS_PROFILE=ci`` in CI) and helpers."""
+
+import os
+
+import pytest
+from hypothesis import settings
+
+from kiln.ir import Graph, TensorType, sym
+from kiln.testing import register_profiles
+
+register_profiles()
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture
+def batch():
+    return sym("batch")
+
+
+@pytest.fixture
+def graph_with_input(batch):
+    """A graph with one f32[batch, 4, 6] input, returned as (graph, input)."""
+    g = Graph("t")
+    return g, g.add_input("x", TensorType("f32", (batch, 4, 6)))

@@ -1,0 +1,69 @@
+"""The ``kiln`` command, run as a user runs it: in a subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+
+GRAPH = """graph @g(%x: f32[batch, 4]) {
+  %0 = neg(%x) : f32[batch, 4]
+  %1 = neg(%0) : f32[batch, 4]
+  %2 = relu(%1) : f32[batch, 4]
+  %3 = relu(%1) : f32[batch, 4]
+  %4 = add(%2, %3) : f32[batch, 4]
+  return %4
+}
+"""
+
+
+def kiln(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def graph_file(tmp_path):
+    path = tmp_path / "g.kiln"
+    path.write_text(GRAPH)
+    return path
+
+
+def test_ir_prints_the_verified_graph(graph_file):
+    result = kiln("ir", str(graph_file))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == GRAPH
+
+
+def test_ir_runs_a_pipeline_and_dumps_after_a_pass(graph_file):
+    result = kiln("ir", str(graph_file), "--pipeline", "cleanup", "--after", "canonicalize",
+                  "--after", "dce", "--timing")
+    assert result.returncode == 0, result.stderr
+    assert "// after canonicalize" in result.stdout and "// after dce" in result.stdout
+    final = result.stdout.split("// after dce\n")[1]
+    assert final == ("graph @g(%x: f32[batch, 4]) {\n  %0 = relu(%x) : f32[batch, 4]\n"
+                     "  %1 = add(%0, %0) : f32[batch, 4]\n  return %1\n}\n")
+    assert "canonicalize" in result.stderr and "changes" in result.stderr
+
+
+def test_ir_dot_output_from_stdin():
+    result = kiln("ir", "-", "--format", "dot", stdin=GRAPH)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('digraph "g" {') and "n4 -> out0" in result.stdout
+
+
+def test_ir_reports_parse_and_verification_errors(tmp_path):
+    bad = tmp_path / "bad.kiln"
+    bad.write_text(GRAPH.replace("%1 = neg(%0)", "%1 = neg(%9)"))
+    result = kiln("ir", str(bad))
+    assert result.returncode == 1
+    assert "kiln ir: error: line 3, column 12: unknown value %9" in result.stderr
+    bad.write_text(GRAPH.replace("%4 = add(%2, %3) : f32[batch, 4]", "%4 = add(%2, %3) : f32[batch, 5]"))
+    result = kiln("ir", str(bad))
+    assert result.returncode == 1 and "result 0 is typed f32[batch, 5], the op gives f32[batch, 4]" in result.stderr
+
+
+def test_main_job_runs():
+    result = subprocess.run(["kiln"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "after the cleanup pipeline" in result.stdout
+    assert "max |difference| before/after passes: 0.00e+00" in result.stdout

@@ -1,0 +1,33 @@
+"""Every built-in pass, and the whole cleanup pipeline, preserves what the interpreter
+computes on random graphs and random inputs (hypothesis; example counts per profile)."""
+
+import pytest
+from hypothesis import given
+
+from kiln.passes import PASSES, PIPELINES, PassManager, pipeline
+from kiln.testing import assert_preserves, graphs_with_inputs
+
+
+@pytest.mark.parametrize("name", sorted(PASSES))
+@given(case=graphs_with_inputs())
+def test_pass_preserves_semantics(name, case):
+    graph, inputs = case
+    assert_preserves(PASSES[name], graph, inputs)
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+@given(case=graphs_with_inputs(max_steps=16))
+def test_pipeline_preserves_semantics(name, case):
+    graph, inputs = case
+    result = assert_preserves(PassManager(pipeline(name), debug=True).run, graph, inputs)
+    assert len(result.nodes) <= len(graph.nodes)
+
+
+@given(case=graphs_with_inputs())
+def test_cleanup_reaches_a_fixpoint(case):
+    graph, _ = case
+    manager = PassManager(pipeline("cleanup"))
+    manager.run(graph)
+    text = str(graph)
+    assert sum(r.changes for r in manager.run(graph)) == 0
+    assert str(graph) == text
