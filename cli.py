@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .ir import ParseError, VerificationError, parse, to_dot, verify
-from .passes import PASSES, PIPELINES, PassError, PassManager, format_records, pipeline
+from .passes import PASSES, PIPELINES, PassError, format_records, pipeline_manager
 
 
 def _ir(args: argparse.Namespace) -> int:
@@ -21,7 +21,7 @@ def _ir(args: argparse.Namespace) -> int:
     verify(graph)
     if args.pipeline:
         dumps: list[str] = []
-        manager = PassManager(pipeline(args.pipeline), debug=True, dump_after=args.after or (),
+        manager = pipeline_manager(args.pipeline, debug=True, dump_after=args.after or (),
                               dump=lambda name, g: dumps.append(_render(g, args.format, f"after {name}")))
         records = manager.run(graph)
         if args.timing:

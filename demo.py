@@ -9,7 +9,7 @@ import time
 import torch
 
 from .ir import Graph, TensorType, Value, dtypes, interpret, ops, sym
-from .passes import PassManager, format_records, pipeline
+from .passes import format_records, pipeline_manager
 
 
 def decoder_graph(vocab: int = 64, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
@@ -58,7 +58,7 @@ def run_demo(batch: int = 2, seq: int = 8) -> None:
     before = interpret(graph, [ids, angles])[0]
     print(f"// imported: {len(graph.nodes)} nodes\n{graph}")
     start = time.perf_counter()
-    records = PassManager(pipeline("cleanup"), debug=True).run(graph)
+    records = pipeline_manager("cleanup", debug=True).run(graph)
     elapsed = time.perf_counter() - start
     print(f"// after the cleanup pipeline ({elapsed * 1e3:.1f} ms): {len(graph.nodes)} nodes\n{graph}")
     print(format_records(records))

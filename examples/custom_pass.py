@@ -43,7 +43,7 @@ def main() -> None:
     graph.bind_constants({"w1": torch.randn(32, 16), "w2": torch.randn(16, 32)})
     x = torch.randn(3, 16)
     before = interpret(graph, [x])[0]
-    records = PassManager([fuse_silu, *pipeline("cleanup")], debug=True).run(graph)
+    records = PassManager([fuse_silu, *pipeline("cleanup")], until_stable=True, debug=True).run(graph)
     print(graph)
     print(format_records(records))
     assert torch.allclose(interpret(graph, [x])[0], before, atol=1e-5)

@@ -17,6 +17,7 @@ cse = Pass("cse", eliminate_common_subexpressions, "merge identical nodes and sm
 dce = Pass("dce", eliminate_dead_code, "drop unused nodes and constants")
 
 PASSES: dict[str, Pass] = {p.name: p for p in (canonicalize, fold, cse, dce)}
+# A pipeline is its passes in order; these are repeated until a round changes nothing.
 PIPELINES: dict[str, tuple[str, ...]] = {
     "cleanup": ("canonicalize", "fold_constants", "cse", "dce"),
 }
@@ -29,10 +30,16 @@ def pipeline(name: str) -> list[Pass]:
     return [PASSES[p] for p in PIPELINES[name]]
 
 
+def pipeline_manager(name: str, **options) -> PassManager:
+    """A ``PassManager`` that runs the named pipeline to a fixpoint; ``options`` are the
+    manager's (``debug``, ``dump_after``, ``dump``)."""
+    return PassManager(pipeline(name), until_stable=True, **options)
+
+
 __all__ = [
     "AttrVar", "CANONICAL_RULES", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
     "PassManager", "PassRecord", "Pattern", "RewriteLimitError", "Rewrites", "Rule",
     "canonicalize", "cse", "dce", "eliminate_common_subexpressions", "eliminate_dead_code",
-    "fold", "fold_constants", "format_records", "is_splat", "pipeline", "rewrite",
+    "fold", "fold_constants", "format_records", "is_splat", "pipeline", "pipeline_manager", "rewrite",
     "rewrite_pass", "trace",
 ]

@@ -1,9 +1,10 @@
 """Passes and the ``PassManager`` that runs a pipeline of them.
 
 A ``Pass`` is a name and a function that edits a graph in place and returns how many
-changes it made. The manager runs passes in order, optionally verifies after each
-(debug mode), dumps the IR after the passes named in ``dump_after``, and records the time
-and node counts of each pass.
+changes it made. The manager runs passes in order (and, with ``until_stable``, repeats
+the whole list until a round changes nothing), optionally verifies after each pass
+(debug mode), dumps the IR after the passes named in ``dump_after``, and records the
+time and node counts of each pass.
 """
 
 from __future__ import annotations
@@ -47,44 +48,58 @@ class PassRecord:
     seconds: float
     nodes_before: int
     nodes_after: int
+    round: int = 1
 
 
 class PassManager:
-    """Runs ``passes`` in order on a graph."""
+    """Runs ``passes`` in order on a graph; with ``until_stable``, repeats them until a
+    round makes no change (at most ``max_rounds`` rounds)."""
 
-    def __init__(self, passes: Sequence[Pass], debug: bool = False,
-                 dump_after: Collection[str] = (), dump: Callable[[str, Graph], None] | None = None):
+    def __init__(self, passes: Sequence[Pass], *, until_stable: bool = False, max_rounds: int = 8,
+                 debug: bool = False, dump_after: Collection[str] = (),
+                 dump: Callable[[str, Graph], None] | None = None):
         unknown = set(dump_after) - {p.name for p in passes}
         if unknown:
             raise ValueError(f"cannot dump after {sorted(unknown)}: not in this pipeline "
                              f"({', '.join(p.name for p in passes)})")
         self.passes = list(passes)
+        self.rounds = max_rounds if until_stable else 1
         self.debug = debug
         self.dump_after = set(dump_after)
         self.dump = dump or (lambda name, graph: print(f"// after {name}\n{graph}"))
 
     def run(self, graph: Graph) -> list[PassRecord]:
-        """Run every pass on ``graph`` in place; return one record per pass."""
-        records = []
-        for p in self.passes:
-            before = len(graph.nodes)
-            start = time.perf_counter()
-            changes = p.run(graph)
-            seconds = time.perf_counter() - start
-            if self.debug:
-                try:
-                    verify(graph)
-                except VerificationError as exc:
-                    raise PassError(f"pass {p.name} left an invalid graph: {exc}") from exc
-            records.append(PassRecord(p.name, changes, seconds, before, len(graph.nodes)))
-            if p.name in self.dump_after:
-                self.dump(p.name, graph)
+        """Run the passes on ``graph`` in place; return one record per pass run."""
+        records: list[PassRecord] = []
+        for round_ in range(1, self.rounds + 1):
+            changes = 0
+            for p in self.passes:
+                record = self._run_one(p, graph, round_)
+                records.append(record)
+                changes += record.changes
+            if not changes:
+                break
         return records
+
+    def _run_one(self, p: Pass, graph: Graph, round_: int) -> PassRecord:
+        before = len(graph.nodes)
+        start = time.perf_counter()
+        changes = p.run(graph)
+        seconds = time.perf_counter() - start
+        if self.debug:
+            try:
+                verify(graph)
+            except VerificationError as exc:
+                raise PassError(f"pass {p.name} left an invalid graph: {exc}") from exc
+        if p.name in self.dump_after and (round_ == 1 or changes):
+            self.dump(p.name if round_ == 1 else f"{p.name} (round {round_})", graph)
+        return PassRecord(p.name, changes, seconds, before, len(graph.nodes), round_)
 
 
 def format_records(records: Sequence[PassRecord]) -> str:
     """A small table of pass records, for ``kiln ir --timing`` and logs."""
-    lines = [f"{'pass':<20} {'changes':>8} {'nodes':>13} {'ms':>9}"]
+    lines = [f"{'pass':<20} {'round':>5} {'changes':>8} {'nodes':>13} {'ms':>9}"]
     for r in records:
-        lines.append(f"{r.name:<20} {r.changes:>8} {r.nodes_before:>6}->{r.nodes_after:<6} {r.seconds * 1e3:>9.2f}")
+        lines.append(f"{r.name:<20} {r.round:>5} {r.changes:>8} {r.nodes_before:>6}->{r.nodes_after:<6} "
+                     f"{r.seconds * 1e3:>9.2f}")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kiln.ir import Graph, GraphError, LazyData, TensorType, interpret, ops, verify
-from kiln.passes import PassManager, pipeline
+from kiln.passes import pipeline_manager
 
 
 def test_uses_follow_edits(graph_with_input):
@@ -56,7 +56,7 @@ def test_clone_is_independent(graph_with_input):
     g, x = graph_with_input
     g.set_outputs([ops.silu(x) * 1.0])
     copy = g.clone()
-    PassManager(pipeline("cleanup")).run(copy)
+    pipeline_manager("cleanup").run(copy)
     assert len(g.nodes) == 2 and len(copy.nodes) == 1
     assert str(g) != str(copy)
     verify(g)
@@ -75,7 +75,7 @@ def test_weights_stay_lazy_through_passes_and_printing(batch):
     w = g.add_constant(LazyData(load), TensorType("f32", (4096, 4096)), name="w")
     wt = ops.transpose(ops.transpose(w, dim0=0, dim1=1), dim0=0, dim1=1)
     g.set_outputs([ops.linear(x, ops.transpose(wt, dim0=0, dim1=1))])
-    PassManager(pipeline("cleanup"), debug=True).run(g)
+    pipeline_manager("cleanup", debug=True).run(g)
     text = str(g)
     assert loads == [] and "%w_transpose = constant :" in text and "= transpose(" not in text
     out = interpret(g, [torch.ones(1, 4096)])[0]

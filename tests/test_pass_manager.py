@@ -23,7 +23,17 @@ def test_records_and_dumps():
     assert records[0].changes == 2 and records[0].nodes_before == 3 and records[0].nodes_after == 0
     assert dumps == [("canonicalize", "graph @t(%x: f32[3]) {\n  %c = constant [1.0] : f32[]\n  return %x\n}\n")]
     table = format_records(records)
-    assert table.splitlines()[1].split()[:3] == ["canonicalize", "2", "3->0"]
+    assert table.splitlines()[1].split()[:4] == ["canonicalize", "1", "2", "3->0"]
+
+
+def test_until_stable_repeats_a_pipeline_to_its_fixpoint():
+    g = Graph("t")
+    x = g.add_input("x", TensorType("f32", (3,)))
+    inner = ops.neg(x)
+    g.set_outputs([ops.neg(inner), ops.neg(inner)])  # neg(neg(x)) only after CSE merges them
+    records = PassManager(pipeline("cleanup"), until_stable=True).run(g)
+    assert [(r.name, r.round, r.changes) for r in records if r.changes] == [("cse", 1, 1), ("canonicalize", 2, 1)]
+    assert g.outputs == [x, x] and not g.nodes
 
 
 def test_debug_mode_names_the_pass_that_broke_the_graph():

@@ -4,7 +4,7 @@ computes on random graphs and random inputs (hypothesis; example counts per prof
 import pytest
 from hypothesis import given
 
-from kiln.passes import PASSES, PIPELINES, PassManager, pipeline
+from kiln.passes import PASSES, PIPELINES, pipeline_manager
 from kiln.testing import assert_preserves, graphs_with_inputs
 
 
@@ -19,14 +19,14 @@ def test_pass_preserves_semantics(name, case):
 @given(case=graphs_with_inputs(max_steps=16))
 def test_pipeline_preserves_semantics(name, case):
     graph, inputs = case
-    result = assert_preserves(PassManager(pipeline(name), debug=True).run, graph, inputs)
+    result = assert_preserves(pipeline_manager(name, debug=True).run, graph, inputs)
     assert len(result.nodes) <= len(graph.nodes)
 
 
 @given(case=graphs_with_inputs())
 def test_cleanup_reaches_a_fixpoint(case):
     graph, _ = case
-    manager = PassManager(pipeline("cleanup"))
+    manager = pipeline_manager("cleanup")
     manager.run(graph)
     text = str(graph)
     assert sum(r.changes for r in manager.run(graph)) == 0

@@ -89,6 +89,8 @@ def _logical_not(x: TensorType) -> TensorType:
 
 def _clamp(x: TensorType, min: float | None, max: float | None) -> TensorType:
     _numeric(x)
+    if min is None and max is None:
+        raise ShapeError("clamp needs min or max")
     return x
 
 
