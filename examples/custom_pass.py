@@ -10,7 +10,7 @@ from hypothesis import given, settings
 
 from kiln.ir import interpret, ops, parse
 from kiln.passes import PassManager, Rule, format_records, pipeline, rewrite_pass
-from kiln.testing import assert_preserves, graphs_with_inputs
+from kiln.testing import assert_preserves, bind_random_constants, graphs_with_inputs
 
 
 # 1. The fusion: a pattern and its replacement, both plain functions over kiln ops.
@@ -39,8 +39,7 @@ graph @mlp(%x: f32[batch, 16]) {
 
 
 def main() -> None:
-    graph = parse(MLP)
-    graph.bind_constants({"w1": torch.randn(32, 16), "w2": torch.randn(16, 32)})
+    graph = bind_random_constants(parse(MLP))
     x = torch.randn(3, 16)
     before = interpret(graph, [x])[0]
     records = PassManager([fuse_silu, *pipeline("cleanup")], until_stable=True, debug=True).run(graph)

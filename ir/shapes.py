@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Union
 
 import sympy
@@ -23,7 +23,7 @@ class ShapeError(ValueError):
     """A shape rule does not hold for the given operand types or attributes."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def sym(name: str) -> sympy.Symbol:
     """The kiln symbol called ``name`` (a positive integer)."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):

@@ -38,7 +38,7 @@ def _sub_zero(x):
 
 
 def _neg_neg(x):
-    return -(-x)
+    return ops.neg(ops.neg(x))
 
 
 def _transpose_twice(x, a: int, b: int, c: int, d: int):

@@ -8,13 +8,11 @@ import torch
 
 from kiln.ir import FoldedData, parse, verify
 from kiln.passes import CANONICAL_RULES, eliminate_common_subexpressions, eliminate_dead_code, fold_constants, rewrite
-from kiln.testing import assert_preserves
+from kiln.testing import assert_preserves, bind_random_constants
 
 
 def _graph(body: str, inputs: str = "%x: f32[batch, 4, 6]"):
-    g = parse(f"graph @g({inputs}) {{\n{textwrap.dedent(body).strip()}\n}}\n")
-    g.bind_constants({k: torch.randn(*(int(d) for d in v.shape)) for k, v in g.constants.items()
-                      if v.data is not None and type(v.data).__name__ == "MissingData"})
+    g = bind_random_constants(parse(f"graph @g({inputs}) {{\n{textwrap.dedent(body).strip()}\n}}\n"))
     verify(g)
     return g
 

@@ -6,13 +6,11 @@ import torch
 
 from kiln.ir import Graph, TensorType, interpret, ops, parse, verify
 from kiln.passes import AttrVar, RewriteLimitError, Rule, rewrite
-from kiln.testing import assert_preserves
+from kiln.testing import assert_preserves, bind_random_constants
 
 
 def _graph(text):
-    g = parse(text)
-    g.bind_constants({k: torch.randn(*(int(d) for d in v.shape)) for k, v in g.constants.items()
-                      if v.type.is_static and not v.shape == ()})
+    g = bind_random_constants(parse(text))
     verify(g)
     return g
 

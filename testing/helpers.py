@@ -1,4 +1,5 @@
-"""Assertions for pass tests: a transformation preserves what the interpreter computes."""
+"""Helpers for pass tests: give data to constants of parsed graphs, and assert that a
+transformation preserves what the interpreter computes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,18 @@ from typing import Any
 
 import torch
 
-from ..ir import Graph, interpret, verify
+from ..ir import Graph, MissingData, interpret, verify
+
+
+def bind_random_constants(graph: Graph, seed: int = 0) -> Graph:
+    """Give random normal data to every constant that has none (as in a graph parsed
+    from text); return the graph."""
+    gen = torch.Generator().manual_seed(seed)
+    graph.bind_constants({
+        name: torch.randn(tuple(int(d) for d in v.shape), generator=gen).to(v.type.dtype.torch_dtype)
+        for name, v in graph.constants.items() if isinstance(v.data, MissingData)
+    })
+    return graph
 
 
 def assert_preserves(transform: Callable[[Graph], Any], graph: Graph, inputs: Sequence[torch.Tensor],
