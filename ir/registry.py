@@ -150,12 +150,13 @@ class OpDef:
     results: int | Callable[[Mapping[str, Any]], int] = 1
     commutative: bool = False
     doc: str = ""
+    operand_specs: tuple[OperandSpec, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not _OP_NAME.fullmatch(self.name):
             raise DeclarationError(f"invalid op name {self.name!r}")
         specs = tuple(OperandSpec.parse(o) for o in self.operands)
-        object.__setattr__(self, "specs", specs)
+        object.__setattr__(self, "operand_specs", specs)
         names = [s.name for s in specs] + list(self.attrs)
         if len(set(names)) != len(names):
             raise DeclarationError(f"op {self.name}: operand and attribute names must be unique: {names}")
@@ -190,10 +191,6 @@ class OpDef:
                 f"op {self.name}: {role} cannot be called as f({', '.join(self.operands)}"
                 f"{', ' if self.attrs else ''}{', '.join(f'{a}=' for a in self.attrs)}): {exc}"
             ) from None
-
-    @property
-    def operand_specs(self) -> tuple[OperandSpec, ...]:
-        return self.specs  # type: ignore[attr-defined]
 
     @property
     def is_variadic(self) -> bool:

@@ -228,7 +228,7 @@ def _lookup(b: GraphDraft):
     count = b.draw(st.integers(1, 4))
     index = torch.tensor(b.draw(st.lists(st.integers(0, size - 1), min_size=count, max_size=count)))
     idx = b.graph.add_constant(index, name="idx")
-    if x.type.rank == 2 and axis == 0 and b.draw(st.booleans()):
+    if x.type.rank == 2 and axis == 0:
         return ops.embedding(idx, x)
     return ops.index_select(x, idx, dim=axis)
 
@@ -254,7 +254,8 @@ def _math(b: GraphDraft):
     if name == "pow":
         return ops.pow(positive, b.draw(st.sampled_from([0.5, 2.0])))
     if name == "clamp":
-        return ops.clamp(x, min=b.draw(st.sampled_from([None, -0.5])), max=b.draw(st.sampled_from([None, 0.5])))
+        low = b.draw(st.sampled_from([None, -0.5]))
+        return ops.clamp(x, min=low, max=b.draw(st.sampled_from([0.5] if low is None else [None, 0.5])))
     if name == "argmax" and x.type.rank:
         return ops.cast(ops.argmax(x, dim=-1, keepdim=True), dtype=dtypes.float32) * x
     if name == "gather" and x.type.rank:

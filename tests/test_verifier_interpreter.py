@@ -3,10 +3,10 @@ the interpreter binds symbols, checks inputs and names the failing node."""
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 
-from kiln.ir import Graph, InterpreterError, ShapeError, TensorType, VerificationError, interpret, ops, parse, sym, verify
-from kiln.testing import CORRUPTIONS, corrupted_graphs, graphs
+from kiln.ir import REGISTRY, Graph, InterpreterError, ShapeError, TensorType, VerificationError, interpret, ops, parse, sym, verify
+from kiln.testing import CORRUPTIONS, GENERATORS, corrupted_graphs, graphs
 
 
 @given(graphs())
@@ -68,3 +68,35 @@ def test_interpreter_catches_a_wrong_shape_rule():
     g.set_outputs([ops.liar(x)])
     with pytest.raises(InterpreterError, match=r"reference gave torch.float32 \(4,\), the type says f32\[2\]"):
         interpret(g, [torch.ones(2)])
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_each_generator_makes_values(name):
+    made = []
+
+    def probe(draft):
+        value = GENERATORS[name](draft)
+        made.append(value is not None)
+        return value
+
+    _ops_made(generators=("unary",), extra_generators={"probe": probe})
+    assert any(made), f"generator {name} never made a value"
+
+
+def test_generators_reach_every_op_of_the_registry():
+    seen = set()
+    for name in GENERATORS:
+        seen |= _ops_made(generators=(name, "unary"))
+    assert seen == set(REGISTRY.names()), sorted(set(REGISTRY.names()) - seen)
+
+
+def _ops_made(**kwargs) -> set[str]:
+    seen: set[str] = set()
+
+    @settings(max_examples=40, derandomize=True, database=None)
+    @given(graphs(**kwargs))
+    def collect(graph):
+        seen.update(graph.op_counts())
+
+    collect()
+    return seen
