@@ -147,11 +147,11 @@ class Node:
         self.inputs.append(value)
 
     def set_input(self, index: int, value: Value) -> None:
+        if value.graph is not self.graph:
+            raise GraphError(f"{value!r} belongs to another graph")
         old = self.inputs[index]
         if old is not None:
             old.uses = [u for u in old.uses if not (u.node is self and u.index == index)]
-        if value.graph is not self.graph:
-            raise GraphError(f"{value!r} belongs to another graph")
         value.uses.append(Use(self, index))
         self.inputs[index] = value
 
