@@ -59,6 +59,12 @@ class Value:
         return self.data is not None
 
     @property
+    def is_literal(self) -> bool:
+        """A constant whose data is already in memory (a number or small tensor written in
+        the program), as opposed to a weight loaded lazily. Passes may read literals."""
+        return isinstance(self.data, TensorData)
+
+    @property
     def is_input(self) -> bool:
         return self.producer is None and self.data is None
 

@@ -8,8 +8,8 @@
       return %1
     }
 
-Attributes equal to their declared default are left out; constants of at most
-``INLINE_LIMIT`` elements carry their data. ``parser.parse`` reads this form back.
+Attributes equal to their declared default are left out; literal constants (data in
+memory, not lazily loaded weights) of at most ``INLINE_LIMIT`` elements carry their data. ``parser.parse`` reads this form back.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from .constants import MissingData
 from .dtypes import DType
 from .graph import Graph, Node, Value
 from .registry import attr_equal
@@ -112,7 +111,7 @@ def _non_default_attrs(node: Node) -> dict[str, Any]:
 def format_constant(value: Value, name: Namer) -> str:
     text = f"{name(value)} = constant"
     numel = value.type.static_numel if value.type is not None else None
-    if numel is not None and numel <= INLINE_LIMIT and not isinstance(value.data, MissingData):
+    if numel is not None and numel <= INLINE_LIMIT and value.is_literal:
         text += " " + format_data(value.tensor())
     return f"{text} : {format_type(value)}"
 

@@ -8,7 +8,7 @@ from typing import Any
 import sympy
 import torch
 
-from ..ir import FoldedData, Graph, MissingData, Node, Value
+from ..ir import FoldedData, Graph, Node, TensorData, Value
 from ..ir.printer import INLINE_LIMIT
 
 
@@ -38,7 +38,7 @@ def _attr_key(value: Any) -> Any:
 
 def _constant_key(value: Value) -> tuple | None:
     numel = value.type.static_numel
-    if numel is None or numel > INLINE_LIMIT or isinstance(value.data, MissingData):
+    if numel is None or numel > INLINE_LIMIT or not value.is_literal:
         return None
     data = value.tensor().contiguous().reshape(-1)
     return (value.type.dtype, value.type.shape, tuple(data.view(torch.uint8).tolist()))
@@ -77,8 +77,9 @@ def eliminate_common_subexpressions(graph: Graph) -> int:
 
 def fold_constants(graph: Graph) -> int:
     """Replace nodes whose operands are all constants (and whose results have static
-    shapes) by constants. The new constants are lazy: nothing is computed until their
-    data is needed, so folding a transpose of an 8B model's weights costs no memory."""
+    shapes) by constants. Results over weights are lazy: nothing is computed until their
+    data is needed, so folding a transpose of an 8B model's weights costs no memory.
+    Small results over literals are computed now and are literals themselves."""
     folded = 0
     for node in list(graph.nodes):
         if not all(v is None or v.is_constant for v in node.inputs):
@@ -87,10 +88,14 @@ def fold_constants(graph: Graph) -> int:
             continue
         opdef = node.opdef
         structured = opdef.structure([None if v is None else v.data for v in node.inputs])
-        base = next((v.name for v in node.inputs if v is not None), node.op)
+        first = next((v.name for v in node.inputs if v is not None), None)
+        name = f"{first}_{node.op}" if first else node.op
+        literal = all(v is None or v.is_literal for v in node.inputs)
         for result in node.results:
             data = FoldedData(opdef.reference, structured, dict(node.attrs), result.result_index)
-            constant = graph.add_constant(data, result.type, f"{base}_{node.op}")
+            if literal and result.type.static_numel <= INLINE_LIMIT:
+                data = TensorData(data.materialize())
+            constant = graph.add_constant(data, result.type, name)
             result.replace_all_uses_with(constant)
         graph.erase_node(node)
         folded += 1

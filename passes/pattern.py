@@ -90,8 +90,9 @@ class Match:
 
 
 def is_splat(value: Value, number: float) -> bool:
-    """Whether ``value`` is a small constant whose every element equals ``number``."""
-    if not value.is_constant or value.type is None:
+    """Whether ``value`` is a small literal constant whose every element equals ``number``.
+    Weights are never read: a rewrite must not depend on their values."""
+    if not value.is_literal or value.type is None:
         return False
     numel = value.type.static_numel
     if numel is None or numel > SPLAT_LIMIT:

@@ -1,0 +1,11 @@
+"""Frontends: bring models into kiln's IR. ``torch_export`` imports an ExportedProgram
+(through ``aten``, the one table that knows ATen ops); ``modules`` compiles plain
+``nn.Module``s; ``huggingface`` loads checkpoint directories of decoder models.
+
+``frontends`` imports ``ir`` and ``passes``.
+"""
+
+from .errors import FrontendError, UnsupportedOpsError
+from .torch_export import import_program
+
+__all__ = ["FrontendError", "UnsupportedOpsError", "import_program"]

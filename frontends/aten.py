@@ -1,0 +1,280 @@
+"""The one place that knows ATen: how each ATen op that torch.export leaves becomes kiln ops.
+
+``CONVERTERS`` maps an op's name as torch prints it (``aten.linear.default``) to a function
+``(cx, *args, **kwargs) -> Value | tuple``; tensor arguments arrive as kiln values and
+symbolic sizes as kiln dims. ``cx`` (a ``Conversion``) knows the dtype torch computed for
+the node's result, so converters follow torch's type promotion by casting operands to it.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..ir import DType, Graph, Value, dtypes, ops
+
+Converter = Callable[..., Any]
+
+
+@dataclass
+class Conversion:
+    """What a converter may know about the node it converts."""
+
+    graph: Graph
+    result_dtype: DType | None  # of the (first) result, from torch's fake tensor
+    location: str | None
+
+    def value(self, x: Any, dtype: DType | None = None) -> Value:
+        """``x`` as a kiln value of ``dtype`` (a Python number becomes a 0-d constant)."""
+        dtype = dtype or self.result_dtype or dtypes.float32
+        if isinstance(x, Value):
+            return x if x.dtype == dtype else ops.cast(x, dtype=dtype)
+        return self.graph.scalar(x, dtype)
+
+    def promote(self, *args: Any) -> list[Value]:
+        """Operands cast to the dtype torch promotes them to (for comparisons)."""
+        tensors = [a for a in args if isinstance(a, Value)]
+        common = tensors[0].dtype
+        for t in tensors[1:]:
+            common = dtypes.dtype(torch.promote_types(common.torch_dtype, t.dtype.torch_dtype))
+        if any(isinstance(a, float) for a in args) and not common.is_float:
+            common = dtypes.float32
+        return [self.value(a, common) for a in args]
+
+
+def _arithmetic(op: str) -> Converter:
+    def convert(cx: Conversion, x: Any, y: Any, alpha: float = 1) -> Value:
+        if alpha != 1:
+            y = ops.mul(cx.value(y), cx.value(alpha))
+        return ops.call(op, cx.value(x), cx.value(y))
+    return convert
+
+
+def _compare(op: str) -> Converter:
+    def convert(cx: Conversion, x: Any, y: Any) -> Value:
+        return ops.call(op, *cx.promote(x, y))
+    return convert
+
+
+def _unary(op: str) -> Converter:
+    return lambda cx, x: ops.call(op, cx.value(x))
+
+
+def _identity(cx: Conversion, x: Value, *args: Any, **kwargs: Any) -> Value:
+    return x
+
+
+def _cast(cx: Conversion, x: Value, *args: Any, **kwargs: Any) -> Value:
+    return cx.value(x)
+
+
+def _pow(cx: Conversion, x: Any, exponent: Any) -> Value:
+    return ops.pow(cx.value(x), cx.value(exponent))
+
+
+def _reduce(op: str) -> Converter:
+    def convert(cx: Conversion, x: Value, dims: Sequence[int] | int | None = None, keepdim: bool = False,
+                dtype: Any = None) -> Value:
+        if dims is None or (isinstance(dims, Sequence) and not dims):
+            dims = tuple(range(x.type.rank))
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        return cx.value(ops.call(op, cx.value(x) if op == "mean" else x, dims=dims, keepdim=keepdim))
+    return convert
+
+
+def _slice(cx: Conversion, x: Value, dim: int = 0, start: Any = None, end: Any = None, step: int = 1) -> Value:
+    from ..ir.opdefs.shape import END
+
+    return ops.slice(x, dim=dim, start=0 if start is None else start, end=END if end is None else end, step=step)
+
+
+def _softmax(cx: Conversion, x: Value, dim: int, *rest: Any, **kwargs: Any) -> Value:
+    return cx.value(ops.softmax(cx.value(x), dim=dim))
+
+
+def _sdpa(cx: Conversion, q: Value, k: Value, v: Value, attn_mask: Value | None = None, dropout_p: float = 0.0,
+          is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Value:
+    return ops.attention(q, k, v, attn_mask, scale=scale, causal=is_causal)
+
+
+def _kiln_attention(cx: Conversion, q: Value, k: Value, v: Value, scale: float, causal: bool,
+                    sliding_window: int, softcap: float) -> Value:
+    return ops.attention(q, k, v, scale=scale, causal=causal, sliding_window=sliding_window or None,
+                         softcap=softcap or None)
+
+
+def _layer_norm(cx: Conversion, x: Value, shape: Sequence[int], weight: Value | None = None,
+                bias: Value | None = None, eps: float = 1e-5, *rest: Any) -> Value:
+    if len(shape) != 1:
+        raise NotImplementedError("layer_norm over more than the last dim")
+    return ops.layer_norm(x, weight, bias, eps=eps)
+
+
+def _matmul(cx: Conversion, a: Value, b: Value) -> Value:
+    return ops.matmul(a, b)
+
+
+def _addmm(cx: Conversion, bias: Value, a: Value, b: Value, beta: float = 1, alpha: float = 1) -> Value:
+    if beta != 1 or alpha != 1:
+        raise NotImplementedError("addmm with alpha or beta other than 1")
+    return ops.add(ops.matmul(a, b), bias)
+
+
+def _split(cx: Conversion, x: Value, split: int | Sequence[Any], dim: int = 0) -> tuple[Value, ...]:
+    size = x.shape[dim]
+    sizes = split if isinstance(split, Sequence) else \
+        [split] * (size // split) + ([size % split] if size % split else [])
+    return ops.split(x, dim=dim, sizes=tuple(sizes))
+
+
+def _chunk(cx: Conversion, x: Value, chunks: int, dim: int = 0) -> tuple[Value, ...]:
+    size = x.shape[dim]
+    step = -(-size // chunks)
+    return _split(cx, x, step, dim)
+
+
+def _arange(cx: Conversion, *args: Any, **kwargs: Any) -> Value:
+    start, end, step = (0, args[0], 1) if len(args) == 1 else (*args, 1)[:3]
+    return ops.arange(graph=cx.graph, end=end, start=start, step=step, dtype=cx.result_dtype)
+
+
+def _full(cx: Conversion, size: Sequence[Any], value: Any, **kwargs: Any) -> Value:
+    return ops.full(graph=cx.graph, shape=tuple(size), value=float(value), dtype=cx.result_dtype)
+
+
+def _filled(value: float) -> Converter:
+    return lambda cx, size, **kwargs: ops.full(graph=cx.graph, shape=tuple(size), value=value,
+                                               dtype=cx.result_dtype)
+
+
+def _where(cx: Conversion, cond: Value, x: Any, y: Any) -> Value:
+    return ops.where(cond, cx.value(x), cx.value(y))
+
+
+def _masked_fill(cx: Conversion, x: Value, mask: Value, value: Any) -> Value:
+    return ops.where(mask, cx.value(value), x)
+
+
+def _getitem(cx: Conversion, values: Sequence[Value], index: int) -> Value:
+    return values[index]
+
+
+def _view(cx: Conversion, x: Value, shape: Sequence[Any]) -> Value:
+    return ops.reshape(x, shape=tuple(shape))
+
+
+def _flatten(cx: Conversion, x: Value, start: int = 0, end: int = -1) -> Value:
+    rank = x.type.rank
+    start, end = start % rank, end % rank
+    return ops.reshape(x, shape=(*x.shape[:start], -1, *x.shape[end + 1:]))
+
+
+def _t(cx: Conversion, x: Value) -> Value:
+    return ops.transpose(x, dim0=0, dim1=1) if x.type.rank == 2 else x
+
+
+def _expand(cx: Conversion, x: Value, sizes: Sequence[Any], **kwargs: Any) -> Value:
+    return ops.expand(x, shape=tuple(sizes))
+
+
+def _squeeze(cx: Conversion, x: Value, dim: Any = None) -> Value:
+    dims = range(x.type.rank) if dim is None else ([dim] if isinstance(dim, int) else dim)
+    for d in sorted((d % x.type.rank for d in dims), reverse=True):
+        if x.shape[d] == 1:
+            x = ops.squeeze(x, dim=d)
+    return x
+
+
+def _clamp(cx: Conversion, x: Value, min: float | None = None, max: float | None = None) -> Value:
+    return ops.clamp(x, min=min, max=max)
+
+
+def _gelu(cx: Conversion, x: Value, approximate: str = "none") -> Value:
+    return ops.gelu(x, approximate=approximate)
+
+
+CONVERTERS: dict[str, Converter] = {
+    **{f"aten.{name}.Tensor": _arithmetic(op) for name, op in
+       [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div"), ("maximum", "maximum"),
+        ("minimum", "minimum")]},
+    **{f"aten.{name}.Scalar": _arithmetic(name) for name in ("add", "sub", "mul", "div")},
+    **{f"aten.{name}.{kind}": _compare(name) for name in ("eq", "ne", "lt", "le", "gt", "ge")
+       for kind in ("Tensor", "Scalar")},
+    "aten.logical_and.default": lambda cx, x, y: ops.logical_and(x, y),
+    "aten.logical_or.default": lambda cx, x, y: ops.logical_or(x, y),
+    "aten.logical_not.default": lambda cx, x: ops.logical_not(x),
+    "aten.__and__.Tensor": lambda cx, x, y: ops.logical_and(x, y),
+    "aten.__or__.Tensor": lambda cx, x, y: ops.logical_or(x, y),
+    **{f"aten.{name}.default": _unary(name) for name in
+       ("neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "erf", "sigmoid",
+        "relu", "silu")},
+    "aten.gelu.default": _gelu,
+    "aten.pow.Tensor_Scalar": _pow,
+    "aten.pow.Tensor_Tensor": _pow,
+    "aten.clamp.default": _clamp,
+    "aten.where.self": _where,
+    "aten.masked_fill.Scalar": _masked_fill,
+    "aten.to.dtype": _cast,
+    "aten.to.device": _cast,
+    "aten.to.dtype_layout": _cast,
+    "aten._to_copy.default": _cast,
+    "aten.type_as.default": _cast,
+    **{f"aten.{name}.default": _identity for name in
+       ("alias", "clone", "contiguous", "detach", "lift_fresh_copy", "dropout")},
+    "aten.view.default": _view,
+    "aten.reshape.default": _view,
+    "aten._unsafe_view.default": _view,
+    "aten.flatten.using_ints": _flatten,
+    "aten.transpose.int": lambda cx, x, a, b: ops.transpose(x, dim0=a, dim1=b),
+    "aten.t.default": _t,
+    "aten.permute.default": lambda cx, x, dims: ops.permute(x, dims=tuple(dims)),
+    "aten.expand.default": _expand,
+    "aten.slice.Tensor": _slice,
+    "aten.cat.default": lambda cx, tensors, dim=0: ops.concat([cx.value(t) for t in tensors], dim=dim),
+    "aten.split.Tensor": _split,
+    "aten.split_with_sizes.default": _split,
+    "aten.chunk.default": _chunk,
+    "aten.unsqueeze.default": lambda cx, x, dim: ops.unsqueeze(x, dim=dim),
+    "aten.squeeze.dim": _squeeze,
+    "aten.squeeze.dims": _squeeze,
+    "aten.squeeze.default": _squeeze,
+    "aten.linear.default": lambda cx, x, weight, bias=None: ops.linear(x, weight, bias),
+    "aten.matmul.default": _matmul,
+    "aten.mm.default": _matmul,
+    "aten.bmm.default": _matmul,
+    "aten.addmm.default": _addmm,
+    "aten.embedding.default": lambda cx, weight, ids, *rest: ops.embedding(ids, weight),
+    "aten.index_select.default": lambda cx, x, dim, index: ops.index_select(x, index, dim=dim),
+    "aten.gather.default": lambda cx, x, dim, index, **kw: ops.gather(x, index, dim=dim),
+    "aten.mean.dim": _reduce("mean"),
+    "aten.mean.default": _reduce("mean"),
+    "aten.sum.dim_IntList": _reduce("sum"),
+    "aten.sum.default": _reduce("sum"),
+    "aten.amax.default": _reduce("max"),
+    "aten.amin.default": _reduce("min"),
+    "aten.argmax.default": lambda cx, x, dim, keepdim=False: ops.argmax(x, dim=dim, keepdim=keepdim),
+    "aten.softmax.int": _softmax,
+    "aten._softmax.default": _softmax,
+    "aten.log_softmax.int": lambda cx, x, dim, *rest: ops.log_softmax(x, dim=dim),
+    "aten.layer_norm.default": _layer_norm,
+    "aten.scaled_dot_product_attention.default": _sdpa,
+    "kiln.attention.default": _kiln_attention,
+    "aten.arange.default": _arange,
+    "aten.arange.start": _arange,
+    "aten.arange.start_step": _arange,
+    "aten.full.default": _full,
+    "aten.zeros.default": _filled(0.0),
+    "aten.ones.default": _filled(1.0),
+    "<built-in function getitem>": _getitem,
+    str(operator.getitem): _getitem,
+}
+
+# Nodes that only assert facts torch already checked while tracing.
+IGNORED = {
+    "aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_constrain_range_for_size.default",
+    "aten._assert_async.msg", "aten.sym_constrain_range.default",
+}
