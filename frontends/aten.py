@@ -173,6 +173,20 @@ def _flatten(cx: Conversion, x: Value, start: int = 0, end: int = -1) -> Value:
     return ops.reshape(x, shape=(*x.shape[:start], -1, *x.shape[end + 1:]))
 
 
+def _unflatten(cx: Conversion, x: Value, dim: int, sizes: Sequence[Any]) -> Value:
+    dim %= x.type.rank
+    return ops.reshape(x, shape=(*x.shape[:dim], *sizes, *x.shape[dim + 1:]))
+
+
+def _select(cx: Conversion, x: Value, dim: int, index: int) -> Value:
+    dim %= x.type.rank
+    if index < 0:
+        if not isinstance(x.shape[dim], int):
+            raise NotImplementedError("select of a negative index along a symbolic dim")
+        index += x.shape[dim]
+    return ops.squeeze(ops.slice(x, dim=dim, start=index, end=index + 1), dim=dim)
+
+
 def _t(cx: Conversion, x: Value) -> Value:
     return ops.transpose(x, dim0=0, dim1=1) if x.type.rank == 2 else x
 
@@ -187,6 +201,22 @@ def _squeeze(cx: Conversion, x: Value, dim: Any = None) -> Value:
         if x.shape[d] == 1:
             x = ops.squeeze(x, dim=d)
     return x
+
+
+def _stack(cx: Conversion, tensors: Sequence[Value], dim: int = 0) -> Value:
+    rank = tensors[0].type.rank + 1
+    return ops.concat([ops.unsqueeze(cx.value(t), dim=dim % rank) for t in tensors], dim=dim % rank)
+
+
+def _repeat_interleave(cx: Conversion, x: Value, repeats: int, dim: int | None = None, **kwargs: Any) -> Value:
+    if not isinstance(repeats, int):
+        raise NotImplementedError("repeat_interleave with a tensor of repeats")
+    if dim is None:
+        x, dim = ops.reshape(x, shape=(-1,)), 0
+    dim %= x.type.rank
+    shape = list(x.shape)
+    tiled = ops.expand(ops.unsqueeze(x, dim=dim + 1), shape=(*shape[:dim + 1], repeats, *shape[dim + 1:]))
+    return ops.reshape(tiled, shape=(*shape[:dim], shape[dim] * repeats, *shape[dim + 1:]))
 
 
 def _clamp(cx: Conversion, x: Value, min: float | None = None, max: float | None = None) -> Value:
@@ -229,12 +259,16 @@ CONVERTERS: dict[str, Converter] = {
     "aten.reshape.default": _view,
     "aten._unsafe_view.default": _view,
     "aten.flatten.using_ints": _flatten,
+    "aten.unflatten.int": _unflatten,
+    "aten.select.int": _select,
     "aten.transpose.int": lambda cx, x, a, b: ops.transpose(x, dim0=a, dim1=b),
     "aten.t.default": _t,
     "aten.permute.default": lambda cx, x, dims: ops.permute(x, dims=tuple(dims)),
     "aten.expand.default": _expand,
     "aten.slice.Tensor": _slice,
     "aten.cat.default": lambda cx, tensors, dim=0: ops.concat([cx.value(t) for t in tensors], dim=dim),
+    "aten.stack.default": _stack,
+    "aten.repeat_interleave.self_int": _repeat_interleave,
     "aten.split.Tensor": _split,
     "aten.split_with_sizes.default": _split,
     "aten.chunk.default": _chunk,

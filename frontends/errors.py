@@ -13,10 +13,10 @@ class UnsupportedOpsError(FrontendError):
     """The traced program uses ops that kiln does not map; lists each with where it came from."""
 
     def __init__(self, unsupported: Mapping[str, Sequence[str]]):
-        self.unsupported = {op: list(paths) for op, paths in unsupported.items()}
+        self.unsupported = {op: [p or "<top level>" for p in paths] for op, paths in unsupported.items()}
         lines = []
         for op, paths in sorted(self.unsupported.items()):
-            shown = ", ".join(sorted(set(paths))[:4]) or "<top level>"
+            shown = ", ".join(sorted(set(paths))[:4])
             more = len(set(paths)) - 4
             lines.append(f"  - {op} (from {shown}{f' and {more} more' if more > 0 else ''})")
         super().__init__(f"{len(lines)} ops have no kiln mapping:\n" + "\n".join(lines))

@@ -43,8 +43,11 @@ def bind_symbols(graph: Graph, tensors: Sequence[torch.Tensor]) -> dict[sympy.Sy
 
 
 def interpret(graph: Graph, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
-              check_types: bool = True) -> list[torch.Tensor]:
-    """Run ``graph`` on ``inputs`` (in order, or by input name); return its outputs."""
+              check_types: bool = True, constants: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Run ``graph`` on ``inputs`` (in order, or by input name); return its outputs.
+
+    ``constants`` supplies already materialized constant data by name (the rest is
+    materialized from each constant's data on the way)."""
     if isinstance(inputs, Mapping):
         missing = [v.name for v in graph.inputs if v.name not in inputs]
         if missing:
@@ -54,9 +57,9 @@ def interpret(graph: Graph, inputs: Sequence[torch.Tensor] | Mapping[str, torch.
         raise ShapeError(f"graph @{graph.name} takes {len(graph.inputs)} inputs, got {len(inputs)}")
     env = bind_symbols(graph, inputs)
     tensors: dict[int, torch.Tensor] = {id(v): t for v, t in zip(graph.inputs, inputs)}
-    for value in graph.constants.values():
+    for name, value in graph.constants.items():
         if value.uses or value in graph.outputs:
-            tensors[id(value)] = value.tensor()
+            tensors[id(value)] = constants[name] if constants and name in constants else value.tensor()
     last_use = _last_uses(graph)
     for index, node in enumerate(graph.nodes):
         opdef = node.opdef

@@ -1,7 +1,10 @@
 """The ``kiln`` command, run as a user runs it: in a subprocess."""
 
+import re
 import subprocess
 import sys
+
+from hf_models import BUNDLED
 
 import pytest
 
@@ -62,8 +65,16 @@ def test_ir_reports_parse_and_verification_errors(tmp_path):
     assert result.returncode == 1 and "result 0 is typed f32[batch, 5], the op gives f32[batch, 4]" in result.stderr
 
 
-def test_main_job_runs():
-    result = subprocess.run(["kiln"], capture_output=True, text=True, timeout=300)
+def test_main_job_compiles_the_bundled_model_and_generates():
+    result = subprocess.run(["kiln", "--max-tokens", "12"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "after the cleanup pipeline" in result.stdout
-    assert "max |difference| before/after passes: 0.00e+00" in result.stdout
+    assert "compiled the bundled LlamaForCausalLM for cpu" in result.stdout
+    assert "The for statement is used to specify cleanup" in result.stdout
+    assert re.search(r"12 tokens in [0-9.]+ s: [0-9.]+ tokens/s", result.stdout)
+
+
+def test_ir_of_a_checkpoint_directory():
+    result = kiln("ir", str(BUNDLED), "--pipeline", "cleanup", "--timing")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("graph @LlamaForCausalLM(%ids: i64[batch, seq]) {")
+    assert "attention(" in result.stdout and 'loc("model.layers.3.self_attn")' in result.stdout

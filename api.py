@@ -1,0 +1,79 @@
+"""``kiln.compile``: the one entry point from a model to something that runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
+from .frontends.modules import import_module
+from .ir import Graph, verify
+from .passes import pipeline_manager
+from .runtime import CompiledModule, Engine, EngineInfo
+
+TARGETS = ("cpu",)
+
+
+def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype: str | torch.dtype | None = None,
+            quantization: str | None = None, kv_cache_dtype: str = "auto", tp: int = 1, pp: int = 1,
+            max_batch_size: int = 256, max_seq_len: int = 8192,
+            example_inputs: Sequence[torch.Tensor] | None = None, dynamic_shapes: Any = None,
+            tokenizer: Any = None) -> Engine | CompiledModule:
+    """Compile a model for ``target``.
+
+    ``model`` is a Hugging Face checkpoint directory or an in-memory ``transformers``
+    causal LM (giving an ``Engine``), or any ``nn.Module`` with ``example_inputs`` (and
+    optionally torch.export ``dynamic_shapes``), giving a ``CompiledModule`` with the
+    module's outputs.
+    """
+    _check_options(target, quantization, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
+    if isinstance(model, (str, os.PathLike)):
+        return _engine(load_checkpoint(model, dtype, max_batch_size, max_seq_len), target,
+                       max_batch_size, max_seq_len)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
+    if example_inputs is None and _is_causal_lm(model):
+        return _engine(import_model(model, tokenizer, max_batch_size, max_seq_len), target,
+                       max_batch_size, max_seq_len)
+    if example_inputs is None:
+        raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
+    imported = import_module(model, example_inputs, dynamic_shapes)
+    return CompiledModule(_optimize(imported.graph), imported.unflatten)
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel) and model.can_generate()
+
+
+def _optimize(graph: Graph) -> Graph:
+    pipeline_manager("cleanup").run(graph)
+    verify(graph)
+    return graph
+
+
+def _engine(imported: ImportedLM, target: str, max_batch_size: int, max_seq_len: int) -> Engine:
+    architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
+    info = EngineInfo(architecture, target, imported.dtype, max_batch_size, max_seq_len)
+    return Engine(_optimize(imported.graph), imported.tokenizer, imported.config, info)
+
+
+def _check_options(target: str, quantization: str | None, kv_cache_dtype: str, tp: int, pp: int,
+                   max_batch_size: int, max_seq_len: int) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r} is not available yet: kiln builds for {', '.join(TARGETS)}")
+    if quantization is not None:
+        raise ValueError(f"quantization {quantization!r} is not available yet")
+    if kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not available yet")
+    if tp != 1 or pp != 1:
+        raise ValueError("tensor and pipeline parallelism are not available yet (tp=1, pp=1)")
+    if max_batch_size < 1 or max_seq_len < 2:
+        raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")

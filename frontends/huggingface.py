@@ -1,0 +1,178 @@
+"""Hugging Face decoder models into kiln graphs.
+
+A checkpoint directory is read offline (``checkpoint.py``); its model is built with its
+parameters on the meta device (buffers such as rotary frequencies are computed for
+real), exported with dynamic batch and sequence through kiln's attention, and imported.
+Weights are lazy constants that read their tensor from safetensors when first needed,
+cast to the engine's dtype. An in-memory ``PreTrainedModel`` is exported the same way,
+its own tensors as the weights. Nothing here is architecture-specific.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from ..ir import ConstantData, Graph, LazyData
+from .attention import register_with_transformers
+from .checkpoint import Checkpoint, TensorRef, read_checkpoint
+from .errors import FrontendError
+from .torch_export import import_program
+
+PREFIX = "model."  # the attribute under which _Logits holds the model
+
+
+@dataclass
+class ImportedLM:
+    """A causal LM as kiln sees it: the graph (token ids [batch, seq] -> logits
+    [batch, seq, vocab]), its tokenizer, its transformers config and weight dtype."""
+
+    graph: Graph
+    tokenizer: Any
+    config: Any
+    dtype: torch.dtype
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with parameters on the meta device and buffers on the CPU."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, config: Any) -> torch.dtype:
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(dtype, dtype), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FrontendError(f"dtype must be a floating-point dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    return dtype
+
+
+def _build_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    architectures = getattr(config, "architectures", None) or []
+    try:
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation=register_with_transformers())
+    except (ValueError, KeyError) as exc:
+        raise FrontendError(f"unsupported architecture {architectures or config.model_type!r}: "
+                            f"transformers has no causal LM for it ({exc})") from None
+    return model.eval()
+
+
+def _export(model: nn.Module, max_batch_size: int, max_seq_len: int, device: str) -> torch.export.ExportedProgram:
+    example = torch.zeros(2, 8, dtype=torch.long, device=device)
+    dims = {0: Dim("batch", max=max_batch_size), 1: Dim("seq", max=max_seq_len)}
+    with torch.no_grad():
+        return torch.export.export(_Logits(model), (example,), dynamic_shapes=({**dims},), strict=False)
+
+
+def _renamed_tensors(checkpoint: Checkpoint, model: nn.Module) -> dict[str, TensorRef]:
+    """Checkpoint tensors under the names the model uses: transformers' key renamings
+    (legacy names such as ``embed_out`` for ``lm_head``) applied to each key."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [r for r in get_model_conversion_mapping(model) if isinstance(r, WeightRenaming)]
+    tensors = dict(checkpoint.tensors)
+    for key, ref in checkpoint.tensors.items():
+        renamed = key
+        for renaming in renamings:
+            targets = renaming.target_patterns * len(renaming.source_patterns) \
+                if len(renaming.target_patterns) == 1 else renaming.target_patterns
+            for source_pattern, target in zip(renaming.source_patterns, targets):
+                renamed = re.sub(source_pattern, target, renamed)
+        tensors.setdefault(renamed, ref)
+    return tensors
+
+
+def _weight_source(checkpoint: Checkpoint, model: nn.Module, dtype: torch.dtype, problems: list[str]):
+    tensors = _renamed_tensors(checkpoint, model)
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    if not isinstance(tied, dict) or not getattr(model.config, "tie_word_embeddings", False):
+        tied = {}
+    buffers = dict(model.named_buffers())
+
+    def source(name: str, fake: torch.Tensor) -> ConstantData:
+        ref = tensors.get(name) or tensors.get(tied.get(name, ""))
+        if ref is None:
+            if name in buffers and buffers[name].device.type != "meta":
+                buffer = buffers[name]
+                return LazyData(lambda: buffer, f"buffer {name}")
+            problems.append(f"missing tensor {name} {list(fake.shape)}")
+        elif ref.shape != tuple(fake.shape):
+            problems.append(f"tensor {name} is {list(ref.shape)} in {ref.file.name}, the model needs {list(fake.shape)}")
+        elif not (ref.dtype.is_floating_point or ref.dtype == fake.dtype):
+            problems.append(f"tensor {name} has dtype {ref.dtype}, the model needs {fake.dtype}")
+        target = fake.dtype
+        return LazyData(lambda: ref.load(target), f"{ref.file.name}:{ref.key}" if ref else name)
+
+    return source
+
+
+def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None, max_batch_size: int = 256,
+                    max_seq_len: int = 8192) -> ImportedLM:
+    """Import the causal LM in checkpoint directory ``path``."""
+    checkpoint = read_checkpoint(path)
+    dtype = _resolve_dtype(dtype, checkpoint.config)
+    model = _build_model(checkpoint.config, dtype)
+    program = _export(model, max_batch_size, max_seq_len, device="meta")
+    problems: list[str] = []
+    graph = import_program(program, name=_graph_name(checkpoint.config), input_dims=[{0: "batch", 1: "seq"}],
+                           constant_source=_weight_source(checkpoint, model, dtype, problems), prefix=PREFIX)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise FrontendError(f"checkpoint {checkpoint.path} does not fit its config ({len(problems)} problems):\n"
+                            f"{listing}{more}")
+    return ImportedLM(graph, checkpoint.tokenizer, checkpoint.config, dtype)
+
+
+def import_model(model: nn.Module, tokenizer: Any = None, max_batch_size: int = 256,
+                 max_seq_len: int = 8192) -> ImportedLM:
+    """Import an in-memory ``transformers`` causal LM; its own tensors are the weights."""
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation(register_with_transformers())
+    try:
+        program = _export(model.eval(), max_batch_size, max_seq_len, device=str(model.device))
+    finally:
+        model.set_attn_implementation(implementation)
+    graph = import_program(program, name=_graph_name(model.config), input_dims=[{0: "batch", 1: "seq"}],
+                           prefix=PREFIX)
+    return ImportedLM(graph, tokenizer, model.config, model.dtype)
+
+
+def _graph_name(config: Any) -> str:
+    architectures = getattr(config, "architectures", None) or [config.model_type]
+    return "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in architectures[0])

@@ -1,0 +1,58 @@
+"""Tiny random-weight configs of the decoder architectures kiln verifies, and helpers
+that write them as checkpoint directories with the bundled tokenizer."""
+
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models"
+VOCAB = 2048  # the bundled tokenizer's
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+# name: (config class, model class, options beyond COMMON)
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama-2-mha": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "llama-3.1": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=256)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=5)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=4)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, sliding_window=4)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(partial_rotary_factor=0.5)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(partial_rotary_factor=0.25)),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.25)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(embedding_multiplier=2.0, residual_multiplier=0.5,
+                                                            logits_scaling=4.0, attention_multiplier=0.1)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(pad_token_id=0)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(head_dim=16, pad_token_id=0)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4)),
+}
+
+
+def random_model(name: str, seed: int = 0) -> torch.nn.Module:
+    config_class, model_class, options = ARCHITECTURES[name]
+    config = getattr(transformers, config_class)(**{**COMMON, **options})
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(config).eval()
+
+
+def copy_tokenizer(directory: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(BUNDLED / name, directory / name)
+
+
+def write_checkpoint(model: torch.nn.Module, directory: Path, **save_options) -> Path:
+    model.save_pretrained(directory, **save_options)
+    copy_tokenizer(directory)
+    return directory
