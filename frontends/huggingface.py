@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from ..ir import ConstantData, Graph, LazyData
+from ..ir import ConstantData, Graph, LazyData, MissingData
 from .attention import register_with_transformers
 from .checkpoint import Checkpoint, TensorRef, read_checkpoint
 from .errors import FrontendError
@@ -95,7 +95,7 @@ def _export(model: nn.Module, max_batch_size: int, max_seq_len: int, device: str
     example = torch.zeros(2, 8, dtype=torch.long, device=device)
     dims = {0: Dim("batch", max=max_batch_size), 1: Dim("seq", max=max_seq_len)}
     with torch.no_grad():
-        return torch.export.export(_Logits(model), (example,), dynamic_shapes=({**dims},), strict=False)
+        return torch.export.export(_Logits(model), (example,), dynamic_shapes=(dims,), strict=False)
 
 
 def _renamed_tensors(checkpoint: Checkpoint, model: nn.Module) -> dict[str, TensorRef]:
@@ -117,7 +117,10 @@ def _renamed_tensors(checkpoint: Checkpoint, model: nn.Module) -> dict[str, Tens
     return tensors
 
 
-def _weight_source(checkpoint: Checkpoint, model: nn.Module, dtype: torch.dtype, problems: list[str]):
+def _weight_source(checkpoint: Checkpoint, model: nn.Module, problems: list[str]):
+    """The constant source for ``import_program``: lazy checkpoint tensors, cast to the
+    dtype the model was exported in; module buffers where the checkpoint has none.
+    What does not fit is appended to ``problems``."""
     tensors = _renamed_tensors(checkpoint, model)
     tied = getattr(model, "_tied_weights_keys", None) or {}
     if not isinstance(tied, dict) or not getattr(model.config, "tie_word_embeddings", False):
@@ -131,12 +134,13 @@ def _weight_source(checkpoint: Checkpoint, model: nn.Module, dtype: torch.dtype,
                 buffer = buffers[name]
                 return LazyData(lambda: buffer, f"buffer {name}")
             problems.append(f"missing tensor {name} {list(fake.shape)}")
-        elif ref.shape != tuple(fake.shape):
+            return MissingData(name)
+        if ref.shape != tuple(fake.shape):
             problems.append(f"tensor {name} is {list(ref.shape)} in {ref.file.name}, the model needs {list(fake.shape)}")
         elif not (ref.dtype.is_floating_point or ref.dtype == fake.dtype):
             problems.append(f"tensor {name} has dtype {ref.dtype}, the model needs {fake.dtype}")
         target = fake.dtype
-        return LazyData(lambda: ref.load(target), f"{ref.file.name}:{ref.key}" if ref else name)
+        return LazyData(lambda: ref.load(target), f"{ref.file.name}:{ref.key}")
 
     return source
 
@@ -150,7 +154,7 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None, ma
     program = _export(model, max_batch_size, max_seq_len, device="meta")
     problems: list[str] = []
     graph = import_program(program, name=_graph_name(checkpoint.config), input_dims=[{0: "batch", 1: "seq"}],
-                           constant_source=_weight_source(checkpoint, model, dtype, problems), prefix=PREFIX)
+                           constant_source=_weight_source(checkpoint, model, problems), prefix=PREFIX)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

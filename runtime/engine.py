@@ -4,6 +4,7 @@ reference implementations; weights are materialized once, on first use."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
