@@ -114,6 +114,16 @@ def _layer_norm(cx: Conversion, x: Value, shape: Sequence[int], weight: Value | 
     return ops.layer_norm(x, weight, bias, eps=eps)
 
 
+def _native_layer_norm(cx: Conversion, x: Value, shape: Sequence[int], weight: Value | None,
+                       bias: Value | None, eps: float) -> tuple[Value, Value, Value]:
+    """Core ATen's layer norm, with the mean and reciprocal std it also returns."""
+    out = _layer_norm(cx, x, shape, weight, bias, eps)
+    mean = ops.mean(x, dims=(-1,), keepdim=True)
+    centered = ops.sub(x, mean)
+    variance = ops.mean(ops.mul(centered, centered), dims=(-1,), keepdim=True)
+    return out, mean, ops.rsqrt(ops.add(variance, cx.value(eps)))
+
+
 def _matmul(cx: Conversion, a: Value, b: Value) -> Value:
     return ops.matmul(a, b)
 
@@ -295,6 +305,7 @@ CONVERTERS: dict[str, Converter] = {
     "aten._softmax.default": _softmax,
     "aten.log_softmax.int": lambda cx, x, dim, *rest: ops.log_softmax(x, dim=dim),
     "aten.layer_norm.default": _layer_norm,
+    "aten.native_layer_norm.default": _native_layer_norm,
     "aten.scaled_dot_product_attention.default": _sdpa,
     "kiln.attention.default": _kiln_attention,
     "aten.arange.default": _arange,

@@ -146,3 +146,19 @@ def test_compile_refuses_what_it_cannot_build_yet():
         kiln.compile(BUNDLED, quantization="fp8")
     with pytest.raises(FrontendError, match="floating-point dtype"):
         kiln.compile(BUNDLED, dtype="int8")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2", "phi3"])
+def test_core_aten_programs_import_too(name):
+    """After run_decompositions() (core ATen) the importer still gives transformers' logits."""
+    from kiln.frontends import import_program
+    from kiln.frontends.attention import register_with_transformers
+    from kiln.frontends.huggingface import PREFIX, _export
+    from kiln.ir import interpret
+
+    model = random_model(name)
+    model.set_attn_implementation(register_with_transformers())
+    program = _export(model, 64, 64, "cpu").run_decompositions()
+    graph = import_program(program, input_dims=[{0: "batch", 1: "seq"}], prefix=PREFIX)
+    ids = torch.randint(0, VOCAB, (3, 11))
+    assert (interpret(graph, [ids])[0] - _logits(model, ids)).abs().max().item() <= TOLERANCE
