@@ -335,6 +335,16 @@ class Graph:
         g.outputs = [mapping[id(v)] for v in self.outputs]
         return g
 
+    def take_contents(self, other: Graph) -> None:
+        """Become ``other`` (for passes that rebuild a graph): take its inputs, constants,
+        nodes and outputs, which then belong to this graph object."""
+        for value in other.values():
+            value.graph = self
+        for node in other.nodes:
+            node.graph = self
+        self.name, self.registry, self.typed = other.name, other.registry, other.typed
+        self.inputs, self.constants, self.nodes, self.outputs = other.inputs, other.constants, other.nodes, other.outputs
+
     def values(self) -> Iterator[Value]:
         """Every value: inputs, constants, then node results in order."""
         yield from self.inputs

@@ -19,11 +19,16 @@ from .rewriter import Rule, rewrite
 
 @dataclass(frozen=True)
 class Pass:
-    """A named in-place graph transformation that returns its number of changes."""
+    """A named in-place graph transformation that returns its number of changes.
+
+    ``changes_signature`` marks passes that change the graph's inputs and outputs (such
+    as paging attention): they cannot be checked by running the graph before and after
+    on the same inputs, and are tested on the models they are made for."""
 
     name: str
     run: Callable[[Graph], int]
     doc: str = ""
+    changes_signature: bool = False
 
     def __call__(self, graph: Graph) -> int:
         return self.run(graph)

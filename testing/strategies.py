@@ -233,6 +233,35 @@ def _lookup(b: GraphDraft):
     return ops.index_select(x, idx, dim=axis)
 
 
+def _paged(b: GraphDraft):
+    """Attention of a few sequences over a paged cache, the batch laid out as literals."""
+    x = b.value()
+    tokens, dim = b.draw(st.integers(1, 5)), b.draw(st.sampled_from([2, 4]))
+    level = ops.mean(x, dims=tuple(range(x.type.rank))) if x.type.rank else x
+    q = b.constant((tokens, 1, dim)) * level
+    cuts = sorted(b.draw(st.lists(st.integers(0, tokens), max_size=2)))
+    bounds = [0, *cuts, tokens]
+    cached = [b.draw(st.integers(0, 3)) for _ in bounds[1:]]
+    block_size, blocks_per_seq = 2, 4
+    slots, lengths, tables = [], [], []
+    for s, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        table = [s * blocks_per_seq + i for i in range(blocks_per_seq)]
+        positions = range(cached[s], cached[s] + end - start)
+        slots += [table[p // block_size] * block_size + p % block_size for p in positions]
+        lengths.append(cached[s] + end - start)
+        tables.append(table)
+    blocks = blocks_per_seq * len(lengths)
+    literal = b.graph.add_constant
+    out, _, _ = ops.paged_attention(
+        q, ops.neg(q), q, b.constant((blocks, block_size, 1, dim)), b.constant((blocks, block_size, 1, dim)),
+        literal(torch.tensor(slots, dtype=torch.int64), name="slots"),
+        literal(torch.tensor(bounds, dtype=torch.int32), name="starts"),
+        literal(torch.tensor(lengths, dtype=torch.int32), name="lengths"),
+        literal(torch.tensor(tables, dtype=torch.int32), name="tables"),
+        softcap=b.draw(st.sampled_from([None, 5.0])), sliding_window=b.draw(st.sampled_from([None, 2])))
+    return ops.mean(out, dims=(0, 1, 2)) + x
+
+
 def _creation(b: GraphDraft):
     x = b.value(lambda v: v.type.rank >= 1)
     if x is None:
@@ -285,7 +314,7 @@ GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {
     "math": _math, "redundant": _redundant,
     "unary": _unary, "binary": _binary, "select": _select, "linear": _linear, "reduce": _reduce,
     "norm": _norm, "movement": _movement, "cast": _cast, "duplicate": _duplicate,
-    "attention": _attention, "rotary": _rotary, "lookup": _lookup, "creation": _creation,
+    "attention": _attention, "rotary": _rotary, "lookup": _lookup, "creation": _creation, "paged": _paged,
 }
 
 

@@ -74,7 +74,10 @@ def test_main_job_compiles_the_bundled_model_and_generates():
 
 
 def test_ir_of_a_checkpoint_directory():
-    result = kiln("ir", str(BUNDLED), "--pipeline", "cleanup", "--timing")
+    result = kiln("ir", str(BUNDLED), "--pipeline", "reference", "--after", "dce", "--after", "paged_attention")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("graph @LlamaForCausalLM(%ids: i64[batch, seq]) {")
-    assert "attention(" in result.stdout and 'loc("model.layers.3.self_attn")' in result.stdout
+    dumps = dict(part.split("\n", 1) for part in result.stdout.split("// after ")[1:])
+    imported, paged = dumps["dce"], dumps["paged_attention"]
+    assert "graph @LlamaForCausalLM(%ids: i64[batch, seq]) {" in imported and "= attention(" in imported
+    assert paged.startswith("graph @LlamaForCausalLM(%ids: i64[num_tokens], %positions: i64[num_tokens]")
+    assert paged.count("= paged_attention(") == 4 and 'loc("model.layers.3.self_attn")' in paged

@@ -159,3 +159,10 @@ def test_embedding_and_linear():
     h = ops.embedding(idv, g.add_constant(table, name="table"))
     g.set_outputs([ops.linear(h, g.add_constant(w, name="w"), g.add_constant(bias, name="b"))])
     torch.testing.assert_close(interpret(g, [ids])[0], F.linear(table[ids], w, bias))
+
+
+def test_attention_of_empty_sequences_and_heads():
+    for q_len, kv_len, dim in ((0, 3, 4), (2, 0, 4), (2, 3, 0)):
+        q, k = torch.randn(1, 1, q_len, dim), torch.randn(1, 1, kv_len, dim)
+        out = _run(lambda q, k, v: ops.attention(q, k, v), q, k, torch.randn(1, 1, kv_len, 2), batched=3)[0]
+        assert out.shape == (1, 1, q_len, 2) and not torch.isnan(out).any()

@@ -109,10 +109,12 @@ def attention_reference(q, k, v, mask, scale, causal, sliding_window, softcap):
     """Exact attention in float32. Causal masks align to the last query (lower right),
     so that a query block of length 1 attends to the whole cache; rows with every key
     masked produce zeros."""
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return q.new_zeros((*q.shape[:3], v.shape[3]))
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1).float()
     v = v.repeat_interleave(groups, dim=1).float()
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = scale if scale is not None else 1.0 / math.sqrt(max(q.shape[-1], 1))
     scores = (q.float() @ k.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)

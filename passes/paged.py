@@ -1,0 +1,119 @@
+"""Attention to paged attention: a causal LM's graph becomes the runtime's step graph.
+
+The input graph is what the frontend imports for a causal LM: token ids ``i64[batch, seq]``
+in, logits ``[batch, seq, vocab]`` out, causal ``attention`` ops over
+``[batch, heads, seq, head_dim]``. The result takes a flattened batch:
+
+    ids, positions, slot_mapping: i64[num_tokens]     query_start: i32[num_seqs + 1]
+    context_lens: i32[num_seqs]                        block_tables: i32[num_seqs, max_blocks]
+    k_cache_<i>, v_cache_<i>: [num_blocks, block_size, kv_heads, head_dim] per attention layer
+
+and returns logits ``[num_tokens, vocab]`` followed by the updated caches. The rewrite
+is a substitution, ``batch -> 1`` and ``seq -> num_tokens``: every op other than
+attention works token by token, so it is unchanged; ``arange(seq)`` (the positions the
+model made for itself) becomes the ``positions`` input; each attention becomes a
+``paged_attention`` over its layer's caches. The batch metadata is computed once per
+step, by the runtime, and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sympy
+
+from ..ir import Graph, TensorType, Value, dtypes, ops, sym
+from ..ir.shapes import normalize_dim
+
+TOKENS, SEQS, MAX_BLOCKS, BLOCKS, BLOCK_SIZE = (sym(n) for n in
+                                                ("num_tokens", "num_seqs", "max_blocks", "num_blocks", "block_size"))
+METADATA = ("positions", "slot_mapping", "query_start", "context_lens", "block_tables")
+
+
+class PagedAttentionError(ValueError):
+    """The graph is not a causal LM graph this pass can rewrite; says why."""
+
+
+def _substitute(value: Any, mapping: dict) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_substitute(v, mapping) for v in value)
+    if isinstance(value, sympy.Expr):
+        return normalize_dim(value.xreplace(mapping))
+    return value
+
+
+def _contract(graph: Graph) -> tuple[sympy.Symbol, sympy.Symbol]:
+    if len(graph.inputs) != 1 or graph.inputs[0].type.rank != 2 or not graph.inputs[0].dtype.is_integer:
+        raise PagedAttentionError(f"graph @{graph.name} must take token ids [batch, seq] as its only input")
+    batch, seq = graph.inputs[0].shape
+    if not all(isinstance(d, sympy.Symbol) for d in (batch, seq)):
+        raise PagedAttentionError(f"token ids must have symbolic [batch, seq] dims, got {graph.inputs[0].type}")
+    if not graph.outputs or graph.outputs[0].type.rank != 3:
+        raise PagedAttentionError(f"graph @{graph.name} must return logits [batch, seq, vocab] first")
+    for node in graph.nodes:
+        if node.op == "attention" and (not node.attrs["causal"] or node.inputs[3:]):
+            raise PagedAttentionError(f"attention at {node.location or node.op} must be causal and unmasked")
+    if not any(node.op == "attention" for node in graph.nodes):
+        raise PagedAttentionError(f"graph @{graph.name} has no attention to page")
+    return batch, seq
+
+
+def _layer_caches(new: Graph, node, index: int) -> tuple[Value, Value]:
+    k, v = node.inputs[1].type, node.inputs[2].type
+    kv_heads, head_dim, value_dim = k.shape[1], k.shape[3], v.shape[3]
+    return (new.add_input(f"k_cache_{index}", TensorType(k.dtype, (BLOCKS, BLOCK_SIZE, kv_heads, head_dim))),
+            new.add_input(f"v_cache_{index}", TensorType(v.dtype, (BLOCKS, BLOCK_SIZE, kv_heads, value_dim))))
+
+
+def _tokens_first(x: Value) -> Value:
+    """[1, heads, num_tokens, dim] -> [num_tokens, heads, dim]."""
+    return ops.reshape(ops.transpose(x, dim0=1, dim1=2), shape=(TOKENS, x.shape[1], x.shape[3]))
+
+
+def page_attention(graph: Graph) -> int:
+    """Rewrite ``graph`` in place into the paged step graph; return the number of
+    attention ops paged (0 for a graph that is paged already)."""
+    if any(node.op == "paged_attention" for node in graph.nodes):
+        return 0
+    batch, seq = _contract(graph)
+    mapping = {batch: sympy.Integer(1), seq: TOKENS}
+    new = Graph(graph.name, graph.registry)
+    ids = new.add_input("ids", TensorType(graph.inputs[0].dtype, (TOKENS,)))
+    meta = {
+        "positions": new.add_input("positions", TensorType(dtypes.int64, (TOKENS,))),
+        "slot_mapping": new.add_input("slot_mapping", TensorType(dtypes.int64, (TOKENS,))),
+        "query_start": new.add_input("query_start", TensorType(dtypes.int32, (SEQS + 1,))),
+        "context_lens": new.add_input("context_lens", TensorType(dtypes.int32, (SEQS,))),
+        "block_tables": new.add_input("block_tables", TensorType(dtypes.int32, (SEQS, MAX_BLOCKS))),
+    }
+    env: dict[int, Value] = {id(graph.inputs[0]): ops.reshape(ids, shape=(1, TOKENS))}
+    for name, value in graph.constants.items():
+        env[id(value)] = new.add_constant(value.data, value.type, name)
+    caches: list[Value] = []
+    for node in graph.nodes:
+        inputs = [None if v is None else env[id(v)] for v in node.inputs]
+        attrs = {k: _substitute(v, mapping) for k, v in node.attrs.items()}
+        before = len(new.nodes)
+        if node.op == "arange" and attrs["end"] == TOKENS and attrs["start"] == 0 and attrs["step"] == 1:
+            results = [ops.cast(meta["positions"], dtype=node.results[0].dtype)]
+        elif node.op == "attention":
+            k_cache, v_cache = _layer_caches(new, node, len(caches) // 2)
+            q, k, v = (_tokens_first(x) for x in inputs[:3])
+            out, k_cache, v_cache = ops.paged_attention(
+                q, k, v, k_cache, v_cache, *(meta[n] for n in METADATA[1:]),
+                scale=attrs["scale"] if attrs["scale"] is not None else node.inputs[0].shape[3] ** -0.5,
+                sliding_window=attrs["sliding_window"], softcap=attrs["softcap"])
+            caches += [k_cache, v_cache]
+            results = [ops.transpose(ops.reshape(out, shape=(1, TOKENS, out.shape[1], out.shape[2])),
+                                     dim0=1, dim1=2)]
+        else:
+            results = new.call(node.op, inputs, attrs).results
+        for created in new.nodes[before:]:
+            created.location = node.location
+        for old, result in zip(node.results, results):
+            result.name = old.name
+            env[id(old)] = result
+    logits = env[id(graph.outputs[0])]
+    new.set_outputs([ops.reshape(logits, shape=(TOKENS, logits.shape[2])), *caches])
+    graph.take_contents(new)
+    return len(caches) // 2
