@@ -88,8 +88,6 @@ class Engine:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 32) -> Generation:
         """Greedy decoding of one prompt, recomputing the whole sequence at each step
         (the KV cache and the batched runtime come with the paged-attention pipeline)."""
-        import time
-
         ids = self._encode(prompt)
         if len(ids) + max_new_tokens > self.info.max_seq_len:
             raise ValueError(f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds "
