@@ -5,7 +5,8 @@ A replacement is a plain function whose parameters name pattern variables; it bu
 the new values with ``kiln.ir.ops`` and returns as many values as the pattern did. A
 match is used only if its interior values are not used outside it, the constraint holds,
 and the replacement's types equal the pattern outputs' types, so a rule cannot change a
-graph's types. Rules are indexed by the op of their first output: rules that cannot
+graph's types; a replacement whose shape rules refuse its operands is not applied
+either. Rules are indexed by the op of their first output: rules that cannot
 match a node cost nothing there.
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..ir import Graph, Node, Registry, Value
+from ..ir import Graph, Node, Registry, ShapeError, Value
 from .pattern import Match, Pattern, match_at, trace
 
 
@@ -44,8 +45,11 @@ class Rule:
         key = id(registry)
         if key not in self._traced:
             pattern = trace(self.pattern, registry)
-            wanted = list(inspect.signature(self.replacement).parameters)
-            unknown = set(wanted) - set(pattern.value_vars) - set(pattern.attr_vars)
+            bound = set(pattern.value_vars) | set(pattern.attr_vars)
+            params = [p for p in inspect.signature(self.replacement).parameters.values()
+                      if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            wanted = [p.name for p in params if p.name in bound or p.default is p.empty]
+            unknown = set(wanted) - bound
             if unknown:
                 raise TypeError(f"rule {self.label}: replacement takes {sorted(unknown)}, "
                                 "which the pattern does not bind")
@@ -89,19 +93,26 @@ def _replace(graph: Graph, match: Match, replacement: Callable[..., Any], kwargs
     if outside_uses and min(outside_uses) <= last_input:
         return False  # no single place for the replacement (a multi-output match)
     nodes_before, constants_before = len(graph.nodes), set(graph.constants)
-    with graph.inserting_at(last_input + 1):
-        out = replacement(**kwargs)
-    new = list(out) if isinstance(out, (tuple, list)) else [out]
-    same = all(a is b for a, b in zip(new, match.outputs))
-    if same or len(new) != len(match.outputs) or not all(
-            isinstance(n, Value) and n.type is not None and n.type.equivalent(o.type)
-            for n, o in zip(new, match.outputs)):
+
+    def undo() -> bool:
         added = graph.nodes[last_input + 1: last_input + 1 + len(graph.nodes) - nodes_before]
         for node in reversed(added):
             graph.erase_node(node)
         for name in set(graph.constants) - constants_before:
             del graph.constants[name]
         return False
+
+    try:
+        with graph.inserting_at(last_input + 1):
+            out = replacement(**kwargs)
+    except ShapeError:
+        return undo()  # the replacement does not apply to these types
+    new = list(out) if isinstance(out, (tuple, list)) else [out]
+    same = all(a is b for a, b in zip(new, match.outputs))
+    if same or len(new) != len(match.outputs) or not all(
+            isinstance(n, Value) and n.type is not None and n.type.equivalent(o.type)
+            for n, o in zip(new, match.outputs)):
+        return undo()
     for old, value in zip(match.outputs, new):
         if old is not value:
             old.replace_all_uses_with(value)

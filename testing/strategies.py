@@ -262,6 +262,20 @@ def _paged(b: GraphDraft):
     return ops.mean(out, dims=(0, 1, 2)) + x
 
 
+def _fused(b: GraphDraft):
+    x = b.value(lambda v: v.type.rank >= 1 and isinstance(v.shape[-1], int) and v.shape[-1] >= 1)
+    if x is None:
+        return None
+    d = x.shape[-1]
+    if b.draw(st.booleans()):
+        weight = b.constant((d,)) if b.draw(st.booleans()) else None
+        normed, total = ops.add_rms_norm(x, ops.neg(x), weight, eps=1e-5) if b.draw(st.booleans()) \
+            else ops.add_rms_norm(x, x, weight, eps=1e-5)
+        return normed + total
+    activation = b.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]))
+    return ops.gated_activation(ops.concat([x, ops.neg(x)], dim=-1), activation=activation)
+
+
 def _creation(b: GraphDraft):
     x = b.value(lambda v: v.type.rank >= 1)
     if x is None:
@@ -315,6 +329,7 @@ GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {
     "unary": _unary, "binary": _binary, "select": _select, "linear": _linear, "reduce": _reduce,
     "norm": _norm, "movement": _movement, "cast": _cast, "duplicate": _duplicate,
     "attention": _attention, "rotary": _rotary, "lookup": _lookup, "creation": _creation, "paged": _paged,
+    "fused": _fused,
 }
 
 

@@ -152,3 +152,13 @@ def test_attribute_variables_bind_consistently():
 
     assert rewrite(g, [Rule(same_twice, lambda x: x)]) == {}
     assert isinstance(AttrVar("a"), AttrVar)
+
+
+def test_a_replacement_whose_shape_rules_refuse_is_not_applied():
+    g = Graph("t")
+    x = g.add_input("x", TensorType("f32", (4, 3)))
+    g.set_outputs([ops.relu(x)])
+    rule = Rule(lambda x: ops.relu(x), lambda x: ops.relu(ops.reshape(x, shape=(5, -1))))  # 12 into 5 rows
+    assert rewrite(g, [rule]) == {}
+    assert g.op_counts() == {"relu": 1} and not g.constants
+    verify(g)

@@ -1,0 +1,108 @@
+"""Recognition and fusion rules for decoder LLMs, written as declarative rewrites.
+
+``RAISE_RULES`` recognize RMSNorm among the primitives export leaves (Llama's
+float32 normalize-cast-scale, with or without the casts a bf16 model has).
+``FUSION_RULES`` fuse what the runtime wants whole: the residual add with the next
+RMSNorm; the Q, K and V projections into one GEMM (with biases); the gate and up
+projections into one GEMM followed by a gated activation (SwiGLU, GeGLU). Fused weights
+are concatenations of constants, which constant folding turns into lazy constants.
+"""
+
+from __future__ import annotations
+
+from ..ir import DType, ops
+from .pattern import Match
+from .rewriter import Rule
+
+
+def _scalar_literal(value) -> bool:
+    return value.is_literal and value.type.static_numel == 1
+
+
+def _normalize(x, eps):
+    return ops.mul(x, ops.rsqrt(ops.add(ops.mean(ops.pow(x, 2.0), dims=(-1,), keepdim=True), eps)))
+
+
+def _raised_norm(x, eps):
+    return ops.rms_norm(x, eps=float(eps.tensor()))
+
+
+def _scaled_norm(x, weight, eps: float):
+    return ops.mul(ops.rms_norm(x, eps=eps), weight)
+
+
+def _cast_scaled_norm(x, weight, eps: float, wide: DType, narrow: DType):
+    return ops.mul(ops.cast(ops.rms_norm(ops.cast(x, dtype=wide), eps=eps), dtype=narrow), weight)
+
+
+def _norm_with_weight(x, weight, eps: float):
+    return ops.rms_norm(x, weight, eps=eps)
+
+
+def _is_weight_of(m: Match) -> bool:
+    w, x = m["weight"].type, m["x"].type
+    return m["weight"].is_constant and w.rank == 1 and w.dtype == x.dtype
+
+
+def _is_weight_of_narrow(m: Match) -> bool:
+    return _is_weight_of(m) and m["x"].type.dtype == m["narrow"] and m["wide"].kind == "float"
+
+
+RAISE_RULES = [
+    Rule(_normalize, _raised_norm, when=lambda m: _scalar_literal(m["eps"]), name="raise_rms_norm"),
+    Rule(_scaled_norm, _norm_with_weight, when=_is_weight_of, name="rms_norm_weight"),
+    Rule(_cast_scaled_norm, _norm_with_weight, when=_is_weight_of_narrow, name="rms_norm_cast_weight"),
+]
+
+
+def _residual_norm(x, residual, weight, eps: float):
+    total = ops.add(x, residual)
+    return ops.rms_norm(total, weight, eps=eps), total
+
+
+def _add_rms_norm(x, residual, weight, eps: float):
+    return ops.add_rms_norm(x, residual, weight, eps=eps)
+
+
+def _projections(x, wq, wk, wv):
+    return ops.linear(x, wq), ops.linear(x, wk), ops.linear(x, wv)
+
+
+def _projections_with_bias(x, wq, bq, wk, bk, wv, bv):
+    return ops.linear(x, wq, bq), ops.linear(x, wk, bk), ops.linear(x, wv, bv)
+
+
+def _one_projection(x, wq, wk, wv, bq=None, bk=None, bv=None):
+    weight = ops.concat([wq, wk, wv], dim=0)
+    bias = ops.concat([bq, bk, bv], dim=0) if bq is not None else None
+    return ops.split(ops.linear(x, weight, bias), dim=-1, sizes=(wq.shape[0], wk.shape[0], wv.shape[0]))
+
+
+def _constant_weights(*names: str):
+    return lambda m: all(m[n].is_constant for n in names)
+
+
+def _swiglu(x, gate, up):
+    return ops.mul(ops.silu(ops.linear(x, gate)), ops.linear(x, up))
+
+
+def _geglu(x, gate, up, approximate: str):
+    return ops.mul(ops.gelu(ops.linear(x, gate), approximate=approximate), ops.linear(x, up))
+
+
+def _gated(activation: str):
+    def replacement(x, gate, up, approximate: str = "none"):
+        name = activation if activation == "silu" else ("gelu_tanh" if approximate == "tanh" else "gelu")
+        return ops.gated_activation(ops.linear(x, ops.concat([gate, up], dim=0)), activation=name)
+    return replacement
+
+
+FUSION_RULES = [
+    Rule(_residual_norm, _add_rms_norm, when=lambda m: m["x"].type.equivalent(m["residual"].type),
+         name="add_rms_norm"),
+    Rule(_projections_with_bias, lambda x, wq, bq, wk, bk, wv, bv: _one_projection(x, wq, wk, wv, bq, bk, bv),
+         when=_constant_weights("wq", "wk", "wv", "bq", "bk", "bv"), name="fuse_qkv_bias"),
+    Rule(_projections, _one_projection, when=_constant_weights("wq", "wk", "wv"), name="fuse_qkv"),
+    Rule(_swiglu, _gated("silu"), when=_constant_weights("gate", "up"), name="fuse_swiglu"),
+    Rule(_geglu, _gated("gelu"), when=_constant_weights("gate", "up"), name="fuse_geglu"),
+]
