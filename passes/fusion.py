@@ -1,7 +1,8 @@
 """Recognition and fusion rules for decoder LLMs, written as declarative rewrites.
 
 ``RAISE_RULES`` recognize RMSNorm among the primitives export leaves (Llama's
-float32 normalize-cast-scale, with or without the casts a bf16 model has).
+float32 normalize-cast-scale, with or without the casts a bf16 model has) and rotary
+embedding written as ``x * cos + rotate_half(x) * sin`` over the whole head.
 ``FUSION_RULES`` fuse what the runtime wants whole: the residual add with the next
 RMSNorm; the Q, K and V projections into one GEMM (with biases); the gate and up
 projections into one GEMM followed by a gated activation (SwiGLU, GeGLU). Fused weights
@@ -48,7 +49,25 @@ def _is_weight_of_narrow(m: Match) -> bool:
     return _is_weight_of(m) and m["x"].type.dtype == m["narrow"] and m["wide"].kind == "float"
 
 
+def _rotate_half(x, cos, sin, half: int, end: int, d1: int, d2: int, d3: int):
+    first = ops.slice(x, dim=d1, start=0, end=half)
+    second = ops.slice(x, dim=d2, start=half, end=end)
+    rotated = ops.concat([ops.neg(second), first], dim=d3)
+    return ops.add(ops.mul(x, cos), ops.mul(rotated, sin))
+
+
+def _rotary(x, cos, sin):
+    return ops.rotary(x, cos, sin)
+
+
+def _halves_of_the_last_dim(m: Match) -> bool:
+    rank, size = m["x"].type.rank, m["x"].shape[-1]
+    last = all(m[d] in (-1, rank - 1) for d in ("d1", "d2", "d3"))
+    return last and isinstance(size, int) and m["half"] * 2 == size and m["end"] >= size
+
+
 RAISE_RULES = [
+    Rule(_rotate_half, _rotary, when=_halves_of_the_last_dim, name="raise_rotary"),
     Rule(_normalize, _raised_norm, when=lambda m: _scalar_literal(m["eps"]), name="raise_rms_norm"),
     Rule(_scaled_norm, _norm_with_weight, when=_is_weight_of, name="rms_norm_weight"),
     Rule(_cast_scaled_norm, _norm_with_weight, when=_is_weight_of_narrow, name="rms_norm_cast_weight"),

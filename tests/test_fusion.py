@@ -36,6 +36,11 @@ EXPECTED = {
 }
 
 
+NO_HALF_ROTARY = {"cohere", "glm", "gpt2"}  # interleaved pairs (cohere, glm); learned positions (gpt2)
+for _name, _expected in EXPECTED.items():
+    EXPECTED[_name] = {**_expected, "rotary": 0 if _name in NO_HALF_ROTARY else 4}
+
+
 def test_every_architecture_has_expectations():
     assert set(EXPECTED) == set(ARCHITECTURES)
 
@@ -68,6 +73,17 @@ def _graph(body: str, inputs: str = "%x: f32[batch, 8]"):
 
 
 CASES = {
+    "raise_rotary": (RAISE_RULES, """
+        %cos = constant : f32[8]
+        %sin = constant : f32[8]
+        %0 = slice(%x) {dim = -1, end = 4} : f32[batch, 4]
+        %1 = slice(%x) {dim = 1, start = 4} : f32[batch, 4]
+        %2 = neg(%1) : f32[batch, 4]
+        %3 = concat(%2, %0) {dim = -1} : f32[batch, 8]
+        %4 = mul(%x, %cos) : f32[batch, 8]
+        %5 = mul(%sin, %3) : f32[batch, 8]
+        %6 = add(%4, %5) : f32[batch, 8]
+        return %6""", {"rotary": 1}),
     "raise_rms_norm": (RAISE_RULES, """
         %eps = constant [1e-05] : f32[]
         %two = constant [2.0] : f32[]
@@ -169,7 +185,18 @@ def _projection_site(draft):
     return q + k * v + gated
 
 
-SITES = {"norm_site": _norm_site, "residual_site": _residual_site, "projection_site": _projection_site}
+def _rotary_site(draft):
+    x = draft.value(lambda v: v.type.rank >= 1 and isinstance(v.shape[-1], int) and v.shape[-1] % 2 == 0
+                    and v.shape[-1] >= 2)
+    if x is None:
+        return None
+    d = x.shape[-1]
+    cos, sin = draft.constant((d,)), draft.constant((d,))
+    rotated = ops.concat([ops.neg(ops.slice(x, dim=-1, start=d // 2)), ops.slice(x, dim=-1, end=d // 2)], dim=-1)
+    return x * cos + rotated * sin
+
+
+SITES = {"rotary_site": _rotary_site, "norm_site": _norm_site, "residual_site": _residual_site, "projection_site": _projection_site}
 
 
 @given(graphs_with_inputs(extra_generators=SITES))
