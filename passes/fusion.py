@@ -125,3 +125,97 @@ FUSION_RULES = [
     Rule(_swiglu, _gated("silu"), when=_constant_weights("gate", "up"), name="fuse_swiglu"),
     Rule(_geglu, _gated("gelu"), when=_constant_weights("gate", "up"), name="fuse_geglu"),
 ]
+
+
+# Selecting rows early: ``index_select`` along a token axis moves above the ops that work
+# token by token, so the LM head and the final norm run only on the selected tokens.
+def _not_last(m: Match) -> bool:
+    return m["dim"] % m["x"].type.rank != m["x"].type.rank - 1
+
+
+def _select_tanh(x, index, dim: int):
+    return ops.index_select(ops.tanh(x), index, dim=dim)
+
+
+def _tanh_selected(x, index, dim: int):
+    return ops.tanh(ops.index_select(x, index, dim=dim))
+
+
+def _select_gated(x, index, dim: int, activation: str):
+    return ops.index_select(ops.gated_activation(x, activation=activation), index, dim=dim)
+
+
+def _gated_selected(x, index, dim: int, activation: str):
+    return ops.gated_activation(ops.index_select(x, index, dim=dim), activation=activation)
+
+
+def _select_linear(x, weight, index, dim: int):
+    return ops.index_select(ops.linear(x, weight), index, dim=dim)
+
+
+def _select_biased_linear(x, weight, bias, index, dim: int):
+    return ops.index_select(ops.linear(x, weight, bias), index, dim=dim)
+
+
+def _linear_selected(x, weight, index, dim: int, bias=None):
+    return ops.linear(ops.index_select(x, index, dim=dim), weight, bias)
+
+
+def _select_scaled(x, scale, index, dim: int):
+    return ops.index_select(ops.mul(x, scale), index, dim=dim)
+
+
+def _scaled_selected(x, scale, index, dim: int):
+    return ops.mul(ops.index_select(x, index, dim=dim), scale)
+
+
+def _select_divided(x, scale, index, dim: int):
+    return ops.index_select(ops.div(x, scale), index, dim=dim)
+
+
+def _divided_selected(x, scale, index, dim: int):
+    return ops.div(ops.index_select(x, index, dim=dim), scale)
+
+
+def _select_norm(x, weight, index, dim: int, eps: float):
+    return ops.index_select(ops.rms_norm(x, weight, eps=eps), index, dim=dim)
+
+
+def _norm_selected(x, weight, index, dim: int, eps: float):
+    return ops.rms_norm(ops.index_select(x, index, dim=dim), weight, eps=eps)
+
+
+def _select_layer_norm(x, weight, bias, index, dim: int, eps: float):
+    return ops.index_select(ops.layer_norm(x, weight, bias, eps=eps), index, dim=dim)
+
+
+def _layer_norm_selected(x, weight, bias, index, dim: int, eps: float):
+    return ops.layer_norm(ops.index_select(x, index, dim=dim), weight, bias, eps=eps)
+
+
+def _select_residual_norm(x, residual, weight, index, dim: int, eps: float):
+    normed, _ = ops.add_rms_norm(x, residual, weight, eps=eps)
+    return ops.index_select(normed, index, dim=dim)
+
+
+def _residual_norm_selected(x, residual, weight, index, dim: int, eps: float):
+    normed, _ = ops.add_rms_norm(ops.index_select(x, index, dim=dim), ops.index_select(residual, index, dim=dim),
+                                 weight, eps=eps)
+    return normed
+
+
+def _scalar_operand(name: str):
+    return lambda m: _not_last(m) and m[name].type.rank == 0
+
+
+SELECTION_RULES = [
+    Rule(_select_tanh, _tanh_selected, when=_not_last, name="select_before_tanh"),
+    Rule(_select_gated, _gated_selected, when=_not_last, name="select_before_gated_activation"),
+    Rule(_select_linear, _linear_selected, when=_not_last, name="select_before_linear"),
+    Rule(_select_biased_linear, _linear_selected, when=_not_last, name="select_before_biased_linear"),
+    Rule(_select_scaled, _scaled_selected, when=_scalar_operand("scale"), name="select_before_scale"),
+    Rule(_select_divided, _divided_selected, when=_scalar_operand("scale"), name="select_before_division"),
+    Rule(_select_norm, _norm_selected, when=_not_last, name="select_before_rms_norm"),
+    Rule(_select_layer_norm, _layer_norm_selected, when=_not_last, name="select_before_layer_norm"),
+    Rule(_select_residual_norm, _residual_norm_selected, when=_not_last, name="select_before_add_rms_norm"),
+]

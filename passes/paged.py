@@ -5,10 +5,11 @@ in, logits ``[batch, seq, vocab]`` out, causal ``attention`` ops over
 ``[batch, heads, seq, head_dim]``. The result takes a flattened batch:
 
     ids, positions, slot_mapping: i64[num_tokens]     query_start: i32[num_seqs + 1]
-    context_lens: i32[num_seqs]                        block_tables: i32[num_seqs, max_blocks]
+    context_lens: i32[num_seqs]                        block_tables: i32[num_seqs, max_blocks]       logits_indices: i64[num_logits]
     k_cache_<i>, v_cache_<i>: [num_blocks, block_size, kv_heads, head_dim] per attention layer
 
-and returns logits ``[num_tokens, vocab]`` followed by the updated caches. The rewrite
+and returns the logits of the tokens at ``logits_indices`` (``[num_logits, vocab]``;
+usually each sequence's last token) followed by the updated caches. The rewrite
 is a substitution, ``batch -> 1`` and ``seq -> num_tokens``: every op other than
 attention works token by token, so it is unchanged; ``arange(seq)`` (the positions the
 model made for itself) becomes the ``positions`` input; each attention becomes a
@@ -25,9 +26,9 @@ import sympy
 from ..ir import Graph, TensorType, Value, dtypes, ops, sym
 from ..ir.shapes import normalize_dim
 
-TOKENS, SEQS, MAX_BLOCKS, BLOCKS, BLOCK_SIZE = (sym(n) for n in
-                                                ("num_tokens", "num_seqs", "max_blocks", "num_blocks", "block_size"))
-METADATA = ("positions", "slot_mapping", "query_start", "context_lens", "block_tables")
+TOKENS, SEQS, MAX_BLOCKS, BLOCKS, BLOCK_SIZE, LOGITS = (
+    sym(n) for n in ("num_tokens", "num_seqs", "max_blocks", "num_blocks", "block_size", "num_logits"))
+METADATA = ("positions", "slot_mapping", "query_start", "context_lens", "block_tables", "logits_indices")
 
 
 class PagedAttentionError(ValueError):
@@ -85,6 +86,7 @@ def page_attention(graph: Graph) -> int:
         "query_start": new.add_input("query_start", TensorType(dtypes.int32, (SEQS + 1,))),
         "context_lens": new.add_input("context_lens", TensorType(dtypes.int32, (SEQS,))),
         "block_tables": new.add_input("block_tables", TensorType(dtypes.int32, (SEQS, MAX_BLOCKS))),
+        "logits_indices": new.add_input("logits_indices", TensorType(dtypes.int64, (LOGITS,))),
     }
     env: dict[int, Value] = {id(graph.inputs[0]): ops.reshape(ids, shape=(1, TOKENS))}
     for name, value in graph.constants.items():
@@ -100,7 +102,7 @@ def page_attention(graph: Graph) -> int:
             k_cache, v_cache = _layer_caches(new, node, len(caches) // 2)
             q, k, v = (_tokens_first(x) for x in inputs[:3])
             out, k_cache, v_cache = ops.paged_attention(
-                q, k, v, k_cache, v_cache, *(meta[n] for n in METADATA[1:]),
+                q, k, v, k_cache, v_cache, *(meta[n] for n in METADATA[1:5]),
                 scale=attrs["scale"] if attrs["scale"] is not None else node.inputs[0].shape[3] ** -0.5,
                 sliding_window=attrs["sliding_window"], softcap=attrs["softcap"])
             caches += [k_cache, v_cache]
@@ -114,6 +116,7 @@ def page_attention(graph: Graph) -> int:
             result.name = old.name
             env[id(old)] = result
     logits = env[id(graph.outputs[0])]
-    new.set_outputs([ops.reshape(logits, shape=(TOKENS, logits.shape[2])), *caches])
+    selected = ops.index_select(logits, meta["logits_indices"], dim=1)
+    new.set_outputs([ops.reshape(selected, shape=(LOGITS, logits.shape[2])), *caches])
     graph.take_contents(new)
     return len(caches) // 2

@@ -18,9 +18,10 @@ class SequenceStep:
     blocks: Sequence[int]
 
 
-def step_inputs(steps: Sequence[SequenceStep], block_size: int) -> dict[str, torch.Tensor]:
-    """``ids``, ``positions``, ``slot_mapping``, ``query_start``, ``context_lens`` and
-    ``block_tables`` for a mixed batch of prefills, prefill chunks and decodes."""
+def step_inputs(steps: Sequence[SequenceStep], block_size: int, all_logits: bool = False) -> dict[str, torch.Tensor]:
+    """``ids``, ``positions``, ``slot_mapping``, ``query_start``, ``context_lens``,
+    ``block_tables`` and ``logits_indices`` for a mixed batch of prefills, prefill chunks
+    and decodes. Logits are asked for each sequence's last token, or for every token."""
     ids, positions, slots, starts, lengths = [], [], [], [0], []
     width = max(len(s.blocks) for s in steps)
     for step in steps:
@@ -42,4 +43,5 @@ def step_inputs(steps: Sequence[SequenceStep], block_size: int) -> dict[str, tor
         "query_start": torch.tensor(starts, dtype=torch.int32),
         "context_lens": torch.tensor(lengths, dtype=torch.int32),
         "block_tables": torch.tensor(tables, dtype=torch.int32),
+        "logits_indices": torch.arange(len(ids)) if all_logits else torch.tensor(starts[1:]) - 1,
     }

@@ -209,3 +209,34 @@ def test_raise_preserves_semantics(case):
 def test_fuse_preserves_semantics(case):
     graph, inputs = case
     assert_preserves(fuse, graph, inputs)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_the_lm_head_runs_only_on_selected_tokens(name):
+    from kiln.ir import sym
+
+    graph = import_model(random_model(name)).graph
+    pipeline_manager("reference", debug=True).run(graph)
+    heads = [n for n in graph.nodes if n.op in ("linear", "matmul") and n.results[0].shape[-1] == VOCAB]
+    assert heads and all(sym("num_logits") in n.results[0].shape for n in heads)
+
+
+def _selection_site(draft):
+    x = draft.value(lambda v: v.type.rank >= 2 and isinstance(v.shape[0], int) and v.shape[0] >= 1
+                    and isinstance(v.shape[-1], int))
+    if x is None:
+        return None
+    d = x.shape[-1]
+    rows = draft.draw(__import__("hypothesis").strategies.lists(
+        __import__("hypothesis").strategies.integers(0, x.shape[0] - 1), min_size=1, max_size=3))
+    index = draft.graph.add_constant(torch.tensor(rows), name="rows")
+    head = ops.tanh(ops.linear(ops.rms_norm(x, draft.constant((d,)), eps=1e-5), draft.constant((3, d))) / 2.0)
+    return ops.mean(ops.index_select(head * 0.5, index, dim=0), dims=(0,))
+
+
+@given(graphs_with_inputs(extra_generators={"selection_site": _selection_site}))
+def test_select_logits_preserves_semantics(case):
+    from kiln.passes import select_logits
+
+    graph, inputs = case
+    assert_preserves(select_logits, graph, inputs)

@@ -27,11 +27,15 @@ def _caches(graph, blocks, block_size):
             for v in graph.inputs if "cache" in v.name}
 
 
-def _step(graph, caches, steps, block_size):
-    outputs = interpret(graph, {**step_inputs(steps, block_size), **caches})
+def _step(graph, caches, steps, block_size, all_logits=True):
+    """Run one step; return each sequence's logits (of all its new tokens, or its last)."""
+    inputs = step_inputs(steps, block_size, all_logits)
+    outputs = interpret(graph, {**inputs, **caches})
     names = [v.name for v in graph.inputs if "cache" in v.name]
     caches.update(zip(names, outputs[1:]))
-    bounds = step_inputs(steps, block_size)["query_start"].tolist()
+    if not all_logits:
+        return list(outputs[0][:, None])
+    bounds = inputs["query_start"].tolist()
     return [outputs[0][a:b] for a, b in zip(bounds, bounds[1:])]
 
 
@@ -55,9 +59,16 @@ def test_mixed_batch_matches_full_recomputation(name):
     # step 2: a's whole prompt, b decodes its 8th token, c's second chunk
     a2, b2, c2 = _step(graph, caches, [SequenceStep(a, 0, blocks["a"]), SequenceStep(b[7:], 7, blocks["b"]),
                                        SequenceStep(c[6:], 6, blocks["c"])], block_size)
+    # step 3: only each sequence's last logits, as the runtime asks for them
+    a3, b3 = _step(graph, caches, [SequenceStep(a[:1], 5, blocks["a"] + [4]),
+                                   SequenceStep(b[:2], 8, blocks["b"] + [6])], block_size, all_logits=False)
+    with torch.no_grad():
+        longer = {key: model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1:] for key, seq in
+                  (("a", a + a[:1]), ("b", b + b[:2]))}
     for got, want, what in [(b1, full["b"][:7], "b prefill"), (c1, full["c"][:6], "c chunk 1"),
                             (a2, full["a"], "a prefill beside decodes"), (b2, full["b"][7:], "b decode"),
-                            (c2, full["c"][6:], "c chunk 2")]:
+                            (c2, full["c"][6:], "c chunk 2"), (a3, longer["a"], "a decode, last logits"),
+                            (b3, longer["b"], "b chunk, last logits")]:
         diff = (got - want).abs().max().item()
         assert diff <= TOLERANCE, f"{name}, {what}: max abs diff {diff:.2e}"
 
