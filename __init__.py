@@ -8,8 +8,9 @@ hypothesis strategies users test their passes with.
 
 from . import ir, passes
 from .api import compile
+from .passes import Workload
 from .runtime import CompiledModule, Engine
 
 __version__ = "0.1.0"
 
-__all__ = ["CompiledModule", "Engine", "compile", "ir", "passes", "__version__"]
+__all__ = ["CompiledModule", "Engine", "Workload", "compile", "ir", "passes", "__version__"]

@@ -12,7 +12,7 @@ from torch import nn
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
 from .ir import Graph, verify
-from .passes import pipeline_manager
+from .passes import EngineLimits, Workload, pipeline_manager, select_profiles
 from .runtime import CompiledModule, Engine, EngineInfo
 
 TARGETS = ("cpu",)
@@ -20,25 +20,26 @@ TARGETS = ("cpu",)
 
 def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype: str | torch.dtype | None = None,
             quantization: str | None = None, kv_cache_dtype: str = "auto", tp: int = 1, pp: int = 1,
-            max_batch_size: int = 256, max_seq_len: int = 8192,
-            example_inputs: Sequence[torch.Tensor] | None = None, dynamic_shapes: Any = None,
+            max_batch_size: int = 256, max_seq_len: int = 8192, max_num_tokens: int | None = None,
+            workload: Workload | None = None, example_inputs: Sequence[torch.Tensor] | None = None, dynamic_shapes: Any = None,
             tokenizer: Any = None) -> Engine | CompiledModule:
     """Compile a model for ``target``.
 
     ``model`` is a Hugging Face checkpoint directory or an in-memory ``transformers``
     causal LM (giving an ``Engine``), or any ``nn.Module`` with ``example_inputs`` (and
     optionally torch.export ``dynamic_shapes``), giving a ``CompiledModule`` with the
-    module's outputs.
+    module's outputs. ``max_num_tokens`` (tokens per step, default ``max(max_seq_len,
+    max_batch_size)``) and ``workload`` (expected decode batch sizes and prompt lengths)
+    choose the engine's dynamic-shape profiles and CUDA-graph batch sizes.
     """
     _check_options(target, quantization, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
+    limits = EngineLimits(max_batch_size, max_seq_len, max_num_tokens or max(max_seq_len, max_batch_size))
     if isinstance(model, (str, os.PathLike)):
-        return _engine(load_checkpoint(model, dtype, max_batch_size, max_seq_len), target,
-                       max_batch_size, max_seq_len)
+        return _engine(load_checkpoint(model, dtype, max_batch_size, max_seq_len), target, limits, workload)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
-        return _engine(import_model(model, tokenizer, max_batch_size, max_seq_len), target,
-                       max_batch_size, max_seq_len)
+        return _engine(import_model(model, tokenizer, max_batch_size, max_seq_len), target, limits, workload)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
     imported = import_module(model, example_inputs, dynamic_shapes)
@@ -59,9 +60,10 @@ def _optimize(graph: Graph) -> Graph:
     return graph
 
 
-def _engine(imported: ImportedLM, target: str, max_batch_size: int, max_seq_len: int) -> Engine:
+def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None) -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
-    info = EngineInfo(architecture, target, imported.dtype, max_batch_size, max_seq_len)
+    info = EngineInfo(architecture, target, imported.dtype, limits.max_batch_size, limits.max_seq_len,
+                      select_profiles(limits, workload))
     return Engine(_optimize(imported.graph), imported.tokenizer, imported.config, info)
 
 

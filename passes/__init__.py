@@ -7,6 +7,7 @@ built-in passes, each registered by name, with named pipelines of them.
 from .canonicalize import CANONICAL_RULES
 from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
 from .fusion import FUSION_RULES, RAISE_RULES, SELECTION_RULES
+from .profiles import EngineLimits, ProfilePlan, Workload, select_profiles
 from .paged import METADATA, PagedAttentionError, page_attention
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
 from .pattern import AttrVar, Match, Pattern, is_splat, trace
@@ -48,7 +49,7 @@ def pipeline_manager(name: str, **options) -> PassManager:
 
 
 __all__ = [
-    "AttrVar", "CANONICAL_RULES", "FUSION_RULES", "RAISE_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
+    "AttrVar", "CANONICAL_RULES", "EngineLimits", "ProfilePlan", "Workload", "select_profiles", "FUSION_RULES", "RAISE_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
     "PassManager", "PassRecord", "Pattern", "RewriteLimitError", "Rewrites", "Rule",
     "canonicalize", "cse", "dce", "eliminate_common_subexpressions", "eliminate_dead_code",
     "fold", "fold_constants", "format_records", "fuse", "raise_ops", "is_splat", "page_attention", "paged_attention", "pipeline", "pipeline_manager", "rewrite",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..ir import Graph, interpret
+from ..passes.profiles import ProfilePlan
 
 
 class _Runner:
@@ -49,6 +50,7 @@ class EngineInfo:
     dtype: torch.dtype
     max_batch_size: int
     max_seq_len: int
+    profiles: ProfilePlan  # chosen for the limits and the expected workload at build time
 
 
 @dataclass(frozen=True)
