@@ -4,7 +4,7 @@
 float32 normalize-cast-scale, with or without the casts a bf16 model has) and rotary
 embedding written as ``x * cos + rotate_half(x) * sin`` over the whole head.
 ``FUSION_RULES`` fuse what the runtime wants whole: the residual add with the next
-RMSNorm; the Q, K and V projections into one GEMM (with biases); the gate and up
+RMSNorm or LayerNorm; the Q, K and V projections into one GEMM (with biases); the gate and up
 projections into one GEMM followed by a gated activation (SwiGLU, GeGLU). Fused weights
 are concatenations of constants, which constant folding turns into lazy constants.
 """
@@ -83,6 +83,19 @@ def _add_rms_norm(x, residual, weight, eps: float):
     return ops.add_rms_norm(x, residual, weight, eps=eps)
 
 
+def _residual_layer_norm(x, residual, weight, bias, eps: float):
+    total = ops.add(x, residual)
+    return ops.layer_norm(total, weight, bias, eps=eps), total
+
+
+def _add_layer_norm(x, residual, weight, bias, eps: float):
+    return ops.add_layer_norm(x, residual, weight, bias, eps=eps)
+
+
+def _same_type(m: Match) -> bool:
+    return m["x"].type.equivalent(m["residual"].type)
+
+
 def _projections(x, wq, wk, wv):
     return ops.linear(x, wq), ops.linear(x, wk), ops.linear(x, wv)
 
@@ -117,8 +130,8 @@ def _gated(activation: str):
 
 
 FUSION_RULES = [
-    Rule(_residual_norm, _add_rms_norm, when=lambda m: m["x"].type.equivalent(m["residual"].type),
-         name="add_rms_norm"),
+    Rule(_residual_norm, _add_rms_norm, when=_same_type, name="add_rms_norm"),
+    Rule(_residual_layer_norm, _add_layer_norm, when=_same_type, name="add_layer_norm"),
     Rule(_projections_with_bias, lambda x, wq, bq, wk, bk, wv, bv: _one_projection(x, wq, wk, wv, bq, bk, bv),
          when=_constant_weights("wq", "wk", "wv", "bq", "bk", "bv"), name="fuse_qkv_bias"),
     Rule(_projections, _one_projection, when=_constant_weights("wq", "wk", "wv"), name="fuse_qkv"),

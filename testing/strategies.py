@@ -272,6 +272,9 @@ def _fused(b: GraphDraft):
         normed, total = ops.add_rms_norm(x, ops.neg(x), weight, eps=1e-5) if b.draw(st.booleans()) \
             else ops.add_rms_norm(x, x, weight, eps=1e-5)
         return normed + total
+    if b.draw(st.booleans()):
+        normed, total = ops.add_layer_norm(x, ops.neg(x), b.constant((d,)), b.constant((d,)), eps=1e-5)
+        return normed * total
     activation = b.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]))
     return ops.gated_activation(ops.concat([x, ops.neg(x)], dim=-1), activation=activation)
 

@@ -37,8 +37,10 @@ EXPECTED = {
 
 
 NO_HALF_ROTARY = {"cohere", "glm", "gpt2"}  # interleaved pairs (cohere, glm); learned positions (gpt2)
+ADD_LAYER_NORMS = {"gpt2": 5, "stablelm": 4, "starcoder2": 4, "gpt-neox": 2, "phi": 2}  # parallel blocks: 2
 for _name, _expected in EXPECTED.items():
-    EXPECTED[_name] = {**_expected, "rotary": 0 if _name in NO_HALF_ROTARY else 4}
+    EXPECTED[_name] = {**_expected, "rotary": 0 if _name in NO_HALF_ROTARY else 4,
+                       "add_layer_norm": ADD_LAYER_NORMS.get(_name, 0)}
 
 
 def test_every_architecture_has_expectations():
@@ -104,6 +106,13 @@ CASES = {
         %1 = rms_norm(%0, %w) {eps = 1e-05} : f32[batch, 8]
         %2 = mul(%1, %0) : f32[batch, 8]
         return %2""", {"add_rms_norm": 1, "mul": 1}),
+    "add_layer_norm": (FUSION_RULES, """
+        %w = constant : f32[8]
+        %b = constant : f32[8]
+        %0 = add(%x, %x) : f32[batch, 8]
+        %1 = layer_norm(%0, %w, %b) : f32[batch, 8]
+        %2 = mul(%1, %0) : f32[batch, 8]
+        return %2""", {"add_layer_norm": 1, "mul": 1}),
     "fuse_qkv": (FUSION_RULES, """
         %wq = constant : f32[8, 8]
         %wk = constant : f32[4, 8]
