@@ -9,6 +9,7 @@ import pytest
 import torch
 from hf_models import ARCHITECTURES, VOCAB, random_model
 from hypothesis import given
+from hypothesis import strategies as st
 
 from kiln.frontends.huggingface import import_model
 from kiln.ir import interpret, ops, parse, verify
@@ -172,8 +173,7 @@ def _norm_site(draft):
     if x is None:
         return None
     normed = x * ops.rsqrt(ops.mean(ops.pow(x, 2.0), dims=(-1,), keepdim=True) + 1e-5)
-    return normed * draft.constant((x.shape[-1],)) if draft.draw(__import__("hypothesis").strategies.booleans()) \
-        else normed
+    return normed * draft.constant((x.shape[-1],)) if draft.draw(st.booleans()) else normed
 
 
 def _residual_site(draft):
@@ -236,8 +236,7 @@ def _selection_site(draft):
     if x is None:
         return None
     d = x.shape[-1]
-    rows = draft.draw(__import__("hypothesis").strategies.lists(
-        __import__("hypothesis").strategies.integers(0, x.shape[0] - 1), min_size=1, max_size=3))
+    rows = draft.draw(st.lists(st.integers(0, x.shape[0] - 1), min_size=1, max_size=3))
     index = draft.graph.add_constant(torch.tensor(rows), name="rows")
     head = ops.tanh(ops.linear(ops.rms_norm(x, draft.constant((d,)), eps=1e-5), draft.constant((3, d))) / 2.0)
     return ops.mean(ops.index_select(head * 0.5, index, dim=0), dims=(0,))
