@@ -11,7 +11,7 @@ are concatenations of constants, which constant folding turns into lazy constant
 
 from __future__ import annotations
 
-from ..ir import DType, ops
+from ..ir import DType, dtypes, ops
 from .pattern import Match
 from .rewriter import Rule
 
@@ -46,7 +46,7 @@ def _is_weight_of(m: Match) -> bool:
 
 
 def _is_weight_of_narrow(m: Match) -> bool:
-    return _is_weight_of(m) and m["x"].type.dtype == m["narrow"] and m["wide"].kind == "float"
+    return _is_weight_of(m) and m["x"].type.dtype == m["narrow"] and m["wide"] == dtypes.float32
 
 
 def _rotate_half(x, cos, sin, half: int, end: int, d1: int, d2: int, d3: int):
