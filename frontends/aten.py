@@ -238,9 +238,7 @@ def _gelu(cx: Conversion, x: Value, approximate: str = "none") -> Value:
 
 
 CONVERTERS: dict[str, Converter] = {
-    **{f"aten.{name}.Tensor": _arithmetic(op) for name, op in
-       [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div"), ("maximum", "maximum"),
-        ("minimum", "minimum")]},
+    **{f"aten.{name}.Tensor": _arithmetic(name) for name in ("add", "sub", "mul", "div", "maximum", "minimum")},
     **{f"aten.{name}.Scalar": _arithmetic(name) for name in ("add", "sub", "mul", "div")},
     **{f"aten.{name}.{kind}": _compare(name) for name in ("eq", "ne", "lt", "le", "gt", "ge")
        for kind in ("Tensor", "Scalar")},

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .constants import ConstantData, MissingData, TensorData
+from .constants import ConstantData, TensorData
 from .dtypes import DType, dtype as to_dtype
 from .registry import OpDef, Registry
 from .shapes import ShapeError
@@ -278,10 +278,8 @@ class Graph:
             self._insert_at = saved
 
     def inserting_before(self, node: Node):
+        """New nodes go right before ``node`` while the context is open."""
         return self.inserting_at(self.index_of(node))
-
-    def inserting_after(self, node: Node):
-        return self.inserting_at(self.index_of(node) + 1)
 
     # -- editing ----------------------------------------------------------------------
     def index_of(self, node: Node) -> int:
@@ -357,9 +355,6 @@ class Graph:
         for node in self.nodes:
             counts[node.op] = counts.get(node.op, 0) + 1
         return counts
-
-    def missing_constants(self) -> list[str]:
-        return [k for k, v in self.constants.items() if isinstance(v.data, MissingData)]
 
     def __str__(self) -> str:
         from .printer import print_graph

@@ -29,6 +29,7 @@ from ..ir.shapes import normalize_dim
 TOKENS, SEQS, MAX_BLOCKS, BLOCKS, BLOCK_SIZE, LOGITS = (
     sym(n) for n in ("num_tokens", "num_seqs", "max_blocks", "num_blocks", "block_size", "num_logits"))
 METADATA = ("positions", "slot_mapping", "query_start", "context_lens", "block_tables", "logits_indices")
+ATTENTION_METADATA = ("slot_mapping", "query_start", "context_lens", "block_tables")  # paged_attention's operands
 
 
 class PagedAttentionError(ValueError):
@@ -102,7 +103,7 @@ def page_attention(graph: Graph) -> int:
             k_cache, v_cache = _layer_caches(new, node, len(caches) // 2)
             q, k, v = (_tokens_first(x) for x in inputs[:3])
             out, k_cache, v_cache = ops.paged_attention(
-                q, k, v, k_cache, v_cache, *(meta[n] for n in METADATA[1:5]),
+                q, k, v, k_cache, v_cache, *(meta[n] for n in ATTENTION_METADATA),
                 scale=attrs["scale"] if attrs["scale"] is not None else node.inputs[0].shape[3] ** -0.5,
                 sliding_window=attrs["sliding_window"], softcap=attrs["softcap"])
             caches += [k_cache, v_cache]

@@ -7,7 +7,7 @@ hypothesis profiles (``dev``, and ``ci`` with hundreds of examples per property)
 
 from hypothesis import HealthCheck, settings
 
-from .helpers import assert_preserves, bind_random_constants
+from .helpers import assert_preserves, bind_random_constants, graph_from_text
 from .corruptions import CORRUPTIONS, corrupted_graphs
 from .strategies import GENERATORS, GraphDraft, graphs, graphs_with_inputs, inputs
 
@@ -19,5 +19,5 @@ def register_profiles() -> None:
     settings.register_profile("ci", max_examples=300, derandomize=True, print_blob=True, **common)
 
 
-__all__ = ["CORRUPTIONS", "GENERATORS", "GraphDraft", "assert_preserves", "bind_random_constants", "corrupted_graphs", "graphs",
+__all__ = ["CORRUPTIONS", "GENERATORS", "GraphDraft", "assert_preserves", "bind_random_constants", "graph_from_text", "corrupted_graphs", "graphs",
            "graphs_with_inputs", "inputs", "register_profiles"]

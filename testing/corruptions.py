@@ -7,8 +7,7 @@ from collections.abc import Callable
 
 from hypothesis import strategies as st
 
-from ..ir import Graph, Node, TensorType, Value, dtypes
-from ..ir.graph import Use
+from ..ir import Graph, Node, TensorType, Value, dtypes, sym
 from .strategies import Draw, graphs
 
 
@@ -73,11 +72,10 @@ def _missing_operand(graph: Graph, draw: Draw) -> str | None:
                         and not n.opdef.operand_specs[len(n.inputs) - 1].optional])
     if node is None:
         return None
-    node.inputs[-1] = None
-    node.drop_inputs()
-    for i, v in enumerate(node.inputs):
-        if v is not None:
-            v.uses.append(Use(node, i))
+    last = len(node.inputs) - 1
+    dropped = node.inputs[last]
+    dropped.uses = [u for u in dropped.uses if not (u.node is node and u.index == last)]
+    node.inputs[last] = None
     return "is missing"
 
 
@@ -96,8 +94,6 @@ def _foreign_output(graph: Graph, draw: Draw) -> str | None:
 
 
 def _unbound_symbol(graph: Graph, draw: Draw) -> str | None:
-    from ..ir import sym
-
     node = _pick(draw, graph.nodes)
     if node is None:
         return None

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..ir import Graph, MissingData, interpret, verify
+from ..ir import Graph, MissingData, interpret, parse, verify
 
 
 def bind_random_constants(graph: Graph, seed: int = 0) -> Graph:
@@ -19,6 +19,14 @@ def bind_random_constants(graph: Graph, seed: int = 0) -> Graph:
         name: torch.randn(tuple(int(d) for d in v.shape), generator=gen).to(v.type.dtype.torch_dtype)
         for name, v in graph.constants.items() if isinstance(v.data, MissingData)
     })
+    return graph
+
+
+def graph_from_text(text: str, seed: int = 0) -> Graph:
+    """Parse a graph written in kiln's text form, give random data to its constants that
+    have none, and verify it: IR text in tests, ready to run."""
+    graph = bind_random_constants(parse(text), seed)
+    verify(graph)
     return graph
 
 

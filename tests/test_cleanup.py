@@ -6,15 +6,13 @@ import textwrap
 import pytest
 import torch
 
-from kiln.ir import FoldedData, parse, verify
+from kiln.ir import FoldedData
 from kiln.passes import CANONICAL_RULES, eliminate_common_subexpressions, eliminate_dead_code, fold_constants, rewrite
-from kiln.testing import assert_preserves, bind_random_constants
+from kiln.testing import assert_preserves, graph_from_text
 
 
 def _graph(body: str, inputs: str = "%x: f32[batch, 4, 6]"):
-    g = bind_random_constants(parse(f"graph @g({inputs}) {{\n{textwrap.dedent(body).strip()}\n}}\n"))
-    verify(g)
-    return g
+    return graph_from_text(f"graph @g({inputs}) {{\n{textwrap.dedent(body).strip()}\n}}\n")
 
 
 def _inputs(graph, batch):

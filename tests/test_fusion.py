@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kiln.frontends.huggingface import import_model
-from kiln.ir import interpret, ops, parse, verify
+from kiln.ir import interpret, ops
 from kiln.passes import FUSION_RULES, RAISE_RULES, fuse, pipeline_manager, raise_ops, rewrite
-from kiln.testing import assert_preserves, bind_random_constants, graphs_with_inputs
+from kiln.testing import assert_preserves, graph_from_text, graphs_with_inputs
 
 # What the reference pipeline leaves, per architecture (2 layers each): raised norms,
 # residual+norm fusions, gated activations, and linears (4 per layer + lm_head when QKV
@@ -70,9 +70,7 @@ def test_bf16_norms_are_recognized_through_their_casts():
 
 
 def _graph(body: str, inputs: str = "%x: f32[batch, 8]"):
-    graph = bind_random_constants(parse(f"graph @g({inputs}) {{\n{textwrap.dedent(body).strip()}\n}}\n"))
-    verify(graph)
-    return graph
+    return graph_from_text(f"graph @g({inputs}) {{\n{textwrap.dedent(body).strip()}\n}}\n")
 
 
 CASES = {

@@ -4,15 +4,9 @@ constraints), safety (interior uses, type preservation) and the fixpoint bound."
 import pytest
 import torch
 
-from kiln.ir import Graph, TensorType, interpret, ops, parse, verify
+from kiln.ir import Graph, TensorType, interpret, ops, verify
 from kiln.passes import AttrVar, RewriteLimitError, Rule, rewrite
-from kiln.testing import assert_preserves, bind_random_constants
-
-
-def _graph(text):
-    g = bind_random_constants(parse(text))
-    verify(g)
-    return g
+from kiln.testing import assert_preserves, graph_from_text as _graph
 
 
 def silu_pattern(x):
