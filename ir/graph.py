@@ -258,7 +258,8 @@ class Graph:
     def _complete_attrs(self, opdef: OpDef, attrs: Mapping[str, Any]) -> dict[str, Any]:
         if self.typed:
             return opdef.complete_attrs(attrs)
-        held = {k: v for k, v in attrs.items() if isinstance(v, AttrPlaceholder)}
+        held = {k: v for k, v in attrs.items() if isinstance(v, AttrPlaceholder)
+                or (isinstance(v, tuple) and any(isinstance(e, AttrPlaceholder) for e in v))}
         return opdef.complete_attrs({k: v for k, v in attrs.items() if k not in held}, held)
 
     def set_outputs(self, values: Iterable[Value]) -> None:

@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
-from typing import Union
+from typing import Any, Union
 
 import sympy
 
@@ -44,6 +44,15 @@ def normalize_dim(dim: Dim) -> Dim:
         if not dim.is_number:
             return dim
     raise ShapeError(f"not a dimension: {dim!r}")
+
+
+def substitute_dims(value: Any, mapping: dict) -> Any:
+    """``value`` (a dim, a shape or any attribute value) with ``mapping``'s symbols replaced."""
+    if isinstance(value, tuple):
+        return tuple(substitute_dims(v, mapping) for v in value)
+    if isinstance(value, sympy.Expr):
+        return normalize_dim(value.xreplace(mapping))
+    return value
 
 
 def normalize_shape(shape: Iterable[Dim]) -> Shape:

@@ -6,8 +6,9 @@ built-in passes, each registered by name, with named pipelines of them.
 
 from .canonicalize import CANONICAL_RULES
 from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
-from .fusion import FUSION_RULES, RAISE_RULES, SELECTION_RULES
+from .fusion import FUSION_RULES, RAISE_RULES, ROTARY_RULES, SELECTION_RULES
 from .profiles import EngineLimits, ProfilePlan, Workload, select_profiles
+from .kv_layout import linear_kv_cache, specialize
 from .paged import METADATA, PagedAttentionError, page_attention
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
 from .pattern import AttrVar, Match, Pattern, is_splat, trace
@@ -20,19 +21,30 @@ cse = Pass("cse", eliminate_common_subexpressions, "merge identical nodes and sm
 dce = Pass("dce", eliminate_dead_code, "drop unused nodes and constants")
 raise_ops = rewrite_pass("raise", RAISE_RULES, "recognize rms_norm among primitives")
 fuse = rewrite_pass("fuse", FUSION_RULES, "residual+RMSNorm, QKV and gate/up GEMMs, gated activations")
+fuse_rotary = rewrite_pass("fuse_rotary", ROTARY_RULES + CANONICAL_RULES,
+                           "the fused QKV split into heads, with rotary on q and k, becomes one qkv_rotary")
 select_logits = rewrite_pass("select_logits", SELECTION_RULES,
                              "compute the final layers only for the tokens whose logits are asked for")
 paged_attention = Pass("paged_attention", page_attention,
                        "a causal LM graph becomes the runtime's step graph over a paged KV cache",
                        changes_signature=True)
 
+linear_kv = Pass("linear_kv_cache", linear_kv_cache,
+                 "paged caches become linear per-slot caches (one block of max_seq_len per sequence)",
+                 changes_signature=True)
+
 PASSES: dict[str, Pass] = {p.name: p for p in (canonicalize, fold, cse, dce, raise_ops, fuse, paged_attention,
-                                                select_logits)}
+                                                fuse_rotary, select_logits, linear_kv)}
 # A pipeline is its passes in order; these are repeated until a round changes nothing.
 PIPELINES: dict[str, tuple[str, ...]] = {
     "cleanup": ("canonicalize", "fold_constants", "cse", "dce"),
 }
-PIPELINES["reference"] = (*PIPELINES["cleanup"], "raise", "fuse", "paged_attention", "select_logits")
+PIPELINES["reference"] = (*PIPELINES["cleanup"], "raise", "fuse", "paged_attention", "fuse_rotary",
+                          "select_logits")
+# The CUDA backend's kernels implement the reference pipeline's fused ops over paged
+# blocks; TensorRT-RTX has linear per-slot caches only.
+PIPELINES["cuda"] = PIPELINES["reference"]
+PIPELINES["tensorrt"] = (*PIPELINES["reference"], "linear_kv_cache")
 
 
 def pipeline(name: str) -> list[Pass]:
@@ -49,9 +61,9 @@ def pipeline_manager(name: str, **options) -> PassManager:
 
 
 __all__ = [
-    "AttrVar", "CANONICAL_RULES", "EngineLimits", "ProfilePlan", "Workload", "select_profiles", "FUSION_RULES", "RAISE_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
+    "AttrVar", "CANONICAL_RULES", "EngineLimits", "ProfilePlan", "Workload", "select_profiles", "FUSION_RULES", "RAISE_RULES", "ROTARY_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
     "PassManager", "PassRecord", "Pattern", "RewriteLimitError", "Rewrites", "Rule",
     "canonicalize", "cse", "dce", "eliminate_common_subexpressions", "eliminate_dead_code",
-    "fold", "fold_constants", "format_records", "fuse", "raise_ops", "is_splat", "page_attention", "paged_attention", "pipeline", "pipeline_manager", "rewrite",
+    "fold", "fold_constants", "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache", "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite",
     "rewrite_pass", "select_logits", "trace",
 ]

@@ -1,6 +1,7 @@
 """Algebraic canonicalization as rewrite rules: identities (x*1, x+0, x-0, x/1, -(-x)),
 inverse and chained data movement (transpose of transpose, permute chains, reshape
-chains, squeeze/unsqueeze pairs, full slices, one-input concat) and cast chains.
+chains, squeeze/unsqueeze pairs, full slices, one-input concat, concat with an empty
+piece) and cast chains.
 
 Rules whose replacement is ``x`` itself rely on the rewriter's type check: a reshape,
 expand or cast is dropped only when its result type equals its input's, which for these
@@ -113,6 +114,14 @@ def _concat_one(x, dim: int):
     return ops.concat([x], dim=dim)
 
 
+def _concat_two(x, y, dim: int):
+    return ops.concat([x, y], dim=dim)
+
+
+def _empty_along(name: str):
+    return lambda m: m[name].shape[normalize_axis(m["dim"], m[name].type.rank)] == 0
+
+
 CANONICAL_RULES = [
     Rule(_mul_one, _identity, name="mul_one"),
     Rule(_div_one, _identity, name="div_one"),
@@ -131,4 +140,6 @@ CANONICAL_RULES = [
     Rule(_unsqueeze_squeeze, _identity, name="unsqueeze_squeeze"),
     Rule(_slice, _identity, when=_slice_from_start, name="full_slice"),
     Rule(_concat_one, _identity, name="concat_one"),
+    Rule(_concat_two, lambda x, y, dim: x, when=_empty_along("y"), name="concat_empty_last"),
+    Rule(_concat_two, lambda x, y, dim: y, when=_empty_along("x"), name="concat_empty_first"),
 ]

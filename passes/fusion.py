@@ -2,16 +2,22 @@
 
 ``RAISE_RULES`` recognize RMSNorm among the primitives export leaves (Llama's
 float32 normalize-cast-scale, with or without the casts a bf16 model has) and rotary
-embedding written as ``x * cos + rotate_half(x) * sin`` over the whole head.
+embedding written as ``x * cos + rotate_half(x) * sin``, over the whole head or, concatenated
+with the rest, over its first features (partial rotary).
 ``FUSION_RULES`` fuse what the runtime wants whole: the residual add with the next
 RMSNorm or LayerNorm; the Q, K and V projections into one GEMM (with biases); the gate and up
 projections into one GEMM followed by a gated activation (SwiGLU, GeGLU). Fused weights
 are concatenations of constants, which constant folding turns into lazy constants.
+``ROTARY_RULES`` work on the paged step graph: rotary moves below the head transposes
+(which then cancel), and the split of the fused QKV projection into heads, with rotary
+on q and k, becomes one ``qkv_rotary``. ``SELECTION_RULES`` compute the last layers only
+for the tokens whose logits are asked for.
 """
 
 from __future__ import annotations
 
 from ..ir import DType, dtypes, ops
+from ..ir.shapes import dims_equal
 from .pattern import Match
 from .rewriter import Rule
 
@@ -66,8 +72,24 @@ def _halves_of_the_last_dim(m: Match) -> bool:
     return last and isinstance(size, int) and m["half"] * 2 == size and m["end"] >= size
 
 
+def _partial_rotary(x, cos, sin, r: int, end: int, d1: int, d2: int, d3: int, interleaved: bool):
+    rotated = ops.rotary(ops.slice(x, dim=d1, start=0, end=r), cos, sin, interleaved=interleaved)
+    return ops.concat([rotated, ops.slice(x, dim=d2, start=r, end=end)], dim=d3)
+
+
+def _whole_rotary(x, cos, sin, r, end, d1, d2, d3, interleaved):
+    return ops.rotary(x, cos, sin, interleaved=interleaved)
+
+
+def _rotates_a_prefix(m: Match) -> bool:
+    rank, size = m["x"].type.rank, m["x"].shape[-1]
+    last = all(m[d] in (-1, rank - 1) for d in ("d1", "d2", "d3"))
+    return last and isinstance(size, int) and m["r"] == m["cos"].shape[-1] and m["end"] >= size
+
+
 RAISE_RULES = [
     Rule(_rotate_half, _rotary, when=_halves_of_the_last_dim, name="raise_rotary"),
+    Rule(_partial_rotary, _whole_rotary, when=_rotates_a_prefix, name="raise_partial_rotary"),
     Rule(_normalize, _raised_norm, when=lambda m: _scalar_literal(m["eps"]), name="raise_rms_norm"),
     Rule(_scaled_norm, _norm_with_weight, when=_is_weight_of, name="rms_norm_weight"),
     Rule(_cast_scaled_norm, _norm_with_weight, when=_is_weight_of_narrow, name="rms_norm_cast_weight"),
@@ -137,6 +159,48 @@ FUSION_RULES = [
     Rule(_projections, _one_projection, when=_constant_weights("wq", "wk", "wv"), name="fuse_qkv"),
     Rule(_swiglu, _gated("silu"), when=_constant_weights("gate", "up"), name="fuse_swiglu"),
     Rule(_geglu, _gated("gelu"), when=_constant_weights("gate", "up"), name="fuse_geglu"),
+]
+
+
+def _rotary_of_transposed(x, cos, sin, interleaved: bool):
+    return ops.rotary(ops.transpose(x, dim0=1, dim1=2), cos, sin, interleaved=interleaved)
+
+
+def _transposed_rotary(x, cos, sin, interleaved: bool):
+    cos, sin = (ops.transpose(t, dim0=1, dim1=2) for t in (cos, sin))
+    return ops.transpose(ops.rotary(x, cos, sin, interleaved=interleaved), dim0=1, dim1=2)
+
+
+def _same_over_dim_1(m: Match) -> bool:
+    """cos and sin broadcast over dim 1 (the heads), so rotary commutes with swapping dims 1 and 2."""
+    return m["x"].type.rank == 4 and all(m[t].type.rank == 4 and m[t].shape[1] == 1 for t in ("cos", "sin"))
+
+
+def _heads_rotary(qkv, cos, sin, q_size: int, k_size: int, v_size: int, q4: tuple, q3: tuple, k4: tuple,
+                  k3: tuple, v3: tuple, interleaved: bool):
+    q, k, v = ops.split(qkv, dim=-1, sizes=(q_size, k_size, v_size))
+    q = ops.reshape(ops.rotary(ops.reshape(q, shape=q4), cos, sin, interleaved=interleaved), shape=q3)
+    k = ops.reshape(ops.rotary(ops.reshape(k, shape=k4), cos, sin, interleaved=interleaved), shape=k3)
+    return q, k, ops.reshape(v, shape=v3)
+
+
+def _qkv_rotary(qkv, cos, sin, q_size, k_size, v_size, q4, q3, k4, k3, v3, interleaved):
+    return ops.qkv_rotary(qkv, cos, sin, q_heads=q3[-2], kv_heads=k3[-2], head_dim=q3[-1], interleaved=interleaved)
+
+
+def _cut_into_heads(m: Match) -> bool:
+    """The reshapes cut q, k and v into heads of one size, keeping the projection's leading
+    dims; the replacement's type check covers the rest."""
+    lead, d = m["qkv"].shape[:-1], m["q3"][-1]
+    cut = all(len(m[s]) == len(lead) + 2 and m[s][-1] == d and all(dims_equal(a, b) for a, b in zip(m[s], lead))
+              for s in ("q4", "k4"))
+    heads = all(len(m[s]) == 3 and isinstance(m[s][-2], int) and m[s][-1] == d for s in ("q3", "k3", "v3"))
+    return cut and heads and isinstance(d, int) and m["k3"][-2] == m["v3"][-2]
+
+
+ROTARY_RULES = [
+    Rule(_rotary_of_transposed, _transposed_rotary, when=_same_over_dim_1, name="rotary_before_transpose"),
+    Rule(_heads_rotary, _qkv_rotary, when=_cut_into_heads, name="fuse_qkv_rotary"),
 ]
 
 

@@ -19,12 +19,10 @@ step, by the runtime, and shared by every layer.
 
 from __future__ import annotations
 
-from typing import Any
-
 import sympy
 
 from ..ir import Graph, TensorType, Value, dtypes, ops, sym
-from ..ir.shapes import normalize_dim
+from ..ir.shapes import substitute_dims
 
 TOKENS, SEQS, MAX_BLOCKS, BLOCKS, BLOCK_SIZE, LOGITS = (
     sym(n) for n in ("num_tokens", "num_seqs", "max_blocks", "num_blocks", "block_size", "num_logits"))
@@ -34,14 +32,6 @@ ATTENTION_METADATA = ("slot_mapping", "query_start", "context_lens", "block_tabl
 
 class PagedAttentionError(ValueError):
     """The graph is not a causal LM graph this pass can rewrite; says why."""
-
-
-def _substitute(value: Any, mapping: dict) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_substitute(v, mapping) for v in value)
-    if isinstance(value, sympy.Expr):
-        return normalize_dim(value.xreplace(mapping))
-    return value
 
 
 def _contract(graph: Graph) -> tuple[sympy.Symbol, sympy.Symbol]:
@@ -95,7 +85,7 @@ def page_attention(graph: Graph) -> int:
     caches: list[Value] = []
     for node in graph.nodes:
         inputs = [None if v is None else env[id(v)] for v in node.inputs]
-        attrs = {k: _substitute(v, mapping) for k, v in node.attrs.items()}
+        attrs = {k: substitute_dims(v, mapping) for k, v in node.attrs.items()}
         before = len(new.nodes)
         if node.op == "arange" and attrs["end"] == TOKENS and attrs["start"] == 0 and attrs["step"] == 1:
             results = [ops.cast(meta["positions"], dtype=node.results[0].dtype)]

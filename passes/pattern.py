@@ -3,7 +3,8 @@ the matcher that finds them in a graph.
 
 In a pattern function, a parameter without an annotation (or annotated ``Value``) is a
 value variable that matches any value; a parameter annotated with a Python type
-(``eps: float``) is an attribute variable that captures an attribute. A number in the
+(``eps: float``) is an attribute variable that captures an attribute, or one element of a
+list attribute (``sizes=(q, k, v)``). A number in the
 pattern matches a constant whose every element equals it. Commutative ops match either
 operand order; a pattern may return several values (a multi-output pattern).
 """
@@ -122,16 +123,29 @@ def _rest(outputs: list[Value], state: Match) -> Iterator[Match]:
 
 
 def _candidates(pattern_value: Value, state: Match) -> list[Value]:
-    """Graph values that could match a further output: results of same-op users of the
-    values the match has bound so far."""
+    """Graph values that could match a further output: results of same-op nodes reached
+    from the values the match has bound so far in at most as many steps as the pattern
+    value is ops deep."""
     producer = pattern_value.producer
-    seen: dict[int, Value] = {}
-    for bound in [*state.values.values(), *[r for n in state.nodes.values() for r in n.results]]:
-        for user in bound.users:
+    frontier = [*state.values.values(), *[r for n in state.nodes.values() for r in n.results]]
+    seen_nodes: set[int] = set()
+    found: dict[int, Value] = {}
+    for _ in range(_height(pattern_value)):
+        users = [u for v in frontier for u in v.users if id(u) not in seen_nodes]
+        seen_nodes.update(id(u) for u in users)
+        for user in users:
             if user.op == producer.op and pattern_value.result_index < len(user.results):
                 result = user.results[pattern_value.result_index]
-                seen.setdefault(id(result), result)
-    return list(seen.values())
+                found.setdefault(id(result), result)
+        frontier = [r for u in users for r in u.results]
+    return list(found.values())
+
+
+def _height(value: Value) -> int:
+    """The number of ops on the longest path from a pattern input up to ``value``."""
+    if value.producer is None:
+        return 0
+    return 1 + max((_height(v) for v in value.producer.inputs if v is not None), default=0)
 
 
 def _value(pv: Value, gv: Value, state: Match) -> Iterator[Match]:
@@ -159,12 +173,7 @@ def _value(pv: Value, gv: Value, state: Match) -> Iterator[Match]:
         return
     new = state._copy()
     for key, want in pnode.attrs.items():
-        have = gnode.attrs.get(key)
-        if isinstance(want, AttrVar):
-            if want.name in new.attrs and not attr_equal(new.attrs[want.name], have):
-                return
-            new.attrs[want.name] = have
-        elif not attr_equal(want, have):
+        if not _bind_attr(want, gnode.attrs.get(key), new.attrs):
             return
     new.nodes[id(pnode)] = gnode
     orders = [list(gnode.inputs)]
@@ -172,6 +181,20 @@ def _value(pv: Value, gv: Value, state: Match) -> Iterator[Match]:
         orders.append(list(reversed(gnode.inputs)))
     for order in orders:
         yield from _inputs(list(pnode.inputs), order, new)
+
+
+def _bind_attr(want: Any, have: Any, bound: dict[str, Any]) -> bool:
+    """Match attribute ``have`` against ``want``, binding attribute variables (also those
+    inside a tuple) in ``bound``; whether it matched."""
+    if isinstance(want, AttrVar):
+        if want.name in bound and not attr_equal(bound[want.name], have):
+            return False
+        bound[want.name] = have
+        return True
+    if isinstance(want, tuple) and any(isinstance(w, AttrVar) for w in want):
+        return (isinstance(have, tuple) and len(have) == len(want)
+                and all(_bind_attr(w, h, bound) for w, h in zip(want, have)))
+    return attr_equal(want, have)
 
 
 def _inputs(pins: list[Value | None], gins: list[Value | None], state: Match) -> Iterator[Match]:

@@ -7,7 +7,7 @@ hypothesis profiles (``dev``, and ``ci`` with hundreds of examples per property)
 
 from hypothesis import HealthCheck, settings
 
-from .helpers import assert_preserves, bind_random_constants, graph_from_text
+from .helpers import assert_preserves, bind_random_constants, graph_from_text, random_inputs
 from .corruptions import CORRUPTIONS, corrupted_graphs
 from .strategies import GENERATORS, GraphDraft, graphs, graphs_with_inputs, inputs
 
@@ -20,4 +20,4 @@ def register_profiles() -> None:
 
 
 __all__ = ["CORRUPTIONS", "GENERATORS", "GraphDraft", "assert_preserves", "bind_random_constants", "graph_from_text", "corrupted_graphs", "graphs",
-           "graphs_with_inputs", "inputs", "register_profiles"]
+           "graphs_with_inputs", "inputs", "random_inputs", "register_profiles"]

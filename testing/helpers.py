@@ -30,6 +30,14 @@ def graph_from_text(text: str, seed: int = 0) -> Graph:
     return graph
 
 
+def random_inputs(graph: Graph, size: int, seed: int = 0) -> list[torch.Tensor]:
+    """Random normal inputs for ``graph`` with every symbolic dim set to ``size``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(tuple(d if isinstance(d, int) else int(d.subs({s: size for s in d.free_symbols}))
+                              for d in v.shape), generator=gen).to(v.type.dtype.torch_dtype)
+            for v in graph.inputs]
+
+
 def assert_preserves(transform: Callable[[Graph], Any], graph: Graph, inputs: Sequence[torch.Tensor],
                      rtol: float = 1e-5, atol: float = 1e-6) -> Graph:
     """Apply ``transform`` to a copy of ``graph``; check that the copy still verifies and

@@ -275,6 +275,13 @@ def _fused(b: GraphDraft):
     if b.draw(st.booleans()):
         normed, total = ops.add_layer_norm(x, ops.neg(x), b.constant((d,)), b.constant((d,)), eps=1e-5)
         return normed * total
+    if b.draw(st.booleans()):
+        heads, head_dim = b.draw(st.sampled_from([(2, 1), (1, 1), (3, 1)])), 2
+        qkv = ops.linear(x, b.constant(((heads[0] + 2 * heads[1]) * head_dim, d)))
+        cos, sin = b.constant((1, head_dim)), b.constant((1, head_dim))
+        q, k, v = ops.qkv_rotary(qkv, cos, sin, q_heads=heads[0], kv_heads=heads[1], head_dim=head_dim,
+                                 interleaved=b.draw(st.booleans()))
+        return ops.sum(q, dims=(1, 2)) + ops.sum(k * v, dims=(1, 2))
     activation = b.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]))
     return ops.gated_activation(ops.concat([x, ops.neg(x)], dim=-1), activation=activation)
 

@@ -8,15 +8,11 @@ import torch
 
 from kiln.ir import FoldedData
 from kiln.passes import CANONICAL_RULES, eliminate_common_subexpressions, eliminate_dead_code, fold_constants, rewrite
-from kiln.testing import assert_preserves, graph_from_text
+from kiln.testing import assert_preserves, graph_from_text, random_inputs
 
 
 def _graph(body: str, inputs: str = "%x: f32[batch, 4, 6]"):
     return graph_from_text(f"graph @g({inputs}) {{\n{textwrap.dedent(body).strip()}\n}}\n")
-
-
-def _inputs(graph, batch):
-    return [torch.randn(*(batch if not isinstance(d, int) else d for d in v.shape)) for v in graph.inputs]
 
 
 def canonicalize(graph):
@@ -55,6 +51,10 @@ CASES = {
                           "return %x", "%x: f32[batch, 1, 6]"),
     "full_slice": ("%0 = slice(%x) {dim = 1, end = 4} : f32[batch, 4, 6]\nreturn %0", "return %x"),
     "concat_one": ("%0 = concat(%x) {dim = 2} : f32[batch, 4, 6]\nreturn %0", "return %x"),
+    "concat_empty_last": ("%e = slice(%x) {dim = 2, start = 6} : f32[batch, 4, 0]\n"
+                          "%0 = concat(%x, %e) {dim = 2} : f32[batch, 4, 6]\nreturn %0", "return %x"),
+    "concat_empty_first": ("%e = slice(%x) {dim = 1, end = 0} : f32[batch, 0, 6]\n"
+                           "%0 = concat(%e, %x) {dim = -2} : f32[batch, 4, 6]\nreturn %0", "return %x"),
 }
 
 
@@ -67,7 +67,7 @@ def test_canonical_rule(name):
     before, after, *inputs = CASES[name]
     graph = _graph(before, *inputs)
     for batch in (2, 5):
-        result = assert_preserves(canonicalize, graph, _inputs(graph, batch))
+        result = assert_preserves(canonicalize, graph, random_inputs(graph, batch))
     assert rewrite(graph.clone(), CANONICAL_RULES)[name] >= 1
     expected = _graph(after, *inputs)
     assert str(result) == str(expected)
@@ -98,7 +98,7 @@ def test_dead_code_elimination():
         %1 = abs(%0) : f32[batch, 4, 6]
         %2 = relu(%x) : f32[batch, 4, 6]
         return %2""")
-    result = assert_preserves(eliminate_dead_code, graph, _inputs(graph, 3))
+    result = assert_preserves(eliminate_dead_code, graph, random_inputs(graph, 3))
     assert result.op_counts() == {"relu": 1} and not result.constants
     assert eliminate_dead_code(graph) == 3
 
@@ -116,7 +116,7 @@ def test_common_subexpressions_merge_commutative_operands_and_constants():
         %5 = add(%3, %4) : f32[batch, 4, 6]
         %6 = add(%5, %n) : f32[batch, 4, 6]
         return %6""")
-    result = assert_preserves(eliminate_common_subexpressions, graph, _inputs(graph, 3))
+    result = assert_preserves(eliminate_common_subexpressions, graph, random_inputs(graph, 3))
     assert result.op_counts() == {"mul": 1, "add": 3, "softmax": 2}
     assert set(result.constants) == {"a", "n"}  # -0.0 is not merged with anything
 
@@ -137,7 +137,7 @@ def test_constant_folding_is_lazy_and_exact():
     folded = [v.data for v in lazy.constants.values() if isinstance(v.data, FoldedData)]
     assert len(folded) == 2 and not any(d._cache for d in folded)  # over the 6x6 weight: not computed yet
     assert torch.equal(lazy.constants["arange_cast"].tensor(), torch.arange(6.0))  # a small literal: computed
-    result = assert_preserves(fold_constants, graph, _inputs(graph, 2))
+    result = assert_preserves(fold_constants, graph, random_inputs(graph, 2))
     assert result.op_counts() == {"matmul": 1, "add": 1}
 
 

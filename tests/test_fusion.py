@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from kiln.frontends.huggingface import import_model
 from kiln.ir import interpret, ops
-from kiln.passes import FUSION_RULES, RAISE_RULES, fuse, pipeline_manager, raise_ops, rewrite
-from kiln.testing import assert_preserves, graph_from_text, graphs_with_inputs
+from kiln.passes import FUSION_RULES, RAISE_RULES, ROTARY_RULES, fuse, pipeline_manager, raise_ops, rewrite
+from kiln.testing import assert_preserves, graph_from_text, graphs_with_inputs, random_inputs
 
 # What the reference pipeline leaves, per architecture (2 layers each): raised norms,
 # residual+norm fusions, gated activations, and linears (4 per layer + lm_head when QKV
@@ -38,9 +38,14 @@ EXPECTED = {
 
 
 NO_HALF_ROTARY = {"cohere", "glm", "gpt2"}  # interleaved pairs (cohere, glm); learned positions (gpt2)
+# Rotary stays apart from the QKV split where something sits between them: q/k norms
+# (gemma3, olmo2, qwen3), heads interleaved as [heads, 3, head_dim] (gpt-neox), a shipped
+# fused QKV cut with slices rather than a split (phi3).
+ROTARY_APART = {"gemma3", "olmo2", "qwen3", "gpt-neox", "phi3"}
 ADD_LAYER_NORMS = {"gpt2": 5, "stablelm": 4, "starcoder2": 4, "gpt-neox": 2, "phi": 2}  # parallel blocks: 2
 for _name, _expected in EXPECTED.items():
-    EXPECTED[_name] = {**_expected, "rotary": 0 if _name in NO_HALF_ROTARY else 4,
+    _fused = _name not in NO_HALF_ROTARY | ROTARY_APART
+    EXPECTED[_name] = {**_expected, "rotary": 4 if _name in ROTARY_APART else 0, "qkv_rotary": 2 if _fused else 0,
                        "add_layer_norm": ADD_LAYER_NORMS.get(_name, 0)}
 
 
@@ -85,6 +90,14 @@ CASES = {
         %5 = mul(%sin, %3) : f32[batch, 8]
         %6 = add(%4, %5) : f32[batch, 8]
         return %6""", {"rotary": 1}),
+    "raise_partial_rotary": (RAISE_RULES, """
+        %cos = constant : f32[4]
+        %sin = constant : f32[4]
+        %0 = slice(%x) {dim = -1, end = 4} : f32[batch, 4]
+        %1 = rotary(%0, %cos, %sin) : f32[batch, 4]
+        %2 = slice(%x) {dim = 1, start = 4} : f32[batch, 4]
+        %3 = concat(%1, %2) {dim = -1} : f32[batch, 8]
+        return %3""", {"rotary": 1}),
     "raise_rms_norm": (RAISE_RULES, """
         %eps = constant [1e-05] : f32[]
         %two = constant [2.0] : f32[]
@@ -147,19 +160,37 @@ CASES = {
         %2 = linear(%x, %u) : f32[batch, 16]
         %3 = mul(%1, %2) : f32[batch, 16]
         return %3""", {"concat": 1, "linear": 1, "gated_activation": 1}),
+    "rotary_before_transpose": (ROTARY_RULES, """
+        %cos = constant : f32[1, 1, 3, 8]
+        %sin = constant : f32[1, 1, 3, 8]
+        %0 = transpose(%x) {dim0 = 1, dim1 = 2} : f32[batch, 2, 3, 8]
+        %1 = rotary(%0, %cos, %sin) : f32[batch, 2, 3, 8]
+        return %1""", {"transpose": 3, "rotary": 1}, "%x: f32[batch, 3, 2, 8]"),
+    "fuse_qkv_rotary": (ROTARY_RULES, """
+        %cos = constant : f32[3, 1, 8]
+        %sin = constant : f32[3, 1, 8]
+        %0, %1, %2 = split(%x) {dim = -1, sizes = [16, 8, 8]} : f32[batch, 3, 16], f32[batch, 3, 8], f32[batch, 3, 8]
+        %3 = reshape(%0) {shape = [batch, 3, -1, 8]} : f32[batch, 3, 2, 8]
+        %4 = rotary(%3, %cos, %sin) : f32[batch, 3, 2, 8]
+        %5 = reshape(%4) {shape = [3*batch, 2, 8]} : f32[3*batch, 2, 8]
+        %6 = reshape(%1) {shape = [batch, 3, 1, 8]} : f32[batch, 3, 1, 8]
+        %7 = rotary(%6, %cos, %sin) : f32[batch, 3, 1, 8]
+        %8 = reshape(%7) {shape = [3*batch, 1, 8]} : f32[3*batch, 1, 8]
+        %9 = reshape(%2) {shape = [3*batch, 1, 8]} : f32[3*batch, 1, 8]
+        return %5, %8, %9""", {"qkv_rotary": 1}, "%x: f32[batch, 3, 32]"),
 }
 
 
 def test_every_rule_has_a_case():
-    assert {r.label for r in RAISE_RULES + FUSION_RULES} - set(CASES) == {"rms_norm_cast_weight"}
+    assert {r.label for r in RAISE_RULES + FUSION_RULES + ROTARY_RULES} - set(CASES) == {"rms_norm_cast_weight"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rule(name):
-    rules, body, after = CASES[name]
-    graph = _graph(body)
+    rules, body, after, *inputs = CASES[name]
+    graph = _graph(body, *inputs)
     for batch in (1, 5):
-        result = assert_preserves(lambda g: rewrite(g, rules), graph, [torch.randn(batch, 8)])
+        result = assert_preserves(lambda g: rewrite(g, rules), graph, random_inputs(graph, batch))
     assert rewrite(graph.clone(), rules)[name] == 1
     assert result.op_counts() == after
     if name == "fuse_geglu":
@@ -203,6 +234,22 @@ def _rotary_site(draft):
     return x * cos + rotated * sin
 
 
+def _qkv_rotary_site(draft):
+    x = draft.value(lambda v: v.type.rank >= 1 and isinstance(v.shape[-1], int) and v.type.dtype.is_float)
+    if x is None:
+        return None
+    q_heads, kv_heads = draft.draw(st.sampled_from([(2, 1), (2, 2), (3, 1)]))
+    head_dim, lead = 4, x.shape[:-1]
+    qkv = ops.linear(x, draft.constant(((q_heads + 2 * kv_heads) * head_dim, x.shape[-1])))
+    q, k, v = ops.split(qkv, dim=-1, sizes=(q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim))
+    rotated = draft.draw(st.sampled_from([2, 4]))
+    cos, sin = (draft.constant((1,) * len(lead) + (1, rotated)) for _ in range(2))
+    q, k = (ops.reshape(ops.rotary(ops.reshape(t, shape=(*lead, -1, head_dim)), cos, sin), shape=(-1, n, head_dim))
+            for t, n in ((q, q_heads), (k, kv_heads)))
+    return ops.sum(q, dims=(1, 2)) + ops.sum(k, dims=(1, 2)) * ops.sum(ops.reshape(v, shape=(-1, kv_heads, head_dim)),
+                                                                      dims=(1, 2))
+
+
 SITES = {"rotary_site": _rotary_site, "norm_site": _norm_site, "residual_site": _residual_site, "projection_site": _projection_site}
 
 
@@ -216,6 +263,14 @@ def test_raise_preserves_semantics(case):
 def test_fuse_preserves_semantics(case):
     graph, inputs = case
     assert_preserves(fuse, graph, inputs)
+
+
+@given(graphs_with_inputs(extra_generators={"qkv_rotary_site": _qkv_rotary_site}))
+def test_fuse_rotary_preserves_semantics(case):
+    from kiln.passes import fuse_rotary
+
+    graph, inputs = case
+    assert_preserves(fuse_rotary, graph, inputs)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

@@ -7,16 +7,16 @@ import torch
 from hf_models import ARCHITECTURES, VOCAB, random_model
 
 from kiln.frontends.huggingface import import_model
-from kiln.ir import interpret, ops, verify
-from kiln.passes import PagedAttentionError, page_attention, pipeline_manager
+from kiln.ir import interpret, ops, sym, verify
+from kiln.passes import PagedAttentionError, linear_kv_cache, page_attention, pipeline_manager
 from kiln.runtime.batch import SequenceStep, step_inputs
 
 TOLERANCE = 1e-4
 
 
-def _paged_graph(model):
+def _paged_graph(model, pipeline="reference"):
     graph = import_model(model).graph
-    pipeline_manager("reference", debug=True).run(graph)
+    pipeline_manager(pipeline, debug=True).run(graph)
     verify(graph)
     return graph
 
@@ -39,20 +39,14 @@ def _step(graph, caches, steps, block_size, all_logits=True):
     return [outputs[0][a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_mixed_batch_matches_full_recomputation(name):
-    model = random_model(name)
-    graph = _paged_graph(model)
-    assert graph.op_counts()["paged_attention"] == model.config.num_hidden_layers
-    assert "attention" not in graph.op_counts()
+def _assert_mixed_batch_matches(name, model, graph, block_size, blocks):
+    """Three steps of a mixed batch (prefill, chunked prefill, decode) against full recomputation."""
     gen = torch.Generator().manual_seed(1)
     a, b, c = (torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 8, 10))
     with torch.no_grad():
         full = {key: model(input_ids=torch.tensor([seq]), use_cache=False).logits[0] for key, seq in
                 (("a", a), ("b", b), ("c", c))}
-    block_size = 4
-    caches = _caches(graph, 16, block_size)
-    blocks = {"a": [3, 11], "b": [5, 2], "c": [7, 1, 9]}  # out of order on purpose
+    caches = _caches(graph, 1 + max(max(ids) for ids in blocks.values()), block_size)
     # step 1: b's prompt (7 tokens), c's first chunk (6 of 10)
     b1, c1 = _step(graph, caches, [SequenceStep(b[:7], 0, blocks["b"]), SequenceStep(c[:6], 0, blocks["c"])],
                    block_size)
@@ -60,8 +54,8 @@ def test_mixed_batch_matches_full_recomputation(name):
     a2, b2, c2 = _step(graph, caches, [SequenceStep(a, 0, blocks["a"]), SequenceStep(b[7:], 7, blocks["b"]),
                                        SequenceStep(c[6:], 6, blocks["c"])], block_size)
     # step 3: only each sequence's last logits, as the runtime asks for them
-    a3, b3 = _step(graph, caches, [SequenceStep(a[:1], 5, blocks["a"] + [4]),
-                                   SequenceStep(b[:2], 8, blocks["b"] + [6])], block_size, all_logits=False)
+    a3, b3 = _step(graph, caches, [SequenceStep(a[:1], 5, blocks["a"]), SequenceStep(b[:2], 8, blocks["b"])],
+                   block_size, all_logits=False)
     with torch.no_grad():
         longer = {key: model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1:] for key, seq in
                   (("a", a + a[:1]), ("b", b + b[:2]))}
@@ -71,6 +65,26 @@ def test_mixed_batch_matches_full_recomputation(name):
                             (b3, longer["b"], "b chunk, last logits")]:
         diff = (got - want).abs().max().item()
         assert diff <= TOLERANCE, f"{name}, {what}: max abs diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_mixed_batch_matches_full_recomputation(name):
+    model = random_model(name)
+    graph = _paged_graph(model)
+    assert graph.op_counts()["paged_attention"] == model.config.num_hidden_layers
+    assert "attention" not in graph.op_counts()
+    blocks = {"a": [3, 11], "b": [5, 2, 6], "c": [7, 1, 9]}  # out of order on purpose
+    _assert_mixed_batch_matches(name, model, graph, 4, blocks)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "phi"])
+def test_linear_caches_serve_the_same_mixed_batch(name):
+    model = random_model(name)
+    graph = _paged_graph(model, "tensorrt")
+    tables = next(v for v in graph.inputs if v.name == "block_tables")
+    assert tables.shape[1] == 1 and graph.inputs[-1].shape[:2] == (sym("num_slots"), sym("max_seq_len"))
+    assert linear_kv_cache(graph) == 0
+    _assert_mixed_batch_matches(name, model, graph, 16, {"a": [2], "b": [0], "c": [1]})
 
 
 def test_the_step_graph_takes_any_block_size():

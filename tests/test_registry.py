@@ -18,7 +18,7 @@ def test_core_op_set_is_complete():
         "reciprocal", "sin", "cos", "tanh", "erf", "sigmoid", "relu", "silu", "gelu", "clamp", "where",
         "cast", "reshape", "transpose", "permute", "expand", "slice", "concat", "split", "squeeze",
         "unsqueeze", "matmul", "linear", "embedding", "gather", "index_select", "sum", "mean", "max",
-        "min", "argmax", "softmax", "log_softmax", "rms_norm", "layer_norm", "rotary", "attention", "paged_attention", "add_rms_norm", "add_layer_norm", "gated_activation",
+        "min", "argmax", "softmax", "log_softmax", "rms_norm", "layer_norm", "rotary", "attention", "paged_attention", "add_rms_norm", "add_layer_norm", "gated_activation", "qkv_rotary",
         "full", "arange",
     }
     assert set(REGISTRY.names()) == expected

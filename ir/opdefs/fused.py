@@ -1,5 +1,6 @@
-"""Fused ops that the fusion passes produce: a residual add with RMSNorm or LayerNorm, and a gated
-activation over a fused gate/up projection (SwiGLU, GeGLU)."""
+"""Fused ops that the fusion passes produce: a residual add with RMSNorm or LayerNorm, a gated
+activation over a fused gate/up projection (SwiGLU, GeGLU), and the split of a fused QKV
+projection into heads with rotary embedding applied to q and k."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import Attr, OpDef
-from ..shapes import ShapeError, shapes_equal
+from ..shapes import ShapeError, broadcast_shapes, shapes_equal
 from ..types import TensorType
-from .nn import rms_norm_reference
+from .nn import rms_norm_reference, rotary_reference
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -54,6 +55,29 @@ def _gated_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
     return act(gate) * up
 
 
+def _qkv_rotary(qkv: TensorType, cos: TensorType, sin: TensorType, q_heads: int, kv_heads: int,
+                head_dim: int, interleaved: bool) -> tuple[TensorType, ...]:
+    if not qkv.dtype.is_float or qkv.rank < 1 or cos.dtype != qkv.dtype or sin.dtype != qkv.dtype:
+        raise ShapeError(f"expects floating-point qkv, cos and sin of one dtype; got {qkv}, {cos}, {sin}")
+    if min(q_heads, kv_heads, head_dim) < 1 or qkv.shape[-1] != (q_heads + 2 * kv_heads) * head_dim:
+        raise ShapeError(f"qkv {qkv} does not hold {q_heads} + 2 x {kv_heads} heads of {head_dim}")
+    rotated = cos.shape[-1]
+    if not shapes_equal(cos.shape, sin.shape) or not isinstance(rotated, int) or rotated % 2 or rotated > head_dim:
+        raise ShapeError(f"cos {cos} and sin {sin} must have one shape with an even last dim <= {head_dim}")
+    per_head = qkv.shape[:-1] + (1, rotated)
+    if not shapes_equal(broadcast_shapes(per_head, cos.shape), per_head):
+        raise ShapeError(f"cos {cos} does not broadcast to the heads of {qkv}")
+    tokens = qkv.with_shape(qkv.shape[:-1]).numel
+    return tuple(qkv.with_shape((tokens, heads, head_dim)) for heads in (q_heads, kv_heads, kv_heads))
+
+
+def _qkv_rotary_reference(qkv, cos, sin, q_heads, kv_heads, head_dim, interleaved):
+    heads = qkv.unflatten(-1, (q_heads + 2 * kv_heads, head_dim))
+    q, k, v = heads.split((q_heads, kv_heads, kv_heads), dim=-2)
+    q, k = (rotary_reference(x, cos, sin, interleaved) for x in (q, k))
+    return tuple(x.reshape(-1, *x.shape[-2:]) for x in (q, k, v))
+
+
 OPS = [
     OpDef("add_rms_norm", ("x", "residual", "weight?"), _add_rms_norm, _add_rms_norm_reference,
           attrs={"eps": Attr("float", 1e-6)}, results=2,
@@ -64,4 +88,10 @@ OPS = [
     OpDef("gated_activation", ("x",), _gated, _gated_reference,
           attrs={"activation": Attr("str", "silu", choices=ACTIVATIONS)},
           doc="activation(x[..., :n]) * x[..., n:] for a fused gate/up projection of 2n features"),
+    OpDef("qkv_rotary", ("qkv", "cos", "sin"), _qkv_rotary, _qkv_rotary_reference,
+          attrs={"q_heads": Attr("int"), "kv_heads": Attr("int"), "head_dim": Attr("int"),
+                 "interleaved": Attr("bool", False)}, results=3,
+          doc="a fused QKV projection [..., (q_heads + 2 kv_heads) * head_dim] split into q, k and v "
+              "[tokens, heads, head_dim], with rotary embedding applied to q and k (cos and sin "
+              "broadcast to [..., 1, rotary_dim])"),
 ]
