@@ -1,28 +1,35 @@
-"""``kiln.compile``: the one entry point from a model to something that runs."""
+"""``kiln.compile``: the one entry point from a model to something that runs; and
+``kiln.load`` for engines saved with ``engine.save``."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
 from .ir import Graph, verify
 from .passes import EngineLimits, Workload, pipeline_manager, select_profiles
-from .runtime import CompiledModule, Engine, EngineInfo
+from .runtime import CompiledModule, Engine, EngineInfo, load_engine
 
-TARGETS = ("cpu",)
+# target -> (pipeline, backend). The GPU targets run the reference backend's torch
+# kernels on CUDA until the CUDA backend lands.
+TARGETS = {"cpu": ("reference", "reference"), "cuda": ("cuda", "reference"), "h100": ("cuda", "reference"),
+           "h200": ("cuda", "reference")}
 
 
 def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype: str | torch.dtype | None = None,
             quantization: str | None = None, kv_cache_dtype: str = "auto", tp: int = 1, pp: int = 1,
             max_batch_size: int = 256, max_seq_len: int = 8192, max_num_tokens: int | None = None,
-            workload: Workload | None = None, example_inputs: Sequence[torch.Tensor] | None = None, dynamic_shapes: Any = None,
-            tokenizer: Any = None) -> Engine | CompiledModule:
+            workload: Workload | None = None, example_inputs: Sequence[torch.Tensor] | None = None,
+            dynamic_shapes: Any = None, tokenizer: Any = None, progress: bool = False) -> Engine | CompiledModule:
     """Compile a model for ``target``.
 
     ``model`` is a Hugging Face checkpoint directory or an in-memory ``transformers``
@@ -30,16 +37,24 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     optionally torch.export ``dynamic_shapes``), giving a ``CompiledModule`` with the
     module's outputs. ``max_num_tokens`` (tokens per step, default ``max(max_seq_len,
     max_batch_size)``) and ``workload`` (expected decode batch sizes and prompt lengths)
-    choose the engine's dynamic-shape profiles and CUDA-graph batch sizes.
+    choose the engine's dynamic-shape profiles and CUDA-graph batch sizes. ``progress``
+    shows a progress bar over the build's stages.
     """
     _check_options(target, quantization, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
     limits = EngineLimits(max_batch_size, max_seq_len, max_num_tokens or max(max_seq_len, max_batch_size))
     if isinstance(model, (str, os.PathLike)):
-        return _engine(load_checkpoint(model, dtype, max_batch_size, max_seq_len), target, limits, workload)
+        with _stages(progress) as stage:
+            stage("importing")
+            imported = load_checkpoint(model, dtype, max_batch_size, max_seq_len)
+            return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
-        return _engine(import_model(model, tokenizer, max_batch_size, max_seq_len), target, limits, workload)
+        with _stages(progress) as stage:
+            stage("importing")
+            imported = import_model(model, tokenizer, max_batch_size, max_seq_len)
+            return _engine(imported, target, limits, workload,
+                           _ids(getattr(model.generation_config, "eos_token_id", None)), stage)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
     imported = import_module(model, example_inputs, dynamic_shapes)
@@ -60,11 +75,55 @@ def _optimize(graph: Graph) -> Graph:
     return graph
 
 
-def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None) -> Engine:
+@contextlib.contextmanager
+def _stages(show: bool):
+    """A progress bar over the build's stages; yields a function that starts the next one."""
+    bar = tqdm(total=len(BUILD_STAGES), desc="building", unit="stage", disable=not show, leave=False)
+
+    def stage(name: str) -> None:
+        if bar.n or name != BUILD_STAGES[0]:
+            bar.update(1)
+        bar.set_description(name)
+
+    try:
+        yield stage
+        bar.update(bar.total - bar.n)
+    finally:
+        bar.close()
+
+
+BUILD_STAGES = ("importing", "optimizing", "generating the executor")
+
+
+def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
+            stop_token_ids: tuple[int, ...], stage) -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
-    info = EngineInfo(architecture, target, imported.dtype, limits.max_batch_size, limits.max_seq_len,
-                      select_profiles(limits, workload))
-    return Engine(_optimize(imported.graph), imported.tokenizer, imported.config, info)
+    pipeline, backend = TARGETS[target]
+    eos = getattr(imported.tokenizer, "eos_token_id", None)
+    stops = stop_token_ids or _ids(getattr(imported.config, "eos_token_id", None)) or _ids(eos)
+    info = EngineInfo(architecture, target, backend, imported.dtype, limits.max_batch_size, limits.max_seq_len,
+                      limits.max_num_tokens, select_profiles(limits, workload), stops)
+    graph = imported.graph
+    stage("optimizing")
+    pipeline_manager(pipeline).run(graph)
+    verify(graph)
+    stage("generating the executor")
+    return Engine(graph, imported.tokenizer, imported.config, info)
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _stop_tokens_of_dir(path: str | os.PathLike) -> tuple[int, ...]:
+    """The end-of-sequence ids of the checkpoint's generation_config.json, if it has one."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return ()
+    with open(file) as f:
+        return _ids(json.load(f).get("eos_token_id"))
 
 
 def _check_options(target: str, quantization: str | None, kv_cache_dtype: str, tp: int, pp: int,
@@ -79,3 +138,9 @@ def _check_options(target: str, quantization: str | None, kv_cache_dtype: str, t
         raise ValueError("tensor and pipeline parallelism are not available yet (tp=1, pp=1)")
     if max_batch_size < 1 or max_seq_len < 2:
         raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+
+
+def load(path: str | os.PathLike, target: str | None = None) -> Engine:
+    """Load the engine saved in directory ``path`` (no passes run); refuse one built for
+    another ``target`` (when given), by another kiln version, or with a changed file."""
+    return load_engine(path, target)

@@ -1,7 +1,9 @@
 """The ``kiln`` command.
 
-``kiln`` alone runs the main job: compile the bundled tiny model and generate from a
-prompt. ``kiln ir FILE_OR_MODEL`` parses and verifies a graph in kiln's text form (or
+``kiln`` alone runs the main job: build the bundled tiny model and generate from a
+prompt. ``kiln build MODEL -o DIR`` writes an engine directory; ``kiln generate`` and
+``kiln serve`` take an engine directory (loaded) or a checkpoint directory (built
+first). ``kiln ir FILE_OR_MODEL`` parses and verifies a graph in kiln's text form (or
 imports a checkpoint directory), optionally runs a pipeline, and prints text or DOT.
 """
 
@@ -13,24 +15,88 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .api import TARGETS
 from .frontends import FrontendError
 from .ir import Graph, ParseError, VerificationError, parse, to_dot, verify
 from .passes import PASSES, PIPELINES, PassError, format_records, pipeline_manager
+from .runtime import EngineLoadError
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models"
 
 
 def _main_job(args: argparse.Namespace) -> int:
     from .api import compile
+    from .runtime import LLM
 
     start = time.perf_counter()
-    engine = compile(str(BUNDLED_MODEL), max_seq_len=1024)
-    print(f"compiled the bundled {engine.info.architecture} for {engine.info.target} "
+    engine = compile(str(BUNDLED_MODEL), max_batch_size=16, max_seq_len=1024, progress=True)
+    print(f"built the bundled {engine.info.architecture} for {engine.info.target} "
           f"({len(engine.graph.nodes)} nodes) in {time.perf_counter() - start:.1f} s")
-    result = engine.generate(args.prompt, max_new_tokens=args.max_tokens)
-    print(f"\n{args.prompt}{result.text}\n")
-    print(f"{len(result.token_ids)} tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
-          "(greedy, full recompute per token)")
+    return _generate_with(LLM(engine), args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .runtime import LLM, RuntimeConfig
+
+    start = time.perf_counter()
+    llm = LLM(args.model, RuntimeConfig(device=args.device), progress=True)
+    print(f"ready in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return _generate_with(llm, args)
+
+
+def _generate_with(llm, args: argparse.Namespace) -> int:
+    from .runtime import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    start = time.perf_counter()
+    print(f"\n{args.prompt}", end="", flush=True)
+    final = None
+    for output in llm.stream(args.prompt, params):
+        print(output.delta_text, end="", flush=True)
+        final = output
+    seconds = time.perf_counter() - start
+    print(f"\n\n{len(final.token_ids)} tokens in {seconds:.2f} s: {len(final.token_ids) / seconds:.1f} tokens/s "
+          f"(finish: {final.finish_reason})")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .api import compile
+
+    start = time.perf_counter()
+    engine = compile(args.model, target=args.target, dtype=args.dtype, max_batch_size=args.max_batch_size,
+                     max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, progress=True)
+    built = time.perf_counter()
+    engine.save(args.output)
+    print(f"built {engine.info.architecture} for {engine.info.target} in {built - start:.1f} s; "
+          f"saved to {args.output} in {time.perf_counter() - built:.1f} s")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .runtime import RuntimeConfig
+    from .runtime.async_llm import AsyncLLM
+    from .runtime.llm import as_engine
+    from .runtime.llm_engine import LLMEngine
+    from .runtime.server import create_app
+
+    start = time.perf_counter()
+    engine = as_engine(args.model, progress=True)
+    runtime = RuntimeConfig(device=args.device, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction,
+                            max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching)
+    llm = AsyncLLM(LLMEngine(engine, runtime))
+    name = args.model_name or Path(args.model).name
+    app = create_app(llm, name, args.api_key, args.default_max_tokens)
+    llm.start()
+    print(f"serving {name} ({engine.info.architecture}, {engine.info.target}) on http://{args.host}:{args.port} "
+          f"after {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        llm.shutdown()
     return 0
 
 
@@ -71,9 +137,37 @@ def _render(graph: Graph, fmt: str, title: str | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: compile LLMs for fast inference. "
                                      "Without a command: compile the bundled tiny model and generate text.")
-    parser.add_argument("--prompt", default="The for statement", help="prompt of the main job")
-    parser.add_argument("--max-tokens", type=int, default=48, help="tokens the main job generates")
+    _sampling_options(parser)
     commands = parser.add_subparsers(dest="command")
+    build = commands.add_parser("build", help="build an engine directory from a checkpoint directory")
+    build.add_argument("model", help="a Hugging Face checkpoint directory")
+    build.add_argument("-o", "--output", required=True, help="the engine directory to write")
+    build.add_argument("--target", default="cpu", choices=sorted(TARGETS))
+    build.add_argument("--dtype", default=None, help="weights and activations dtype (default: the checkpoint's)")
+    build.add_argument("--max-batch-size", type=int, default=64)
+    build.add_argument("--max-seq-len", type=int, default=2048)
+    build.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step (default: max-seq-len)")
+    build.set_defaults(run=_build)
+    generate = commands.add_parser("generate", help="generate text from an engine or checkpoint directory")
+    generate.add_argument("model", help="an engine directory or a checkpoint directory")
+    generate.add_argument("--device", default=None, help="cpu or cuda (default: the engine's target)")
+    _sampling_options(generate)
+    generate.set_defaults(run=_generate)
+    serve = commands.add_parser("serve", help="serve an engine or checkpoint directory over an OpenAI-compatible "
+                                "HTTP API")
+    serve.add_argument("model", help="an engine directory or a checkpoint directory")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require this bearer token on /v1 routes")
+    serve.add_argument("--model-name", default=None, help="the model's name in the API (default: the directory's)")
+    serve.add_argument("--device", default=None, help="cpu or cuda (default: the engine's target)")
+    serve.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: from free memory)")
+    serve.add_argument("--memory-fraction", type=float, default=0.9,
+                       help="fraction of device memory for weights and KV cache")
+    serve.add_argument("--max-num-seqs", type=int, default=None, help="cap on running sequences")
+    serve.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    serve.add_argument("--no-prefix-caching", action="store_true", help="turn prefix reuse off")
+    serve.set_defaults(run=_serve)
     ir = commands.add_parser("ir", help="print a graph (a .kiln text file or a checkpoint directory), "
                              "optionally after a pipeline")
     ir.add_argument("source", help="a .kiln text file, - for standard input, or a Hugging Face checkpoint directory")
@@ -87,12 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", default="The for statement", help="the prompt")
+    parser.add_argument("--max-tokens", type=int, default=48, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--seed", type=int, default=None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kiln`` console script."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ParseError, VerificationError, PassError, FrontendError, ValueError, OSError) as exc:
+    except (ParseError, VerificationError, PassError, FrontendError, EngineLoadError, ValueError, OSError,
+            RuntimeError) as exc:
         print(f"kiln{' ' + args.command if args.command else ''}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -77,6 +77,13 @@ class ProfilePlan:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ProfilePlan:
+        """The plan that ``asdict`` (or ``json.loads(to_json())``) gave."""
+        profiles = tuple(Profile(p["name"], {k: DimRange(**r) for k, r in p["dims"].items()})
+                         for p in data["profiles"])
+        return cls(profiles, tuple(data["cuda_graph_batch_sizes"]), float(data["expected_padding"]))
+
 
 def _typical(frequencies: Mapping[int, float], low: int, high: int, default: int) -> int:
     """The frequency-weighted median of the values in [low, high]."""

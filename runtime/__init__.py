@@ -1,9 +1,16 @@
-"""The runtime: compiled artifacts (``Engine`` for causal LMs, ``CompiledModule`` for
-plain modules) that run optimized graphs.
+"""The runtime: engines (build, save, load), the paged KV cache's block manager, the
+scheduler, the sampler, the serving loop, the ``LLM`` API and the OpenAI-compatible
+server.
 
-``runtime`` imports ``ir``, ``passes`` and ``frontends``.
+``runtime`` imports ``ir``, ``passes``, ``frontends`` and ``backends``.
 """
 
-from .engine import CompiledModule, Engine, EngineInfo, Generation
+from .engine import CacheSpec, CompiledModule, Engine, EngineInfo
+from .engine_files import EngineLoadError, load_engine, save_engine
+from .llm import LLM
+from .llm_engine import LLMEngine, RuntimeConfig
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
 
-__all__ = ["CompiledModule", "Engine", "EngineInfo", "Generation"]
+__all__ = ["CacheSpec", "CompiledModule", "Engine", "EngineInfo", "EngineLoadError", "LLM", "LLMEngine",
+           "RequestOutput", "RuntimeConfig", "SamplingParams", "load_engine", "save_engine"]

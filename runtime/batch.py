@@ -18,10 +18,12 @@ class SequenceStep:
     blocks: Sequence[int]
 
 
-def step_inputs(steps: Sequence[SequenceStep], block_size: int, all_logits: bool = False) -> dict[str, torch.Tensor]:
+def step_inputs(steps: Sequence[SequenceStep], block_size: int, all_logits: bool = False,
+                sampling: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
     """``ids``, ``positions``, ``slot_mapping``, ``query_start``, ``context_lens``,
     ``block_tables`` and ``logits_indices`` for a mixed batch of prefills, prefill chunks
-    and decodes. Logits are asked for each sequence's last token, or for every token."""
+    and decodes. Logits are asked for every token, or for the last token of each
+    sequence (of those marked in ``sampling``, when given)."""
     ids, positions, slots, starts, lengths = [], [], [], [0], []
     width = max(len(s.blocks) for s in steps)
     for step in steps:
@@ -43,5 +45,7 @@ def step_inputs(steps: Sequence[SequenceStep], block_size: int, all_logits: bool
         "query_start": torch.tensor(starts, dtype=torch.int32),
         "context_lens": torch.tensor(lengths, dtype=torch.int32),
         "block_tables": torch.tensor(tables, dtype=torch.int32),
-        "logits_indices": torch.arange(len(ids)) if all_logits else torch.tensor(starts[1:]) - 1,
+        "logits_indices": torch.arange(len(ids)) if all_logits else
+        torch.tensor([end - 1 for end, wanted in zip(starts[1:], sampling or [True] * len(steps)) if wanted],
+                     dtype=torch.int64),
     }

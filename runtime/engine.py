@@ -1,32 +1,21 @@
-"""Compiled artifacts of the CPU target: ``CompiledModule`` for plain modules and
-``Engine`` for causal language models. Both run their optimized graph with the
-reference implementations; weights are materialized once, on first use."""
+"""Compiled artifacts: ``Engine`` for causal LMs (the paged step graph, its generated
+executor, weights, tokenizer) and ``CompiledModule`` for plain modules."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..ir import Graph, interpret
+from ..backends import reference_kernels
+from ..ir import Graph, interpret, sym
 from ..passes.profiles import ProfilePlan
+from .batch import SequenceStep, step_inputs
+from .executor import Step, generate_executor, load_executor
 
-
-class _Runner:
-    """Runs a graph with its constants materialized once."""
-
-    def __init__(self, graph: Graph):
-        self.graph = graph
-        self._constants: dict[str, torch.Tensor] | None = None
-
-    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if self._constants is None:
-            self._constants = {name: v.tensor() for name, v in self.graph.constants.items()}
-        with torch.no_grad():
-            return interpret(self.graph, inputs, constants=self._constants)
+_MAX_SEQ_LEN = sym("max_seq_len")  # the linear cache layout's block size
 
 
 class CompiledModule:
@@ -34,11 +23,14 @@ class CompiledModule:
 
     def __init__(self, graph: Graph, unflatten: Any):
         self.graph = graph
-        self._runner = _Runner(graph)
         self._unflatten = unflatten
+        self._constants: dict[str, torch.Tensor] | None = None
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
-        return self._unflatten(self._runner.run(inputs))
+        if self._constants is None:
+            self._constants = {name: v.tensor() for name, v in self.graph.constants.items()}
+        with torch.no_grad():
+            return self._unflatten(interpret(self.graph, inputs, constants=self._constants))
 
 
 @dataclass(frozen=True)
@@ -47,67 +39,99 @@ class EngineInfo:
 
     architecture: str
     target: str
+    backend: str
     dtype: torch.dtype
     max_batch_size: int
     max_seq_len: int
+    max_num_tokens: int
     profiles: ProfilePlan  # chosen for the limits and the expected workload at build time
+    stop_token_ids: tuple[int, ...] = ()
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    tp: int = 1
+    pp: int = 1
 
 
 @dataclass(frozen=True)
-class Generation:
-    """The result of ``Engine.generate``."""
+class CacheSpec:
+    """The KV caches the step graph takes: one (key, value) pair per layer."""
 
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    seconds: float
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, int], ...]  # (kv_heads, head_dim) per cache input
+    dtype: torch.dtype
+    linear: bool  # one block of max_seq_len per sequence (the tensorrt pipeline's layout)
 
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.token_ids) / self.seconds if self.seconds else 0.0
+    def bytes_per_token(self) -> int:
+        """Bytes of cache one token takes, over all layers."""
+        return sum(h * d for h, d in self.shapes) * torch.empty((), dtype=self.dtype).element_size()
+
+    def allocate(self, num_blocks: int, block_size: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """Zeroed caches of ``num_blocks`` blocks of ``block_size`` tokens."""
+        return {name: torch.zeros((num_blocks, block_size, h, d), dtype=self.dtype, device=device)
+                for name, (h, d) in zip(self.names, self.shapes)}
 
 
+@dataclass
 class Engine:
-    """A compiled causal LM: token ids [batch, seq] to logits [batch, seq, vocab]."""
+    """A compiled causal LM: the step graph over a paged KV cache, the executor generated
+    from it, the weights (materialized on first use per device), the tokenizer and config."""
 
-    def __init__(self, graph: Graph, tokenizer: Any, config: Any, info: EngineInfo):
-        self.graph = graph
-        self.tokenizer = tokenizer
-        self.config = config
-        self.info = info
-        self._runner = _Runner(graph)
+    graph: Graph
+    tokenizer: Any
+    config: Any
+    info: EngineInfo
+    executor_source: str = ""
+    _weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _steps: dict[str, Step] = field(default_factory=dict, repr=False)
 
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits for every position of each sequence of ``ids``."""
-        if ids.dim() != 2:
-            raise ValueError(f"token ids must be [batch, seq], got shape {tuple(ids.shape)}")
+    def __post_init__(self) -> None:
+        from .. import __version__
+
+        if not self.executor_source:
+            self.executor_source = generate_executor(self.graph, self.info.backend, __version__)
+        caches = [v for v in self.graph.inputs if v.name.startswith(("k_cache_", "v_cache_"))]
+        if not caches:
+            raise ValueError(f"graph @{self.graph.name} is not a paged step graph: it takes no KV caches")
+        self.cache_spec = CacheSpec(tuple(v.name for v in caches), tuple((v.shape[2], v.shape[3]) for v in caches),
+                                    caches[0].dtype.torch_dtype, caches[0].shape[1] == _MAX_SEQ_LEN)
+
+    def weights(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Every constant the executor reads, on ``device`` (materialized once per device)."""
+        key = str(torch.device(device))
+        if key not in self._weights:
+            self._weights[key] = {name: v.tensor().to(device) for name, v in self.graph.constants.items()
+                                  if v.uses or v in self.graph.outputs}
+        return self._weights[key]
+
+    def step_function(self, device: torch.device | str = "cpu") -> Step:
+        """The executor bound to this engine's weights and the backend's kernels on ``device``."""
+        key = str(torch.device(device))
+        if key not in self._steps:
+            self._steps[key] = load_executor(self.executor_source, "executor.py", self.weights(device),
+                                             reference_kernels(device))
+        return self._steps[key]
+
+    def logits(self, ids: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+        """Logits [batch, seq, vocab] of every position of each row of ``ids``, each row
+        prefilled as one sequence of one step, over a scratch cache."""
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"token ids must be [batch, seq] with seq >= 1, got shape {tuple(ids.shape)}")
         batch, seq = ids.shape
         if batch > self.info.max_batch_size or seq > self.info.max_seq_len:
             raise ValueError(f"input of {batch} sequences of {seq} tokens exceeds the engine's limits "
                              f"({self.info.max_batch_size} sequences of {self.info.max_seq_len} tokens)")
-        return self._runner.run([ids.to(torch.int64)])[0]
+        block_size = self.info.max_seq_len if self.cache_spec.linear else block_size
+        per_seq = -(-seq // block_size)
+        steps = [SequenceStep(row.tolist(), 0, list(range(i * per_seq, (i + 1) * per_seq))) for i, row in
+                 enumerate(ids)]
+        inputs = step_inputs(steps, block_size, all_logits=True)
+        caches = self.cache_spec.allocate(batch * per_seq, block_size, "cpu")
+        with torch.no_grad():
+            logits = self.step_function("cpu")(**inputs, **caches)[0]
+        return logits.view(batch, seq, -1)
 
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 32) -> Generation:
-        """Greedy decoding of one prompt, recomputing the whole sequence at each step
-        (the KV cache and the batched runtime come with the paged-attention pipeline)."""
-        ids = self._encode(prompt)
-        if len(ids) + max_new_tokens > self.info.max_seq_len:
-            raise ValueError(f"prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds "
-                             f"max_seq_len {self.info.max_seq_len}")
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        tokens = list(ids)
-        start = time.perf_counter()
-        for _ in range(max_new_tokens):
-            next_id = int(self.logits(torch.tensor([tokens]))[0, -1].argmax())
-            tokens.append(next_id)
-            if next_id == eos:
-                break
-        seconds = time.perf_counter() - start
-        new = tokens[len(ids):]
-        text = self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer else ""
-        return Generation(text, new, list(ids), seconds)
-
-    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of ``prompt`` (a string, or token ids already)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass token ids")
@@ -116,4 +140,19 @@ class Engine:
             ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError("the prompt is empty")
+        vocab = self.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {vocab}")
         return ids
+
+    @property
+    def vocab_size(self) -> int:
+        """Columns of the logits."""
+        return int(self.graph.outputs[0].shape[-1])
+
+    def save(self, path) -> None:
+        """Write the engine directory (see ``kiln.runtime.engine_files``)."""
+        from .engine_files import save_engine
+
+        save_engine(self, path)

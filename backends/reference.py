@@ -1,0 +1,73 @@
+"""The reference backend's kernels: torch ops on any device.
+
+Every op runs its registry reference implementation, except where the runtime needs
+something the oracle does not give: ``paged_attention`` writes the new keys and values
+into the caches in place (the oracle copies them, which is right for a pure graph and
+ruinous for a cache of gigabytes) and attends all sequences of a step in one batched
+call over their padded contexts; the creation ops make their tensors on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..ir import REGISTRY
+
+Kernel = Callable[..., Any]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, query_start: torch.Tensor,
+                    context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float | None,
+                    sliding_window: int | None, softcap: float | None):
+    """Write k and v at ``slot_mapping`` (in place), then run causal attention of every
+    sequence's queries over its whole context, all sequences in one batched call."""
+    block_size = k_cache.shape[1]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    device = q.device
+    q_lens = (query_start[1:] - query_start[:-1]).long()
+    lengths = context_lens.long()
+    max_q, max_ctx = int(q_lens.max()), int(lengths.max())
+    seqs = torch.arange(len(q_lens), device=device).repeat_interleave(q_lens)
+    offsets = torch.arange(q.shape[0], device=device) - query_start[:-1].long()[seqs]
+    padded = q.new_zeros((len(q_lens), max_q, *q.shape[1:]))
+    padded[seqs, offsets] = q
+    keys_at = torch.arange(max_ctx, device=device)
+    slots = block_tables[:, keys_at // block_size].long() * block_size + keys_at % block_size
+    keys = k_cache.view(-1, *k_cache.shape[2:])[slots]
+    values = v_cache.view(-1, *v_cache.shape[2:])[slots]
+    query_pos = (lengths - q_lens)[:, None] + torch.arange(max_q, device=device)
+    allowed = (keys_at <= query_pos[..., None]) & (keys_at < lengths[:, None, None])
+    if sliding_window is not None:
+        allowed &= query_pos[..., None] - keys_at < sliding_window
+    out = _attend(padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), allowed[:, None],
+                  scale if scale is not None else q.shape[-1] ** -0.5, softcap)
+    return out.transpose(1, 2)[seqs, offsets], k_cache, v_cache
+
+
+def _attend(q, k, v, allowed, scale: float, softcap: float | None) -> torch.Tensor:
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return (probs @ v.float()).to(q.dtype)
+
+
+def reference_kernels(device: torch.device | str = "cpu") -> dict[str, Kernel]:
+    """Every registered op's kernel for ``device``, by op name."""
+    device = torch.device(device)
+    kernels: dict[str, Kernel] = {op.name: op.reference for op in REGISTRY}
+    kernels["paged_attention"] = paged_attention
+    kernels["full"] = lambda shape, value, dtype: torch.full(shape, value, dtype=dtype.torch_dtype, device=device)
+    kernels["arange"] = lambda end, start, step, dtype: torch.arange(start, end, step, dtype=dtype.torch_dtype,
+                                                                     device=device)
+    return kernels

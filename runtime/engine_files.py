@@ -1,0 +1,153 @@
+"""Engine directories: build once, load fast, no pickle.
+
+    manifest.json      kiln version, target, backend, dtype, quantization, parallelism,
+                       limits, profiles, stop tokens, and a SHA-256 per file
+    graph.kiln         the final IR as text
+    executor.py        the executor generated from it (readable; regenerated and compared on load)
+    weights.safetensors
+    config.json, tokenizer files, chat template
+
+``load_engine`` checks the manifest (format, kiln version, target) and every file's hash,
+parses the graph, checks that the executor is the one kiln generates for it, and reads
+the weights; it runs no pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..ir import parse, verify
+from ..passes.profiles import ProfilePlan
+from .engine import Engine, EngineInfo
+from .executor import generate_executor
+
+FORMAT = 1
+MANIFEST, GRAPH, EXECUTOR, WEIGHTS = "manifest.json", "graph.kiln", "executor.py", "weights.safetensors"
+
+
+class EngineLoadError(ValueError):
+    """An engine directory that cannot be loaded; says why."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_engine(engine: Engine, path: str | os.PathLike) -> Path:
+    """Write ``engine`` to directory ``path`` (created; its engine files are replaced)."""
+    from .. import __version__
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / GRAPH).write_text(str(engine.graph))
+    (out / EXECUTOR).write_text(engine.executor_source)
+    tensors = {name: t.contiguous() for name, t in engine.weights("cpu").items()}
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    if isinstance(engine.config, dict):
+        (out / "config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
+    elif engine.config is not None:
+        engine.config.save_pretrained(out)
+    if engine.tokenizer is not None:
+        engine.tokenizer.save_pretrained(out)
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
+    info = engine.info
+    manifest = {
+        "format": FORMAT, "kiln_version": __version__, "target": info.target, "backend": info.backend,
+        "architecture": info.architecture, "dtype": str(info.dtype).removeprefix("torch."),
+        "quantization": info.quantization, "kv_cache_dtype": info.kv_cache_dtype, "tp": info.tp, "pp": info.pp,
+        "max_batch_size": info.max_batch_size, "max_seq_len": info.max_seq_len,
+        "max_num_tokens": info.max_num_tokens, "stop_token_ids": list(info.stop_token_ids),
+        "profiles": asdict(info.profiles), "files": {name: _sha256(out / name) for name in files},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of engine directory ``path``, checked for format and kiln version."""
+    from .. import __version__
+
+    root = Path(path)
+    if not (root / MANIFEST).is_file():
+        raise EngineLoadError(f"{root} is not a kiln engine: it has no {MANIFEST}")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except json.JSONDecodeError as exc:
+        raise EngineLoadError(f"{root / MANIFEST} is not valid JSON: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise EngineLoadError(f"engine {root} has format {manifest.get('format')!r}; this kiln reads format {FORMAT}")
+    if manifest.get("kiln_version") != __version__:
+        raise EngineLoadError(f"engine {root} was built by kiln {manifest.get('kiln_version')}; this is kiln "
+                              f"{__version__}: rebuild it with `kiln build`")
+    return manifest
+
+
+def _check_files(root: Path, manifest: dict) -> None:
+    for name, digest in manifest["files"].items():
+        file = root / name
+        if not file.is_file():
+            raise EngineLoadError(f"engine {root} is missing {name}")
+        if _sha256(file) != digest:
+            raise EngineLoadError(f"engine file {file} does not match its hash in {MANIFEST}: it was changed "
+                                  "after the build")
+
+
+def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashes: bool = True) -> Engine:
+    """Load the engine in directory ``path``; refuse one built for another ``target``
+    (when given), by another kiln version, or with a changed file."""
+    from .. import __version__
+
+    root = Path(path)
+    manifest = read_manifest(root)
+    if target is not None and manifest["target"] != target:
+        raise EngineLoadError(f"engine {root} was built for target {manifest['target']!r}, not {target!r}")
+    if verify_hashes:
+        _check_files(root, manifest)
+    graph = parse((root / GRAPH).read_text())
+    weights = load_file(str(root / WEIGHTS))
+    missing = [n for n, v in graph.constants.items() if (v.uses or v in graph.outputs) and n not in weights]
+    if missing:
+        raise EngineLoadError(f"{root / WEIGHTS} lacks constants {missing[:5]}")
+    graph.bind_constants({n: weights[n] for n in graph.constants if n in weights})
+    verify(graph)
+    source = (root / EXECUTOR).read_text()
+    if source != generate_executor(graph, manifest["backend"], __version__):
+        raise EngineLoadError(f"{root / EXECUTOR} is not the executor kiln generates for {GRAPH}")
+    info = EngineInfo(
+        architecture=manifest["architecture"], target=manifest["target"], backend=manifest["backend"],
+        dtype=getattr(torch, manifest["dtype"]), max_batch_size=manifest["max_batch_size"],
+        max_seq_len=manifest["max_seq_len"], max_num_tokens=manifest["max_num_tokens"],
+        profiles=ProfilePlan.from_dict(manifest["profiles"]), stop_token_ids=tuple(manifest["stop_token_ids"]),
+        quantization=manifest["quantization"], kv_cache_dtype=manifest["kv_cache_dtype"], tp=manifest["tp"],
+        pp=manifest["pp"])
+    return Engine(graph, _tokenizer(root), _config(root), info, source)
+
+
+def _tokenizer(root: Path):
+    """The saved tokenizer: the fast tokenizer straight from tokenizer.json when there is
+    one (quick to load), else whatever transformers' auto class finds."""
+    if (root / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(root))
+    if (root / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(root))
+    return None
+
+
+def _config(root: Path) -> dict | None:
+    """The model's config.json as a dict (the runtime needs nothing from it)."""
+    return json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else None

@@ -1,0 +1,118 @@
+"""``kiln.LLM``: offline batched generation, with vLLM's names.
+
+    llm = kiln.LLM("engine-dir")          # or an Engine, or a checkpoint directory
+    outputs = llm.generate(["Hello", [1, 2, 3]], kiln.SamplingParams(max_tokens=32))
+    outputs[0].text, outputs[0].token_ids
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .engine import Engine
+from .llm_engine import LLMEngine, RuntimeConfig
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+def as_engine(model: Engine | str | os.PathLike, **compile_options: Any) -> Engine:
+    """An engine from an ``Engine``, an engine directory (loaded) or a checkpoint
+    directory (compiled with ``compile_options``)."""
+    if isinstance(model, Engine):
+        return model
+    from ..api import compile
+    from .engine_files import MANIFEST, load_engine
+
+    if (Path(model) / MANIFEST).is_file():
+        return load_engine(model)
+    return compile(model, **compile_options)
+
+
+class LLM:
+    """Generates text for batches of prompts over one engine, with in-flight batching."""
+
+    def __init__(self, model: Engine | str | os.PathLike, runtime: RuntimeConfig | None = None,
+                 **compile_options: Any):
+        self.engine = as_engine(model, **compile_options)
+        self.llm_engine = LLMEngine(self.engine, runtime)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (a string or token ids); outputs in prompt order."""
+        prompts = _as_batch(prompts)
+        params = _params_for(prompts, sampling_params)
+        ids = [self.llm_engine.add_request(p, s) for p, s in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        progress = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
+        try:
+            while len(final) < len(ids):
+                for output in self.llm_engine.step():
+                    if output.finished:
+                        final[output.request_id] = output
+                        progress.update(1)
+        finally:
+            progress.close()
+            for request_id in ids:
+                if request_id not in final:
+                    self.llm_engine.abort(request_id)
+        return [final[i] for i in ids]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Outputs of one request as it advances; ``delta_text`` holds each new piece."""
+        request_id = self.llm_engine.add_request(prompt, sampling_params)
+        finished = False
+        try:
+            while not finished:
+                for output in self.llm_engine.step():
+                    if output.request_id == request_id:
+                        finished = output.finished
+                        yield output
+        finally:
+            if not finished:
+                self.llm_engine.abort(request_id)
+
+    def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """Reply to a conversation, formatted with the tokenizer's chat template."""
+        return self.generate([self.chat_prompt(messages)], sampling_params)[0]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The token ids of ``messages`` under the tokenizer's chat template."""
+        return apply_chat_template(self.engine.tokenizer, messages)
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` formatted by ``tokenizer``'s chat template, ready for the
+    assistant's reply; ``ValueError`` when there is no template or the messages do not fit it."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template: use completions")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - template errors come as many types
+        raise ValueError(f"the chat template cannot format these messages: {exc}") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]
+    return prompts
+
+
+def _params_for(prompts: list[Prompt], params: SamplingParams | Sequence[SamplingParams] | None):
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * len(prompts)
+    params = list(params)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    return params

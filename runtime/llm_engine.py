@@ -1,0 +1,187 @@
+"""The serving loop: requests in, one model step at a time, outputs out.
+
+``LLMEngine.step()`` asks the scheduler for the next batch, builds the step graph's
+inputs, runs the engine's executor over the paged KV cache, samples a token for each
+sequence whose step reached its last token, detokenizes, checks the stop conditions,
+and returns a ``RequestOutput`` for every request that advanced or ended.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from .batch import SequenceStep, step_inputs
+from .block_manager import BlockManager
+from .engine import Engine
+from .kv_cache import plan_num_blocks
+from .outputs import RequestOutput
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduled, Scheduler
+from .sequence import Sequence
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the runtime serves an engine. ``device`` defaults to CUDA for GPU targets and
+    the CPU otherwise; ``num_blocks`` fixes the cache size, otherwise it takes
+    ``memory_fraction`` of the device's memory less what is in use; ``max_num_seqs`` and
+    ``max_num_tokens`` (per step) default to the engine's limits."""
+
+    device: str | None = None
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_fraction: float = 0.9
+    max_num_seqs: int | None = None
+    max_num_tokens: int | None = None
+    prefix_caching: bool = True
+
+
+class LLMEngine:
+    """Serves one engine: add requests, call ``step()`` until nothing is left."""
+
+    def __init__(self, engine: Engine, config: RuntimeConfig | None = None):
+        config = config or RuntimeConfig()
+        self.engine = engine
+        info = engine.info
+        self.device = torch.device(config.device or ("cpu" if info.target == "cpu" else "cuda"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"engine built for target {info.target!r} needs a CUDA device, and torch sees none")
+        spec = engine.cache_spec
+        self.block_size = info.max_seq_len if spec.linear else config.block_size
+        self.max_num_seqs = min(config.max_num_seqs or info.max_batch_size, info.max_batch_size)
+        self.max_num_tokens = min(config.max_num_tokens or info.max_num_tokens, info.max_num_tokens)
+        self._step = engine.step_function(self.device)
+        useful = self.max_num_seqs * -(-info.max_seq_len // self.block_size)
+        num_blocks = config.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
+                                                           config.memory_fraction, useful)
+        self.caches = spec.allocate(num_blocks, self.block_size, self.device)
+        self.blocks = BlockManager(num_blocks, self.block_size, config.prefix_caching and not spec.linear)
+        self.scheduler = Scheduler(self.blocks, self.max_num_seqs, self.max_num_tokens)
+        self.sequences: dict[str, Sequence] = {}
+        self.eos = tuple(info.stop_token_ids)
+        self._ids = itertools.count()
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+
+    # requests -----------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; return its id. Raises ``ValueError`` for a prompt the engine
+        cannot serve (empty, out of vocabulary, too long) or a duplicate id."""
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is in use")
+        ids = self.engine.encode(prompt)
+        limit = self.engine.info.max_seq_len
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this engine serves at most {limit - 1} "
+                             f"(max_seq_len {limit}, one token to generate)")
+        longest = min(len(ids) + params.max_tokens, limit)
+        if self.blocks.blocks_for(longest) > len(self.blocks.blocks):
+            raise ValueError(f"a request of {longest} tokens needs {self.blocks.blocks_for(longest)} cache blocks; "
+                             f"the cache has {len(self.blocks.blocks)}")
+        seq = Sequence(request_id, prompt if isinstance(prompt, str) else None, ids, params)
+        seq.attach_tokenizer(self.engine.tokenizer)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+        self.prompt_tokens += len(ids)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request and free its blocks; its final output, or None if unknown."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # the loop -----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one model step; the outputs of the requests that advanced or ended."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        try:
+            logits = self._run(batch)
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
+            return [self._fail(item.seq, f"{type(exc).__name__}: {exc}") for item in batch]
+        for item in batch:
+            item.seq.num_cached += item.num_tokens
+            self.blocks.commit(item.seq)
+        sampling = [item.seq for item in batch if item.samples]
+        outputs = []
+        for seq, (token, logprobs) in zip(sampling, sample(logits, sampling, self.eos)):
+            try:
+                self._append(seq, token, logprobs)
+            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure: this request only
+                outputs.append(self._fail(seq, f"{type(exc).__name__}: {exc}"))
+                continue
+            outputs.append(self._output(seq))
+            if seq.finished:
+                self.sequences.pop(seq.request_id, None)
+        return outputs
+
+    def _run(self, batch: list[Scheduled]) -> torch.Tensor:
+        steps = [SequenceStep(item.seq.tokens[item.num_cached:item.num_cached + item.num_tokens], item.num_cached,
+                              item.seq.block_table) for item in batch]
+        inputs = step_inputs(steps, self.block_size, sampling=[item.samples for item in batch])
+        inputs = {name: t.to(self.device, non_blocking=True) for name, t in inputs.items()}
+        with torch.inference_mode():
+            return self._step(**inputs, **self.caches)[0]
+
+    def _append(self, seq: Sequence, token: int, logprobs) -> None:
+        now = time.monotonic()
+        seq.first_token_time = seq.first_token_time or now
+        seq.last_token_time = now
+        seq.tokens.append(token)
+        self.generated_tokens += 1
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        seq.text += seq.detokenizer.add(token)
+        params = seq.params
+        stop = next((s for s in params.stop if s in seq.text[-(len(s) + 64):]), None) if params.stop else None
+        if stop is not None:
+            cut = seq.text.find(stop)
+            seq.text = seq.text[:cut + len(stop)] if params.include_stop_str_in_output else seq.text[:cut]
+            self.scheduler.finish(seq, "stop")
+        elif token in params.stop_token_ids or (token in self.eos and not params.ignore_eos):
+            self.scheduler.finish(seq, "stop")
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.engine.info.max_seq_len:
+            self.scheduler.finish(seq, "length")
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        self.scheduler.finish(seq, "error")
+        self.sequences.pop(seq.request_id, None)
+        return self._output(seq, error=message)
+
+    def _output(self, seq: Sequence, error: str | None = None) -> RequestOutput:
+        """The output of ``seq`` now; text that could still turn into a stop string is held back."""
+        hold = 0 if seq.finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+        visible = max(len(seq.text) - hold, seq.emitted_text)
+        delta_text = seq.text[seq.emitted_text:visible]
+        outputs = seq.output_ids
+        delta_ids = outputs[seq.emitted_tokens:]
+        seq.emitted_text, seq.emitted_tokens = visible, len(outputs)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, seq.text[:visible], list(outputs),
+                             delta_text, delta_ids, seq.finished, seq.finish_reason, list(seq.logprobs),
+                             seq.cached_prompt_tokens, error)

@@ -1,0 +1,67 @@
+"""``SamplingParams``: how to sample one request, with vLLM's names and defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample a request's tokens and when to stop.
+
+    ``temperature=0`` is greedy. ``top_k`` of 0 or -1 and ``top_p=1`` keep every token;
+    ``min_p`` drops tokens less likely than ``min_p`` times the most likely one.
+    ``repetition_penalty`` (>1 discourages) applies to prompt and output tokens,
+    ``presence_penalty`` and ``frequency_penalty`` to output tokens, as OpenAI defines
+    them. ``seed`` makes a sampled request reproducible whatever else runs beside it.
+    Generation stops at ``max_tokens``, at a ``stop`` string (left out of the text unless
+    ``include_stop_str_in_output``), at a token of ``stop_token_ids``, or at the model's
+    end-of-sequence tokens unless ``ignore_eos``; never before ``min_tokens``.
+    ``logprobs=k`` returns the sampled token's log-probability and the k most likely.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        problems = [message for bad, message in (
+            (self.max_tokens < 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (self.temperature < 0, f"temperature must be >= 0, got {self.temperature}"),
+            (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k < -1, f"top_k must be -1 (off), 0 (off) or positive, got {self.top_k}"),
+            (not 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty <= 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (not -2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (not -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (not 0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
+            (self.logprobs is not None and not 0 <= self.logprobs <= 20,
+             f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (any(not s for s in self.stop), "stop strings must not be empty"),
+        ) if bad]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the most likely token is always taken."""
+        return self.temperature == 0 or self.top_k == 1

@@ -1,0 +1,83 @@
+"""A request as the runtime tracks it: its tokens, how many are in the KV cache, its
+blocks, and what it has produced so far."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprobs:
+    """The sampled token's log-probability and the most likely tokens' (id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's sequence. ``tokens`` holds the prompt then the output; the first
+    ``num_cached`` of them have keys and values in the cache blocks of ``block_table``."""
+
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+    tokens: list[int] = field(init=False)
+    num_cached: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # of the full blocks, in order
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    text: str = ""
+    emitted_text: int = 0  # characters of text already handed out
+    emitted_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    preemptions: int = 0
+    cached_prompt_tokens: int = 0  # tokens found in the prefix cache when last admitted
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    def attach_tokenizer(self, tokenizer: Any) -> None:
+        """Start detokenizing the output with ``tokenizer``."""
+        self.detokenizer = IncrementalDetokenizer(tokenizer, self.prompt_ids, self.params.skip_special_tokens)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[len(self.prompt_ids):]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_uncached(self) -> int:
+        """Tokens still to run through the model (the whole prompt at first, then one)."""
+        return len(self.tokens) - self.num_cached
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
