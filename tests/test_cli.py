@@ -68,7 +68,7 @@ def test_ir_reports_parse_and_verification_errors(tmp_path):
 def test_main_job_compiles_the_bundled_model_and_generates():
     result = subprocess.run(["kiln", "--max-tokens", "12"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "compiled the bundled LlamaForCausalLM for cpu" in result.stdout
+    assert "built the bundled LlamaForCausalLM for cpu" in result.stdout
     assert "The for statement is used to specify cleanup" in result.stdout
     assert re.search(r"12 tokens in [0-9.]+ s: [0-9.]+ tokens/s", result.stdout)
 
