@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import matplotlib
 
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main(results: str, out: str) -> None:
-    data = json.loads(open(results).read())
+    data = json.loads(Path(results).read_text())
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for entry in data["results"]:
         if entry.get("what") == "throughput":

@@ -46,12 +46,9 @@ def hardware_limits() -> dict:
     copy = 2 * x.nbytes / timed(lambda: y.copy_(x), 5)
     x.sum()
     reduce = x.nbytes / timed(lambda: x.sum(), 5)
-    del x, y
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     a @ a
     flops = 2 * 8192**3 / timed(lambda: a @ a, 10)
-    del a
-    torch.cuda.empty_cache()
     return {"hbm_bytes_per_s": max(copy, reduce), "copy_bytes_per_s": copy, "reduce_bytes_per_s": reduce,
             "bf16_flops": flops}
 
@@ -112,9 +109,6 @@ def bench_kiln(model, concurrencies: list[int], record) -> None:
         batch = [p.tolist() for p in prompts(c)]
         seconds = timed(lambda b=batch: llm.generate(b, params))
         record({"system": "kiln", "what": "throughput", "concurrency": c, "output_tokens_per_s": c * NEW / seconds})
-    del llm, engine
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def bench_transformers(model, concurrencies: list[int], static: bool, record) -> None:
@@ -148,10 +142,13 @@ def main() -> None:
                                         "results": results}, indent=2))
 
     record({"system": "hardware", **hardware_limits()})
+    torch.cuda.empty_cache()
     model = llama_8b()
     record({"system": "model", "parameters": sum(p.numel() for p in model.parameters()),
             "decode_bytes": weight_bytes(model)})
     bench_kiln(model, args.concurrency, record)
+    gc.collect()  # the engine's fused weights and KV cache go before the peers run
+    torch.cuda.empty_cache()
     bench_transformers(model, args.concurrency, False, record)
     bench_transformers(model, args.static_concurrency, True, record)
 

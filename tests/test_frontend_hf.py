@@ -66,7 +66,7 @@ def test_bundled_model_matches_transformers_token_for_token():
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     assert (engine.logits(ids) - _logits(model, ids)).abs().max().item() <= TOLERANCE
     expected = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
-    result = engine.generate(prompt, max_new_tokens=24)
+    result = kiln.LLM(engine).generate(prompt, kiln.SamplingParams(max_tokens=24, temperature=0))[0]
     assert result.token_ids == expected
     assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
 
@@ -75,10 +75,11 @@ def test_engine_limits():
     engine = kiln.compile(BUNDLED, max_batch_size=2, max_seq_len=16)
     with pytest.raises(ValueError, match="exceeds the engine's limits"):
         engine.logits(torch.zeros(3, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="exceeds max_seq_len 16"):
-        engine.generate("The for statement", max_new_tokens=16)
+    llm = kiln.LLM(engine)
+    with pytest.raises(ValueError, match="serves at most 15"):
+        llm.generate([list(range(16))])
     with pytest.raises(ValueError, match="the prompt is empty"):
-        engine.generate([], max_new_tokens=1)
+        llm.generate([""])
 
 
 def _break(tmp_path, how):
@@ -140,8 +141,8 @@ def test_bad_checkpoints_are_named(tmp_path, how, message):
 
 
 def test_compile_refuses_what_it_cannot_build_yet():
-    with pytest.raises(ValueError, match="target 'h100' is not available yet"):
-        kiln.compile(BUNDLED, target="h100")
+    with pytest.raises(ValueError, match="target 'tensorrt' is not available yet"):
+        kiln.compile(BUNDLED, target="tensorrt")
     with pytest.raises(ValueError, match="quantization 'fp8' is not available yet"):
         kiln.compile(BUNDLED, quantization="fp8")
     with pytest.raises(FrontendError, match="floating-point dtype"):

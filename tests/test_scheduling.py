@@ -30,7 +30,7 @@ def check_blocks(manager: BlockManager, holders: list[Sequence]) -> None:
     for seq in holders:
         # blocks for every cached token; the block of a just-sampled token comes at the next step
         assert manager.blocks_for(seq.num_cached) <= len(seq.block_table) <= manager.blocks_for(seq.num_tokens)
-        for index, digest in enumerate(seq.block_hashes):
+        for index in range(len(seq.block_hashes)):
             block = manager.blocks[seq.block_table[index]]
             assert block.tokens == tuple(seq.tokens[index * BLOCK_SIZE:(index + 1) * BLOCK_SIZE])
 
