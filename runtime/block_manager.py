@@ -36,7 +36,6 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # least recently freed first
         self.cached: dict[int, int] = {}  # content hash -> block id
-        self.hits = 0  # prompt tokens served from the cache
 
     @property
     def num_free(self) -> int:
@@ -85,7 +84,6 @@ class BlockManager:
             seq.block_table.append(block_id)
             seq.block_hashes.append(digest)
         seq.num_cached = seq.cached_prompt_tokens = len(prefix) * self.block_size
-        self.hits += seq.num_cached
         while len(seq.block_table) < self.blocks_for(seq.num_tokens):
             seq.block_table.append(self._fresh())
 
