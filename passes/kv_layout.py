@@ -37,8 +37,7 @@ def linear_kv_cache(graph: Graph) -> int:
     """Give the paged step graph linear per-slot caches; return how many caches changed
     (0 when there is no paged attention or the layout is linear already)."""
     caches = [n.inputs[i] for n in graph.nodes if n.op == "paged_attention" for i in (3, 4)]
-    if not caches or any(BLOCK_SIZE not in c.type.shape[1].free_symbols for c in caches
-                         if not isinstance(c.type.shape[1], int)) or all(c.shape[1] == MAX_SEQ_LEN for c in caches):
+    if not caches or any(c.shape[1] != BLOCK_SIZE for c in caches):
         return 0
     specialize(graph, {MAX_BLOCKS: sympy.Integer(1), BLOCK_SIZE: MAX_SEQ_LEN, BLOCKS: SLOTS})
     return len(caches)
