@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -17,12 +18,12 @@ from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
 from .ir import Graph, verify
 from .passes import EngineLimits, Workload, pipeline_manager, select_profiles
+from .passes.workspace import plan_workspace
 from .runtime import CompiledModule, Engine, EngineInfo, load_engine
 
-# target -> (pipeline, backend). The GPU targets run the reference backend's torch
-# kernels on CUDA until the CUDA backend lands.
-TARGETS = {"cpu": ("reference", "reference"), "cuda": ("cuda", "reference"), "h100": ("cuda", "reference"),
-           "h200": ("cuda", "reference")}
+# target -> (pipeline, backend)
+TARGETS = {"cpu": ("reference", "reference"), "cuda": ("cuda", "cuda"), "h100": ("cuda", "cuda"),
+           "h200": ("cuda", "cuda")}
 
 
 def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -92,7 +93,7 @@ def _stages(show: bool):
         bar.close()
 
 
-BUILD_STAGES = ("importing", "optimizing", "generating the executor")
+BUILD_STAGES = ("importing", "optimizing", "generating the executor", "tuning kernels")
 
 
 def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
@@ -107,8 +108,17 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
     stage("optimizing")
     pipeline_manager(pipeline).run(graph)
     verify(graph)
+    info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
-    return Engine(graph, imported.tokenizer, imported.config, info)
+    engine = Engine(graph, imported.tokenizer, imported.config, info)
+    stage("tuning kernels")
+    if backend == "cuda":
+        from .backends.cuda.tuning import tune_engine_kernels
+
+        tuned_on, configs = tune_engine_kernels(graph, target, limits)
+        engine.info = dataclasses.replace(info, tuned_on=tuned_on)
+        engine.kernel_configs = configs
+    return engine
 
 
 def _ids(value: Any) -> tuple[int, ...]:

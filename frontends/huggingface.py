@@ -93,7 +93,8 @@ def _build_model(config: Any, dtype: torch.dtype) -> nn.Module:
 
 def _export(model: nn.Module, max_batch_size: int, max_seq_len: int, device: str) -> torch.export.ExportedProgram:
     example = torch.zeros(2, 8, dtype=torch.long, device=device)
-    dims = {0: Dim("batch", max=max_batch_size), 1: Dim("seq", max=max_seq_len)}
+    # The ranges must hold the example's sizes; the engine's own limits are the runtime's to enforce.
+    dims = {0: Dim("batch", max=max(max_batch_size, 2)), 1: Dim("seq", max=max(max_seq_len, 8))}
     with torch.no_grad():
         return torch.export.export(_Logits(model), (example,), dynamic_shapes=(dims,), strict=False)
 

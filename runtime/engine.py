@@ -3,13 +3,13 @@ executor, weights, tokenizer) and ``CompiledModule`` for plain modules."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..backends import reference_kernels
+from ..backends import kernels_for
 from ..ir import Graph, interpret, sym
 from ..passes.profiles import ProfilePlan
 from .batch import SequenceStep, step_inputs
@@ -50,6 +50,8 @@ class EngineInfo:
     kv_cache_dtype: str = "auto"
     tp: int = 1
     pp: int = 1
+    tuned_on: str | None = None  # the GPU whose kernel configurations the engine holds (None: defaults)
+    workspace_bytes: Mapping[str, int] = field(default_factory=dict)  # activation memory per profile
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Engine:
     config: Any
     info: EngineInfo
     executor_source: str = ""
+    kernel_configs: dict[str, dict] = field(default_factory=dict)  # op -> tuned launch parameters
     _weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _steps: dict[str, Step] = field(default_factory=dict, repr=False)
 
@@ -104,11 +107,13 @@ class Engine:
         return self._weights[key]
 
     def step_function(self, device: torch.device | str = "cpu") -> Step:
-        """The executor bound to this engine's weights and the backend's kernels on ``device``."""
+        """The executor bound to this engine's weights and the backend's kernels on
+        ``device`` (the reference kernels on the CPU, whatever the backend)."""
         key = str(torch.device(device))
         if key not in self._steps:
-            self._steps[key] = load_executor(self.executor_source, "executor.py", self.weights(device),
-                                             reference_kernels(device))
+            kernels = kernels_for(self.info.backend, self.info.target, self.info.tuned_on, device,
+                                  self.kernel_configs)
+            self._steps[key] = load_executor(self.executor_source, "executor.py", self.weights(device), kernels)
         return self._steps[key]
 
     def logits(self, ids: torch.Tensor, block_size: int = 16) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """Engine directories: build once, load fast, no pickle.
 
     manifest.json      kiln version, target, backend, dtype, quantization, parallelism,
-                       limits, profiles, stop tokens, and a SHA-256 per file
+                       limits, profiles, stop tokens, the kernel configurations tuned at
+                       build time and the GPU they were tuned on, and a SHA-256 per file
     graph.kiln         the final IR as text
     executor.py        the executor generated from it (readable; regenerated and compared on load)
     weights.safetensors
     config.json, tokenizer files, chat template
 
-``load_engine`` checks the manifest (format, kiln version, target) and every file's hash,
+``load_engine`` checks the manifest (format, kiln version, target, and the GPU at hand
+against the one a CUDA engine was built for) and every file's hash,
 parses the graph, checks that the executor is the one kiln generates for it, and reads
 the weights; it runs no pass.
 """
@@ -28,7 +30,7 @@ from ..passes.profiles import ProfilePlan
 from .engine import Engine, EngineInfo
 from .executor import generate_executor
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST, GRAPH, EXECUTOR, WEIGHTS = "manifest.json", "graph.kiln", "executor.py", "weights.safetensors"
 
 
@@ -68,7 +70,9 @@ def save_engine(engine: Engine, path: str | os.PathLike) -> Path:
         "quantization": info.quantization, "kv_cache_dtype": info.kv_cache_dtype, "tp": info.tp, "pp": info.pp,
         "max_batch_size": info.max_batch_size, "max_seq_len": info.max_seq_len,
         "max_num_tokens": info.max_num_tokens, "stop_token_ids": list(info.stop_token_ids),
-        "profiles": asdict(info.profiles), "files": {name: _sha256(out / name) for name in files},
+        "profiles": asdict(info.profiles), "tuned_on": info.tuned_on,
+        "workspace_bytes": dict(info.workspace_bytes), "kernel_configs": engine.kernel_configs,
+        "files": {name: _sha256(out / name) for name in files},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
@@ -130,8 +134,21 @@ def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashe
         max_seq_len=manifest["max_seq_len"], max_num_tokens=manifest["max_num_tokens"],
         profiles=ProfilePlan.from_dict(manifest["profiles"]), stop_token_ids=tuple(manifest["stop_token_ids"]),
         quantization=manifest["quantization"], kv_cache_dtype=manifest["kv_cache_dtype"], tp=manifest["tp"],
-        pp=manifest["pp"])
-    return Engine(graph, _tokenizer(root), _config(root), info, source)
+        pp=manifest["pp"], tuned_on=manifest["tuned_on"], workspace_bytes=manifest["workspace_bytes"])
+    _check_gpu(root, info)
+    return Engine(graph, _tokenizer(root), _config(root), info, source, manifest["kernel_configs"])
+
+
+def _check_gpu(root: Path, info: EngineInfo) -> None:
+    """Refuse an engine of the CUDA backend on a GPU other than the one it was built for."""
+    if info.backend != "cuda" or not torch.cuda.is_available():
+        return
+    from ..backends.cuda.targets import DeviceMismatchError, check_device
+
+    try:
+        check_device(info.target, info.tuned_on, "cuda")
+    except DeviceMismatchError as exc:
+        raise EngineLoadError(f"engine {root}: {exc}") from None
 
 
 def _tokenizer(root: Path):

@@ -1,0 +1,92 @@
+"""Build-time tuning: launch parameters measured on the target GPU and stored in the
+engine, so that ``kiln.load`` never tunes.
+
+The paged-attention kernels are tuned, the ones whose best parameters depend on the GPU
+and the model's head layout: decode of one sequence with a long context, decode of a full
+batch, prefill of one long prompt, each candidate timed with ``triton.testing.do_bench``. The norm, activation
+and rotary kernels choose their parameters per shape at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from ...ir import Graph
+from ...passes.profiles import EngineLimits
+from .attention import AttentionConfig, decode_configs, multiprocessors, paged_attention, prefill_configs
+from .targets import device_name, matches
+
+_BLOCK_SIZE = 16
+
+
+def tune_engine_kernels(graph: Graph, target: str, limits: EngineLimits) -> tuple[str | None, dict[str, dict]]:
+    """(the GPU tuned on, op -> tuned configuration fields) for an engine built for
+    ``target``. Without a ``target`` GPU here nothing is tuned: the engine keeps the
+    kernels' defaults, and a warning says so."""
+    name = device_name()
+    if name is None or not matches(target, name):
+        warnings.warn(f"no {target} GPU here ({name or 'torch sees no CUDA device'}): the engine is built with the "
+                      "kernels' default launch parameters, not tuned ones; it runs on any GPU of its target. "
+                      "Build it on that GPU to tune them.", stacklevel=3)
+        return None, {}
+    node = next((n for n in graph.nodes if n.op == "paged_attention"), None)
+    if node is None:
+        return name, {}
+    q, k = node.inputs[0].type, node.inputs[1].type
+    heads, kv_heads, head_dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[2])
+    attrs = {key: node.attrs.get(key) for key in ("scale", "sliding_window", "softcap")}
+    shape = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=q.dtype.torch_dtype, attrs=attrs)
+    context = min(limits.max_seq_len, 4096)
+    prompt = min(limits.max_num_tokens, limits.max_seq_len, 2048)
+    seqs = max(limits.max_batch_size, -(-2 * multiprocessors(torch.device("cuda")) // kv_heads))
+    decode = _fastest([AttentionConfig(decode=c) for c in decode_configs(wide=False)], [context - 1], [1], shape)
+    wide = _fastest([AttentionConfig(decode_wide=c) for c in decode_configs(wide=True)],
+                    [min(limits.max_seq_len, 512) // 2] * seqs, [1] * seqs, shape)
+    prefill = _fastest([AttentionConfig(prefill=c) for c in prefill_configs(heads // kv_heads)], [0], [prompt],
+                       shape)
+    best = AttentionConfig(decode.decode, wide.decode_wide, prefill.prefill)
+    return name, {"paged_attention": dataclasses.asdict(best)}
+
+
+def _fastest(candidates: list[AttentionConfig], cached: list[int], query_lens: list[int],
+             shape: dict) -> AttentionConfig:
+    """The candidate that runs a step of sequences holding ``cached`` tokens and bringing
+    ``query_lens`` fastest."""
+    import triton.testing
+
+    args = _random_step(cached, query_lens, **{k: v for k, v in shape.items() if k != "attrs"})
+    best, best_ms = candidates[0], float("inf")
+    for config in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda c=config: paged_attention(*args, **shape["attrs"], config=c),
+                                         warmup=5, rep=20, return_mode="median")
+        except Exception:  # noqa: BLE001 - a configuration the GPU cannot run (shared memory) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    return best
+
+
+def _random_step(cached: list[int], query_lens: list[int], heads: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype) -> tuple:
+    """A step of random queries over random caches: sequence s holds ``cached[s]`` tokens
+    and brings ``query_lens[s]``, in consecutive blocks."""
+    lengths = [c + n for c, n in zip(cached, query_lens)]
+    per_seq = [-(-n // _BLOCK_SIZE) for n in lengths]
+    starts = [sum(per_seq[:i]) for i in range(len(per_seq))]
+    tables = torch.tensor([[s + j for j in range(max(per_seq))] for s in starts], dtype=torch.int32)
+    slots = [(starts[i] + p // _BLOCK_SIZE) * _BLOCK_SIZE + p % _BLOCK_SIZE
+             for i in range(len(lengths)) for p in range(cached[i], lengths[i])]
+    tokens = sum(query_lens)
+    cache_shape = (sum(per_seq) + max(per_seq), _BLOCK_SIZE, kv_heads, head_dim)
+
+    def rand(*s):
+        return torch.randn(s, dtype=dtype, device="cuda")
+
+    query_start = torch.tensor([0] + [sum(query_lens[:i + 1]) for i in range(len(query_lens))], dtype=torch.int32)
+    return (rand(tokens, heads, head_dim), rand(tokens, kv_heads, head_dim), rand(tokens, kv_heads, head_dim),
+            rand(*cache_shape), rand(*cache_shape), torch.tensor(slots, device="cuda"), query_start.cuda(),
+            torch.tensor(lengths, dtype=torch.int32, device="cuda"), tables.cuda())

@@ -1,0 +1,115 @@
+"""The Triton paged attention against the registry's reference op: decode (split-KV),
+prefill, chunked prefill with a cached prefix and mixed steps, GQA, sliding window,
+softcap, blocks out of order, padded sequences; the cache writes fused into the kernel."""
+
+import pytest
+import torch
+
+from kiln.ir import REGISTRY
+
+attention = pytest.importorskip("kiln.backends.cuda.attention")
+
+GPU = pytest.mark.gpu
+
+
+def make_step(query_lens, cached_lens, heads, kv_heads, head_dim, block_size, dtype, device, seed=0):
+    """A random step: caches holding each sequence's cached prefix in shuffled blocks (the
+    rest NaN, which no kernel may read), and the step's q, k, v and metadata."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [c + n for c, n in zip(cached_lens, query_lens)]
+    per_seq = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(per_seq) + 2
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, slots, at = [], [], 0
+    for count, cached, length in zip(per_seq, cached_lens, lengths):
+        blocks = order[at:at + count]
+        at += count
+        tables.append(blocks + [0] * (max(per_seq) - count))
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(cached, length)]
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    for table, cached in zip(tables, cached_lens):
+        for p in range(cached):
+            b, o = table[p // block_size], p % block_size
+            k_cache[b, o] = torch.randn(kv_heads, head_dim, generator=g).to(dtype)
+            v_cache[b, o] = torch.randn(kv_heads, head_dim, generator=g).to(dtype)
+    tokens = sum(query_lens)
+    q = torch.randn(tokens, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(tokens, kv_heads, head_dim, generator=g).to(dtype)
+    starts = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0).tolist()), dtype=torch.int32)
+    args = (q, k, v, k_cache, v_cache, torch.tensor(slots, dtype=torch.int64), starts,
+            torch.tensor(lengths, dtype=torch.int32), torch.tensor(tables, dtype=torch.int32))
+    return tuple(a.to(device) for a in args)
+
+
+def check(query_lens, cached_lens, heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32,
+          device="cpu", scale=None, sliding_window=None, softcap=None, config=None, tolerance=2e-3):
+    args = make_step(query_lens, cached_lens, heads, kv_heads, head_dim, block_size, dtype, device)
+    attrs = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
+    want, want_k, want_v = REGISTRY["paged_attention"].reference(*(a.cpu().float() for a in args[:5]),
+                                                                 *(a.cpu() for a in args[5:]), **attrs)
+    k_cache, v_cache = args[3], args[4]
+    out, k_out, v_out = attention.paged_attention(*args, **attrs, config=config)
+    assert k_out is k_cache and v_out is v_cache  # in place
+    written = ~torch.isnan(want_k)
+    assert torch.equal(k_cache.cpu().float()[written], want_k[written])
+    assert torch.equal(v_cache.cpu().float()[written], want_v[written])
+    error = (out.cpu().float() - want).norm() / want.norm()
+    assert error < tolerance, error
+
+
+CPU_CASES = {
+    "decode": ([1, 1, 1], [5, 40, 17]),
+    "decode of many sequences": ([1] * 5, [5, 40, 17, 1, 70]),
+    "prefill": ([7, 20], [0, 0]),
+    "chunked prefill over a cached prefix": ([9, 3], [33, 16]),
+    "mixed": ([1, 12, 1, 5], [30, 0, 64, 11]),
+}
+
+
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_matches_the_reference(case):
+    check(*CPU_CASES[case])
+
+
+@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_sliding_window_and_softcap(case):
+    check(*CPU_CASES[case], sliding_window=8, softcap=5.0, scale=0.3)
+
+
+def test_decode_splits_long_contexts():
+    small = attention.AttentionConfig(decode=attention.DecodeConfig(block_n=16, num_splits=3))
+    check([1, 1], [70, 3], config=small)
+
+
+def test_float16_and_odd_head_sizes():
+    check([1, 1], [9, 20], heads=6, kv_heads=2, head_dim=24, dtype=torch.float16, block_size=8)
+    check([6, 2], [3, 0], heads=3, kv_heads=3, head_dim=24, dtype=torch.float16, block_size=8)
+
+
+def test_a_negative_slot_writes_nothing():
+    args = list(make_step([1, 1], [4, 6], 4, 2, 32, 16, torch.float32, "cpu"))
+    args[5] = torch.tensor([-1, args[5][1]])
+    before = args[3].clone()
+    attention.paged_attention(*args)
+    changed = ~((args[3] == before) | (args[3].isnan() & before.isnan()))
+    assert changed.sum() == 2 * 32  # one token of two KV heads: the second sequence's
+
+
+@GPU
+@pytest.mark.parametrize("case", ["decode", "prefill", "chunked", "mixed"])
+def test_real_shapes_in_bfloat16(case):
+    shapes = {"decode": ([1] * 64, [int(x) for x in torch.randint(1, 3000, (64,))]),
+              "prefill": ([2048], [0]), "chunked": ([512, 300], [1024, 77]),
+              "mixed": ([1] * 30 + [700, 1], [int(x) for x in torch.randint(1, 900, (30,))] + [0, 4000])}[case]
+    check(*shapes, heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, device="cuda", tolerance=2e-2)
+
+
+@GPU
+def test_smollm_shapes_window_softcap_in_bfloat16():
+    check([1] * 8, [100, 3, 250, 1, 64, 999, 31, 500], heads=9, kv_heads=3, head_dim=64, dtype=torch.bfloat16,
+          device="cuda", tolerance=2e-2)
+    check([1, 300, 1], [2000, 50, 17], heads=16, kv_heads=8, head_dim=256, dtype=torch.bfloat16, device="cuda",
+          sliding_window=256, softcap=50.0, tolerance=2e-2)
