@@ -8,8 +8,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .detokenizer import IncrementalDetokenizer
 from .sampling_params import SamplingParams
 
@@ -49,7 +47,6 @@ class Sequence:
     emitted_text: int = 0  # characters of text already handed out
     emitted_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
-    generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -58,8 +55,6 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     def attach_tokenizer(self, tokenizer: Any) -> None:
         """Start detokenizing the output with ``tokenizer``."""
