@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
-from .batch import SequenceStep, step_inputs
+from .batch import SequenceStep
 from .block_manager import BlockManager
 from .engine import Engine
 from .kv_cache import plan_num_blocks
+from .model_runner import ModelRunner
 from .outputs import RequestOutput
-from .sampler import sample
+from .sampler import sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduled, Scheduler
 from .sequence import Sequence
@@ -31,7 +33,8 @@ class RuntimeConfig:
     """How the runtime serves an engine. ``device`` defaults to CUDA for GPU targets and
     the CPU otherwise; ``num_blocks`` fixes the cache size, otherwise it takes
     ``memory_fraction`` of the device's memory less what is in use; ``max_num_seqs`` and
-    ``max_num_tokens`` (per step) default to the engine's limits."""
+    ``max_num_tokens`` (per step) default to the engine's limits. ``cuda_graphs`` says
+    when decode steps' CUDA graphs are captured: all at start, on first use, or never."""
 
     device: str | None = None
     block_size: int = 16
@@ -40,6 +43,12 @@ class RuntimeConfig:
     max_num_seqs: int | None = None
     max_num_tokens: int | None = None
     prefix_caching: bool = True
+    cuda_graphs: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.cuda_graphs not in ("all", "lazy", "off"):
+            raise ValueError(f"cuda_graphs must be 'all' (captured at start), 'lazy' (on first use) or 'off', "
+                             f"got {self.cuda_graphs!r}")
 
 
 class LLMEngine:
@@ -56,17 +65,24 @@ class LLMEngine:
         self.block_size = info.max_seq_len if spec.linear else config.block_size
         self.max_num_seqs = min(config.max_num_seqs or info.max_batch_size, info.max_batch_size)
         self.max_num_tokens = min(config.max_num_tokens or info.max_num_tokens, info.max_num_tokens)
-        self._step = engine.step_function(self.device)
         useful = self.max_num_seqs * -(-info.max_seq_len // self.block_size)
+        reserve = max(info.workspace_bytes.values(), default=0)
         num_blocks = config.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
-                                                           config.memory_fraction, useful)
+                                                           config.memory_fraction, useful, reserve)
         self.caches = spec.allocate(num_blocks, self.block_size, self.device)
+        sizes = () if config.cuda_graphs == "off" else [s for s in info.profiles.cuda_graph_batch_sizes
+                                                         if s <= self.max_num_seqs]
+        self.runner = ModelRunner(engine.step_function(self.device), self.caches, self.device, self.block_size,
+                                  -(-info.max_seq_len // self.block_size), sizes)
+        if config.cuda_graphs == "all":
+            self.runner.capture_all()
         self.blocks = BlockManager(num_blocks, self.block_size, config.prefix_caching and not spec.linear)
         self.scheduler = Scheduler(self.blocks, self.max_num_seqs, self.max_num_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.eos = tuple(info.stop_token_ids)
         self._ids = itertools.count()
         self.generated_tokens = 0
+        self._inflight: tuple[list[Sequence], Callable[[], list]] | None = None  # the step on the device
         self.prompt_tokens = 0
 
     # requests -----------------------------------------------------------------------
@@ -104,7 +120,8 @@ class LLMEngine:
         return self._output(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        """Whether a request still runs or waits, or a step is still on the device."""
+        return self.scheduler.has_work() or self._inflight is not None
 
     @property
     def num_waiting(self) -> int:
@@ -117,22 +134,80 @@ class LLMEngine:
     # the loop -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one model step; the outputs of the requests that advanced or ended."""
+        """Finish one model step and start the next; return the outputs of the requests
+        that advanced or ended in the finished step. Its tokens are appended, and stop
+        tokens and lengths checked, before the next step is scheduled and launched; its
+        text is decoded, and stop strings looked for, while the next step runs on the
+        device (a sequence that ends at a stop string then drops that step's token)."""
+        outputs: list[RequestOutput] = []
+        if self._inflight is None:
+            self._inflight = self._launch_next(outputs)
+        if self._inflight is None:
+            return outputs
+        sampling, tokens = self._inflight
+        try:
+            appended = self._collect(sampling, tokens)
+        except Exception as exc:  # noqa: BLE001 - sampling failed on the device: this step's requests fail
+            appended = []
+            outputs += [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in sampling if not seq.finished]
+        self._inflight = self._launch_next(outputs)
+        return outputs + self._emit(appended)
+
+    def _launch_next(self, failed: list[RequestOutput]) -> tuple[list[Sequence], Callable[[], list]] | None:
+        """Schedule and launch the next step, if there is work; a step that fails to
+        launch fails its requests (their outputs go to ``failed``)."""
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            return None
         try:
-            logits = self._run(batch)
+            return self._launch(batch)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
-            return [self._fail(item.seq, f"{type(exc).__name__}: {exc}") for item in batch]
+            failed += [self._fail(item.seq, f"{type(exc).__name__}: {exc}") for item in batch]
+            return None
+
+    def _launch(self, batch: list[Scheduled]) -> tuple[list[Sequence], Callable[[], list]]:
+        """Start the step and its sampling on the device; the sampling sequences and a
+        function that waits for their tokens."""
+        steps = [SequenceStep(item.seq.tokens[item.num_cached:item.num_cached + item.num_tokens], item.num_cached,
+                              item.seq.block_table) for item in batch]
+        logits = self.runner.run(steps, [item.samples for item in batch])
         for item in batch:
             item.seq.num_cached += item.num_tokens
             self.blocks.commit(item.seq)
         sampling = [item.seq for item in batch if item.samples]
+        return sampling, sample_async(logits, sampling, self.eos)
+
+    def _collect(self, sampling: list[Sequence], tokens: Callable[[], list]) -> list[tuple[Sequence, int]]:
+        """Append each sequence's new token (a sequence that ended meanwhile, at a stop
+        string, drops it) and end those that reached a stop token or their length."""
+        appended = []
+        now = time.monotonic()
+        for seq, (token, logprobs) in zip(sampling, tokens()):
+            if seq.finished:
+                continue
+            seq.first_token_time = seq.first_token_time or now
+            seq.last_token_time = now
+            seq.tokens.append(token)
+            self.generated_tokens += 1
+            if logprobs is not None:
+                seq.logprobs.append(logprobs)
+            params = seq.params
+            if token in params.stop_token_ids or (token in self.eos and not params.ignore_eos):
+                self.scheduler.finish(seq, "stop")
+            elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.engine.info.max_seq_len:
+                self.scheduler.finish(seq, "length")
+            appended.append((seq, token))
+        return appended
+
+    def _emit(self, appended: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """Decode the text of the appended tokens, end the sequences that reached a stop
+        string, and make the outputs (aborted requests give none)."""
         outputs = []
-        for seq, (token, logprobs) in zip(sampling, sample(logits, sampling, self.eos)):
+        for seq, token in appended:
+            if seq.request_id not in self.sequences:
+                continue
             try:
-                self._append(seq, token, logprobs)
+                self._detokenize(seq, token)
             except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure: this request only
                 outputs.append(self._fail(seq, f"{type(exc).__name__}: {exc}"))
                 continue
@@ -141,22 +216,7 @@ class LLMEngine:
                 self.sequences.pop(seq.request_id, None)
         return outputs
 
-    def _run(self, batch: list[Scheduled]) -> torch.Tensor:
-        steps = [SequenceStep(item.seq.tokens[item.num_cached:item.num_cached + item.num_tokens], item.num_cached,
-                              item.seq.block_table) for item in batch]
-        inputs = step_inputs(steps, self.block_size, sampling=[item.samples for item in batch])
-        inputs = {name: t.to(self.device, non_blocking=True) for name, t in inputs.items()}
-        with torch.inference_mode():
-            return self._step(**inputs, **self.caches)[0]
-
-    def _append(self, seq: Sequence, token: int, logprobs) -> None:
-        now = time.monotonic()
-        seq.first_token_time = seq.first_token_time or now
-        seq.last_token_time = now
-        seq.tokens.append(token)
-        self.generated_tokens += 1
-        if logprobs is not None:
-            seq.logprobs.append(logprobs)
+    def _detokenize(self, seq: Sequence, token: int) -> None:
         seq.text += seq.detokenizer.add(token)
         params = seq.params
         stop = next((s for s in params.stop if s in seq.text[-(len(s) + 64):]), None) if params.stop else None
@@ -164,10 +224,7 @@ class LLMEngine:
             cut = seq.text.find(stop)
             seq.text = seq.text[:cut + len(stop)] if params.include_stop_str_in_output else seq.text[:cut]
             self.scheduler.finish(seq, "stop")
-        elif token in params.stop_token_ids or (token in self.eos and not params.ignore_eos):
-            self.scheduler.finish(seq, "stop")
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.engine.info.max_seq_len:
-            self.scheduler.finish(seq, "length")
+            seq.finish_reason = "stop"  # also where the token that completed it reached the length
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
         self.scheduler.finish(seq, "error")

@@ -1,0 +1,143 @@
+"""Running the step graph on a device: a step's inputs go up in one copy, and decode
+steps replay CUDA graphs.
+
+On a GPU, the step's integer inputs are packed on the host into one pinned int64 buffer
+and copied to the device at once; the step graph's views and casts of them run on the
+device. A decode step (one token per sequence) of at most the largest captured batch
+size is padded to the next captured size and replayed from a CUDA graph captured over a
+static input buffer, one graph per size, sharing one memory pool (captured on first use,
+or all at start with ``capture_all``). Padded sequences have one token at position 0,
+a context of 1 and slot -1: they attend only to themselves and write nothing to the
+cache. Other steps (prefills, chunks, mixed) run eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from .batch import SequenceStep, step_inputs
+
+Step = Callable[..., list[torch.Tensor]]
+
+# The step graph's integer inputs, in packing order, with their dtypes.
+INPUTS = (("ids", torch.int64), ("positions", torch.int64), ("slot_mapping", torch.int64),
+          ("query_start", torch.int32), ("context_lens", torch.int32), ("block_tables", torch.int32),
+          ("logits_indices", torch.int64))
+
+
+class ModelRunner:
+    """Runs steps of ``step`` over ``caches`` on ``device``; replays CUDA graphs for
+    decode steps of up to ``graph_sizes[-1]`` sequences (none on the CPU or when empty)."""
+
+    def __init__(self, step: Step, caches: Mapping[str, torch.Tensor], device: torch.device, block_size: int,
+                 max_blocks: int, graph_sizes: Sequence[int] = ()):
+        self.step = step
+        self.caches = dict(caches)
+        self.device = device
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.graph_sizes = tuple(sorted(graph_sizes)) if device.type == "cuda" else ()
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        if self.graph_sizes:
+            largest = _layout(self.graph_sizes[-1], max_blocks)[-1][1]
+            self._staging = torch.zeros(largest, dtype=torch.int64, device=device)
+            self._host = torch.zeros(largest, dtype=torch.int64, pin_memory=True)
+
+    def run(self, steps: Sequence[SequenceStep], sampling: Sequence[bool]) -> torch.Tensor:
+        """Logits [number of sampling sequences, vocab] of one step."""
+        inputs = step_inputs(steps, self.block_size, sampling=sampling)
+        with torch.inference_mode():
+            if self.graph_sizes and len(inputs["ids"]) == len(steps) <= self.graph_sizes[-1]:
+                return self._replay(inputs)
+            return self.step(**self._upload(inputs), **self.caches)[0]
+
+    def capture_all(self) -> None:
+        """Capture the graph of every size now, largest first (they share one pool)."""
+        for size in reversed(self.graph_sizes):
+            self._graph(size)
+
+    @property
+    def captured_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted(self._graphs))
+
+    def _upload(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device.type != "cuda":
+            return {name: t.to(self.device) for name, t in inputs.items()}
+        host = torch.cat([inputs[name].flatten().long() for name, _ in INPUTS]).pin_memory()
+        packed = host.to(self.device, non_blocking=True)
+        views, at = {}, 0
+        for name, dtype in INPUTS:
+            count = inputs[name].numel()
+            views[name] = packed[at:at + count].view(inputs[name].shape).to(dtype)
+            at += count
+        return views
+
+    def _replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        count, logits = len(inputs["ids"]), len(inputs["logits_indices"])
+        size = next(s for s in self.graph_sizes if s >= count)
+        graph, out = self._graph(size)
+        _pad_into(self._host, inputs, size, self.max_blocks)
+        used = _layout(size, self.max_blocks)[-1][1]
+        self._staging[:used].copy_(self._host[:used], non_blocking=True)
+        graph.replay()
+        return out[:logits]
+
+    def _graph(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if size not in self._graphs:
+            inputs = {}
+            for (name, dtype), (start, end) in zip(INPUTS, _layout(size, self.max_blocks)):
+                view = self._staging[start:end]
+                inputs[name] = view.view(size, self.max_blocks) if name == "block_tables" else view
+            empty = {name: torch.zeros((0, self.max_blocks) if name == "block_tables" else 0, dtype=torch.int64)
+                     for name, _ in INPUTS}
+            _pad_into(self._host, empty, size, self.max_blocks)  # all padding: the warm-up writes no cache slot
+            self._staging.copy_(self._host)
+
+            def body() -> torch.Tensor:
+                return self.step(**{n: inputs[n].to(dtype) for n, dtype in INPUTS}, **self.caches)[0]
+
+            with torch.inference_mode():
+                torch.cuda.synchronize(self.device)
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    body()  # compiles and loads every kernel outside the capture
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    out = body()
+                self._pool = graph.pool()
+            self._graphs[size] = (graph, out)
+        return self._graphs[size]
+
+
+def _layout(size: int, width: int) -> list[tuple[int, int]]:
+    """(start, end) in the packed buffer of each input of a decode step of ``size``."""
+    counts = {"query_start": size + 1, "block_tables": size * width}
+    spans, at = [], 0
+    for name, _ in INPUTS:
+        count = counts.get(name, size)
+        spans.append((at, at + count))
+        at += count
+    return spans
+
+
+def _pad_into(host: torch.Tensor, inputs: dict[str, torch.Tensor], size: int, width: int) -> None:
+    """Pack a decode step's inputs, padded to ``size`` sequences and ``width`` blocks, into ``host``."""
+    count = len(inputs["ids"])
+    pads = {"ids": 0, "positions": 0, "slot_mapping": -1, "context_lens": 1, "logits_indices": 0}
+    for (name, _), (start, end) in zip(INPUTS, _layout(size, width)):
+        target = host[start:end]
+        value = inputs[name]
+        if name == "query_start":
+            target.copy_(torch.arange(size + 1))
+        elif name == "block_tables":
+            table = target.view(size, width)
+            table.zero_()
+            table[:count, :value.shape[1]] = value
+        else:
+            target[len(value):] = pads[name]
+            target[:len(value)] = value
