@@ -5,6 +5,8 @@ prompt. ``kiln build MODEL -o DIR`` writes an engine directory; ``kiln generate`
 ``kiln serve`` take an engine directory (loaded) or a checkpoint directory (built
 first). ``kiln ir FILE_OR_MODEL`` parses and verifies a graph in kiln's text form (or
 imports a checkpoint directory), optionally runs a pipeline, and prints text or DOT.
+``kiln bench`` serves random prompts at several concurrencies and reports throughput,
+latency percentiles and the fractions of the device's limits.
 """
 
 from __future__ import annotations
@@ -100,6 +102,45 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from .runtime import LLMEngine, RuntimeConfig
+    from .runtime.benchmark import (cache_blocks, decode_bytes, engine_options, format_report, hardware_limits,
+                                    run_benchmark)
+    from .runtime.llm import as_engine
+
+    most, length = max(args.concurrency), args.input_len + args.output_len
+    options = engine_options(args.input_len, args.output_len, most)
+    options["max_seq_len"] = args.max_seq_len or options["max_seq_len"]
+    target = args.target or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = as_engine(args.model, target=target, dtype=args.dtype, progress=not args.json, **options)
+    info = engine.info
+    if info.max_batch_size < most or info.max_seq_len < length:
+        raise ValueError(f"the engine serves {info.max_batch_size} sequences of {info.max_seq_len} tokens; the runs "
+                         f"need {most} of {length}")
+    num_blocks = cache_blocks(args.input_len, args.output_len, most)
+    llm_engine = LLMEngine(engine, RuntimeConfig(device=args.device, num_blocks=num_blocks))
+    limits = hardware_limits(llm_engine.device)
+    results = [run_benchmark(llm_engine, args.input_len, args.output_len, c, args.seed, limits, args.full_warmup)
+               for c in args.concurrency]
+    dtype, step_bytes = str(info.dtype).removeprefix("torch."), decode_bytes(engine)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "architecture": info.architecture, "target": info.target,
+                          "dtype": dtype, "device": str(llm_engine.device), "max_batch_size": info.max_batch_size,
+                          "max_seq_len": info.max_seq_len, "max_num_tokens": info.max_num_tokens,
+                          "num_blocks": num_blocks, "decode_bytes": step_bytes, "hardware": asdict(limits),
+                          "runs": [r.to_dict() for r in results]}, indent=2))
+    else:
+        print(f"{info.architecture} ({info.target}, {dtype}) on {limits.device}: {args.input_len} prompt + "
+              f"{args.output_len} new tokens a request, greedy")
+        print(format_report(results, limits, step_bytes))
+    return 0
+
+
 def _load_graph(source: str) -> Graph:
     if source != "-" and Path(source).is_dir():
         from .frontends.huggingface import load_checkpoint
@@ -177,6 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     ir.add_argument("--format", choices=("text", "dot"), default="text")
     ir.add_argument("--timing", action="store_true", help="print per-pass changes and times to stderr")
     ir.set_defaults(run=_ir)
+    bench = commands.add_parser(
+        "bench", help="measure serving throughput and latency against the device's limits",
+        description="Serve fresh random prompts (greedy, ignore_eos) at each concurrency, all submitted at once, "
+        "and report output and total tokens/s, time to first token and inter-token latency percentiles, and the "
+        "fractions of the memory bandwidth and matmul rate measured in the same run. A checkpoint directory is "
+        "compiled with limits that fit the runs; an engine directory must already fit them.")
+    bench.add_argument("model", help="an engine directory or a checkpoint directory")
+    bench.add_argument("--input-len", type=int, default=128, help="prompt tokens a request")
+    bench.add_argument("--output-len", type=int, default=128, help="new tokens a request")
+    bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256],
+                       help="requests submitted at once; one run each")
+    bench.add_argument("--target", default=None, choices=sorted(TARGETS),
+                       help="compile for this target (default: cuda when a GPU is there, else cpu)")
+    bench.add_argument("--dtype", default=None, help="weights and activations dtype (default: the checkpoint's)")
+    bench.add_argument("--max-seq-len", type=int, default=None,
+                       help="the engine's max_seq_len (default: input-len + output-len)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: the engine's target)")
+    bench.add_argument("--full-warmup", action="store_true",
+                       help="run each workload once untimed first, so the timed pass meets no new shape")
+    bench.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    bench.set_defaults(run=_bench)
     parser.set_defaults(run=_main_job)
     return parser
 

@@ -17,65 +17,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from kiln.runtime.benchmark import hardware_limits, timed
+from serving import bench_transformers, llama_8b, transformers_vocabulary
+
 PROMPT, NEW = 128, 128
-
-
-def timed(fn, repeat: int = 1) -> float:
-    """Seconds of the fastest of ``repeat`` calls of ``fn``, synchronized."""
-    best = float("inf")
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def hardware_limits() -> dict:
-    """HBM bandwidth and the bf16 matmul rate, measured now."""
-    n = 1 << 30  # 2 GiB of bf16 per tensor
-    x, y = torch.empty(n, dtype=torch.bfloat16, device="cuda"), torch.empty(n, dtype=torch.bfloat16, device="cuda")
-    x.normal_()
-    y.copy_(x)
-    copy = 2 * x.nbytes / timed(lambda: y.copy_(x), 5)
-    x.sum()
-    reduce = x.nbytes / timed(lambda: x.sum(), 5)
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    a @ a
-    flops = 2 * 8192**3 / timed(lambda: a @ a, 10)
-    return {"hbm_bytes_per_s": max(copy, reduce), "copy_bytes_per_s": copy, "reduce_bytes_per_s": reduce,
-            "bf16_flops": flops}
-
-
-def llama_8b():
-    """A Llama-3.1-8B-shaped model on the GPU with random bf16 weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                         bos_token_id=128000, eos_token_id=128001)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model = model.to_empty(device="cuda")
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=generator)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config, device="cuda")  # to_empty left its buffers empty
-    model.generation_config.pad_token_id = 0
-    return model.eval()
 
 
 def weight_bytes(model) -> int:
@@ -107,24 +59,8 @@ def bench_kiln(model, concurrencies: list[int], record) -> None:
             "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0])})
     for c in concurrencies:
         batch = [p.tolist() for p in prompts(c)]
-        seconds = timed(lambda b=batch: llm.generate(b, params))
+        seconds = timed(lambda b=batch: llm.generate(b, params), "cuda")
         record({"system": "kiln", "what": "throughput", "concurrency": c, "output_tokens_per_s": c * NEW / seconds})
-
-
-def bench_transformers(model, concurrencies: list[int], static: bool, record) -> None:
-    name = "transformers static+compile" if static else "transformers eager"
-    extra = {"cache_implementation": "static"} if static else {}
-    for c in concurrencies:
-        ids = prompts(c).cuda()
-
-        def run(ids=ids):
-            with torch.no_grad():
-                model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **extra)
-
-        first = timed(run)
-        seconds = timed(run) if static else first
-        record({"system": name, "what": "throughput", "concurrency": c, "output_tokens_per_s": c * NEW / seconds,
-                "first_call_s": first})
 
 
 def main() -> None:
@@ -141,7 +77,7 @@ def main() -> None:
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                         "results": results}, indent=2))
 
-    record({"system": "hardware", **hardware_limits()})
+    record({"system": "hardware", **asdict(hardware_limits("cuda"))})
     torch.cuda.empty_cache()
     model = llama_8b()
     record({"system": "model", "parameters": sum(p.numel() for p in model.parameters()),
@@ -149,8 +85,9 @@ def main() -> None:
     bench_kiln(model, args.concurrency, record)
     gc.collect()  # the engine's fused weights and KV cache go before the peers run
     torch.cuda.empty_cache()
-    bench_transformers(model, args.concurrency, False, record)
-    bench_transformers(model, args.static_concurrency, True, record)
+    vocabulary, rng = transformers_vocabulary(model, None), random.Random(0)
+    bench_transformers(model, PROMPT, NEW, args.concurrency, False, vocabulary, rng, record)
+    bench_transformers(model, PROMPT, NEW, args.static_concurrency, True, vocabulary, rng, record)
 
 
 if __name__ == "__main__":

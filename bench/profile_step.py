@@ -1,0 +1,128 @@
+"""Where a step's time goes: decode steps at several batch sizes and one long prefill,
+timed on the host and profiled with the torch profiler (GPU busy time against wall
+time, and the kernels that take it).
+
+    python bench/profile_step.py [--model DIR] [--batch 1 64 256] [--prompt 128] [--out DIR]
+
+Without ``--model`` it builds the Llama-3.1-8B shape with random bf16 weights
+(``bench/serving.py``'s ``llama_8b``). Each figure uses fresh random prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import kiln
+from kiln.runtime import LLMEngine, RuntimeConfig, SamplingParams
+
+
+def fresh_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (count, length), generator=g).tolist()
+
+
+def prefill_then(llm: LLMEngine, prompts: list[list[int]], new_tokens: int) -> None:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for p in prompts:
+        llm.add_request(p, params)
+    while any(s.num_cached < len(s.prompt_ids) for s in llm.sequences.values()):
+        llm.step()
+
+
+def gpu_busy(prof) -> float:
+    """Microseconds of GPU kernel time, merged over overlapping kernels."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0, -1
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
+
+
+def decode_profile(llm: LLMEngine, batch: int, prompt: int, vocab: int, out: Path | None, seed: int) -> dict:
+    steps = 24
+    prefill_then(llm, fresh_prompts(batch, prompt, vocab, seed), steps + 8)
+    for _ in range(3):
+        llm.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        llm.step()
+    torch.cuda.synchronize()
+    per_step = (time.perf_counter() - start) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = time.perf_counter()
+        for _ in range(4):
+            llm.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - wall) * 1e6
+    while llm.has_unfinished():
+        llm.step()
+    if out is not None:
+        prof.export_chrome_trace(str(out / f"decode-{batch}.json"))
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    print(table, flush=True)
+    busy = gpu_busy(prof)
+    return {"batch": batch, "ms_per_step": per_step * 1e3, "tokens_per_s": batch / per_step,
+            "gpu_idle_fraction": 1 - busy / wall, "profiled_steps": 4}
+
+
+def prefill_time(llm: LLMEngine, length: int, vocab: int, seed: int) -> float:
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.add_request(fresh_prompts(1, length, vocab, seed)[0], params)
+    while llm.has_unfinished():
+        llm.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.model is None:
+        from serving_baseline import llama_8b
+
+        model = llama_8b()
+    else:
+        model = args.model
+    max_batch = max(args.batch)
+    start = time.perf_counter()
+    engine = kiln.compile(model, target="h100", max_batch_size=max_batch, max_seq_len=max(args.prefill, 512) + 64,
+                          max_num_tokens=max(max_batch * args.prompt, args.prefill))
+    built = time.perf_counter() - start
+    del model
+    torch.cuda.empty_cache()
+    vocab = engine.vocab_size
+    start = time.perf_counter()
+    llm = LLMEngine(engine, RuntimeConfig(num_blocks=max_batch * (args.prompt + 64) // 16 + args.prefill // 16 + 64))
+    ready = time.perf_counter() - start
+    results = {"device": torch.cuda.get_device_name(), "build_s": built, "runtime_start_s": ready,
+               "kernel_configs": engine.kernel_configs, "decode": []}
+    print(json.dumps({k: results[k] for k in ("build_s", "runtime_start_s", "kernel_configs")}), flush=True)
+    prefill_time(llm, args.prefill, vocab, seed=1)  # warm-up of the prefill shapes
+    results["ttft_s"] = [prefill_time(llm, args.prefill, vocab, seed=2 + i) for i in range(3)]
+    print(json.dumps({"ttft_s": results["ttft_s"]}), flush=True)
+    for i, batch in enumerate(args.batch):
+        entry = decode_profile(llm, batch, args.prompt, vocab, args.out, seed=100 + i)
+        results["decode"].append(entry)
+        print(json.dumps(entry), flush=True)
+    if args.out is not None:
+        (args.out / "profile.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One GPU-machine session: kiln on PYTHONPATH, optional wheels, then the named parts,
+# each logging under $OUT. Usage: tools/gpu_session.sh PART...   (parts: env tests profile smollm bench)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p /tmp/pkg "$OUT"
+ln -sfn "$PWD" /tmp/pkg/kiln
+export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+smollm() {  # join the carried halves of the SmolLM2 GGUF and dequantize it into a checkpoint
+  local gguf=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+  mkdir -p /tmp/smol
+  [ -f .carry/smol1/part.aa ] && cp .carry/smol1/part.aa /tmp/smol/
+  [ -f .carry/smol2/part.ab ] && cp .carry/smol2/part.ab /tmp/smol/
+  [ -f "$gguf" ] || cat /tmp/smol/part.aa /tmp/smol/part.ab > "$gguf"
+  echo "a1231443440b107ff29f02bdb38c9d0a  $gguf" | md5sum -c - || return 1
+  [ -d /tmp/smol/ckpt ] || python3 tools/gguf_to_checkpoint.py "$gguf" /tmp/smol/ckpt
+}
+for part in "$@"; do
+  echo "=== $part $(date +%T)"
+  case $part in
+    env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)";;
+    tests) python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/ 2>&1 | tee "$OUT/tests.log" | tail -40;;
+    profile) python3 bench/profile_step.py --out "$OUT" 2>&1 | tee "$OUT/profile.log" | grep -v "^-\|^ " ;;
+    smollm) smollm && python3 bench/profile_step.py --model /tmp/smol/ckpt --batch 1 --prefill 512 2>&1 | tee "$OUT/smollm.log" | grep -v "^-\|^ ";;
+    *) echo "unknown part $part";;
+  esac
+done
+echo "=== done $(date +%T)"
