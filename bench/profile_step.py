@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.model is None:
-        from serving_baseline import llama_8b
+        from serving import llama_8b
 
         model = llama_8b()
     else:

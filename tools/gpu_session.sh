@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session: kiln on PYTHONPATH, optional wheels, then the named parts,
-# each logging under $OUT. Usage: tools/gpu_session.sh PART...   (parts: env tests profile smollm bench)
+# each logging under $OUT. Usage: tools/gpu_session.sh PART...   (parts: see the case below)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/pkg "$OUT"
@@ -22,9 +22,18 @@ for part in "$@"; do
   echo "=== $part $(date +%T)"
   case $part in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)";;
-    tests) python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/ 2>&1 | tee "$OUT/tests.log" | tail -40;;
-    profile) python3 bench/profile_step.py --out "$OUT" 2>&1 | tee "$OUT/profile.log" | grep -v "^-\|^ " ;;
-    smollm) smollm && python3 bench/profile_step.py --model /tmp/smol/ckpt --batch 1 --prefill 512 2>&1 | tee "$OUT/smollm.log" | grep -v "^-\|^ ";;
+    tests) KILN_SMOLLM2=$([ -d /tmp/smol/ckpt ] && echo /tmp/smol/ckpt) python3 -m pytest -m gpu -q -p no:cacheprovider \
+             --noconftest tests/test_cuda_*.py tests/test_sampler.py 2>&1 | tee "$OUT/tests.log" | tail -25;;
+    profile) python3 bench/profile_step.py --batch 1 256 --out "$OUT" 2>&1 | tee "$OUT/profile.log" | grep -v "^-\|^ " ;;
+    smollm) smollm && python3 bench/profile_step.py --model /tmp/smol/ckpt --batch 1 64 --prefill 512 --out "$OUT" \
+             2>&1 | tee "$OUT/smollm.log" | grep -v "^-\|^ ";;
+    serving-kiln) python3 bench/serving.py --parts kiln long load --out "$OUT/serving-kiln.json" 2>&1 | tail -30;;
+    serving-peers) python3 bench/serving.py --parts transformers static --out "$OUT/serving-peers.json" 2>&1 | tail -12;;
+    smollm-serving) smollm && python3 bench/serving.py --model /tmp/smol/ckpt --parts kiln transformers --output-len 256 \
+             --concurrency 1 --transformers-concurrency 1 --out "$OUT/smollm-serving.json" 2>&1 | tail -8;;
+    smollm-test) smollm && KILN_SMOLLM2=/tmp/smol/ckpt python3 -m pytest -m gpu -q -p no:cacheprovider --noconftest \
+             tests/test_cuda_backend.py -k smollm 2>&1 | tail -5;;
+    cudnn) python3 .exp/gpu_check.py 2>&1 | tail -20;;
     *) echo "unknown part $part";;
   esac
 done
