@@ -2,7 +2,7 @@
 timed on the host and profiled with the torch profiler (GPU busy time against wall
 time, and the kernels that take it).
 
-    python bench/profile_step.py [--model DIR] [--batch 1 64 256] [--prompt 128] [--out DIR]
+    python bench/profile_step.py [--model DIR] [--dtype bfloat16] [--batch 1 64 256] [--prompt 128] [--out DIR]
 
 Without ``--model`` it builds the Llama-3.1-8B shape with random bf16 weights
 (``bench/serving.py``'s ``llama_8b``). Each figure uses fresh random prompts.
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--dtype", default=None, help="the engine's dtype (default: the model's)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.model is None:
@@ -101,7 +102,7 @@ def main() -> None:
         model = args.model
     max_batch = max(args.batch)
     start = time.perf_counter()
-    engine = kiln.compile(model, target="h100", max_batch_size=max_batch, max_seq_len=max(args.prefill, 512) + 64,
+    engine = kiln.compile(model, target="h100", dtype=args.dtype, max_batch_size=max_batch, max_seq_len=max(args.prefill, 512) + 64,
                           max_num_tokens=max(max_batch * args.prompt, args.prefill))
     built = time.perf_counter() - start
     del model

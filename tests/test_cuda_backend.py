@@ -126,7 +126,8 @@ def test_gpu_smollm2_greedy_agrees_with_transformers():
     llm = LLM(engine, RuntimeConfig(num_blocks=256))
     prompts = ["What is the capital of France?", "Write a haiku about the sea.",
                "Explain photosynthesis in one sentence.", "List three prime numbers."]
-    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    # transformers' min_new_tokens masks the end-of-sequence token; kiln's min_tokens does the same
+    params = SamplingParams(max_tokens=32, min_tokens=32, temperature=0)
     for prompt, output in zip(prompts, llm.generate([llm.chat_prompt([{"role": "user", "content": p}])
                                                      for p in prompts], params)):
         ids = torch.tensor([output.prompt_token_ids], device="cuda")

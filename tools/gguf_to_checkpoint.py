@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     where, name = str(args.gguf.parent), args.gguf.name
     model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
-    model.config.quantization_config = None  # the weights are dequantized now
+    model.hf_quantizer = None  # the weights are dequantized now: a plain checkpoint
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(args.out)

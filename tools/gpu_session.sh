@@ -9,13 +9,12 @@ export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=f
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-smollm() {  # join the carried halves of the SmolLM2 GGUF and dequantize it into a checkpoint
+mkdir -p /tmp/smol  # the SmolLM2 GGUF travels in two halves, one a call; /tmp stays while the machine is warm
+for half in .carry/smol1/part.aa .carry/smol2/part.ab; do [ -f $half ] && cp $half /tmp/smol/; done
+smollm() {  # join the halves of the SmolLM2 GGUF and dequantize it into a checkpoint
   local gguf=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-  mkdir -p /tmp/smol
-  [ -f .carry/smol1/part.aa ] && cp .carry/smol1/part.aa /tmp/smol/
-  [ -f .carry/smol2/part.ab ] && cp .carry/smol2/part.ab /tmp/smol/
   [ -f "$gguf" ] || cat /tmp/smol/part.aa /tmp/smol/part.ab > "$gguf"
-  echo "a1231443440b107ff29f02bdb38c9d0a  $gguf" | md5sum -c - || return 1
+  echo "a1231443440b107ff29f02bdb38c9d0a  $gguf" | md5sum -c - || { rm -f "$gguf"; return 1; }
   [ -d /tmp/smol/ckpt ] || python3 tools/gguf_to_checkpoint.py "$gguf" /tmp/smol/ckpt
 }
 for part in "$@"; do
@@ -25,7 +24,7 @@ for part in "$@"; do
     tests) KILN_SMOLLM2=$([ -d /tmp/smol/ckpt ] && echo /tmp/smol/ckpt) python3 -m pytest -m gpu -q -p no:cacheprovider \
              --noconftest tests/test_cuda_*.py tests/test_sampler.py 2>&1 | tee "$OUT/tests.log" | tail -25;;
     profile) python3 bench/profile_step.py --batch 1 256 --out "$OUT" 2>&1 | tee "$OUT/profile.log" | grep -v "^-\|^ " ;;
-    smollm) smollm && python3 bench/profile_step.py --model /tmp/smol/ckpt --batch 1 64 --prefill 512 --out "$OUT" \
+    smollm) smollm && python3 bench/profile_step.py --model /tmp/smol/ckpt --dtype bfloat16 --batch 1 64 --prefill 512 --out "$OUT" \
              2>&1 | tee "$OUT/smollm.log" | grep -v "^-\|^ ";;
     serving-kiln) python3 bench/serving.py --parts kiln long load --out "$OUT/serving-kiln.json" 2>&1 | tail -30;;
     serving-peers) python3 bench/serving.py --parts transformers static --out "$OUT/serving-peers.json" 2>&1 | tail -12;;
