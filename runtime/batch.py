@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -24,28 +26,30 @@ def step_inputs(steps: Sequence[SequenceStep], block_size: int, all_logits: bool
     ``block_tables`` and ``logits_indices`` for a mixed batch of prefills, prefill chunks
     and decodes. Logits are asked for every token, or for the last token of each
     sequence (of those marked in ``sampling``, when given)."""
-    ids, positions, slots, starts, lengths = [], [], [], [0], []
-    width = max(len(s.blocks) for s in steps)
-    for step in steps:
-        total = step.cached + len(step.token_ids)
-        if -(-total // block_size) > len(step.blocks):
-            raise ValueError(f"a sequence of {total} tokens needs {-(-total // block_size)} blocks "
-                             f"of {block_size}, it has {len(step.blocks)}")
-        for position in range(step.cached, total):
-            positions.append(position)
-            slots.append(step.blocks[position // block_size] * block_size + position % block_size)
-        ids += list(step.token_ids)
-        starts.append(len(ids))
-        lengths.append(total)
-    tables = [list(s.blocks) + [0] * (width - len(s.blocks)) for s in steps]
-    return {
-        "ids": torch.tensor(ids, dtype=torch.int64),
-        "positions": torch.tensor(positions, dtype=torch.int64),
-        "slot_mapping": torch.tensor(slots, dtype=torch.int64),
-        "query_start": torch.tensor(starts, dtype=torch.int32),
-        "context_lens": torch.tensor(lengths, dtype=torch.int32),
-        "block_tables": torch.tensor(tables, dtype=torch.int32),
-        "logits_indices": torch.arange(len(ids)) if all_logits else
-        torch.tensor([end - 1 for end, wanted in zip(starts[1:], sampling or [True] * len(steps)) if wanted],
-                     dtype=torch.int64),
-    }
+    count = len(steps)
+    new = np.fromiter((len(s.token_ids) for s in steps), np.int64, count)
+    cached = np.fromiter((s.cached for s in steps), np.int64, count)
+    owned = np.fromiter((len(s.blocks) for s in steps), np.int64, count)
+    lengths = cached + new
+    short = np.flatnonzero(-(-lengths // block_size) > owned)
+    if short.size:
+        i = short[0]
+        raise ValueError(f"a sequence of {lengths[i]} tokens needs {-(-lengths[i] // block_size)} blocks "
+                         f"of {block_size}, it has {owned[i]}")
+    starts = np.zeros(count + 1, np.int64)
+    np.cumsum(new, out=starts[1:])
+    tables = np.zeros((count, owned.max()), np.int32)
+    for row, step in enumerate(steps):
+        tables[row, :len(step.blocks)] = step.blocks
+    owner = np.repeat(np.arange(count), new)
+    positions = np.arange(starts[-1]) - starts[owner] + cached[owner]
+    slots = tables[owner, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in steps), np.int64, starts[-1])
+    if all_logits:
+        logits = np.arange(starts[-1])
+    else:
+        logits = starts[1:] - 1 if sampling is None else (starts[1:] - 1)[np.asarray(sampling, dtype=bool)]
+    return {"ids": torch.from_numpy(ids), "positions": torch.from_numpy(positions),
+            "slot_mapping": torch.from_numpy(slots), "query_start": torch.from_numpy(starts.astype(np.int32)),
+            "context_lens": torch.from_numpy(lengths.astype(np.int32)), "block_tables": torch.from_numpy(tables),
+            "logits_indices": torch.from_numpy(logits.astype(np.int64))}
