@@ -2,7 +2,8 @@
 
     manifest.json      kiln version, target, backend, dtype, quantization, parallelism,
                        limits, profiles, stop tokens, the kernel configurations tuned at
-                       build time and the GPU they were tuned on, and a SHA-256 per file
+                       build time and the GPU they were tuned on, the workspace of each
+                       profile, and a SHA-256 per file (over its 16 MiB chunks' digests)
     graph.kiln         the final IR as text
     executor.py        the executor generated from it (readable; regenerated and compared on load)
     weights.safetensors
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,12 +40,21 @@ class EngineLoadError(ValueError):
     """An engine directory that cannot be loaded; says why."""
 
 
+_CHUNK = 1 << 24
+
+
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The SHA-256 of the SHA-256 digests of the file's 16 MiB chunks, hashed on parallel
+    threads (hashlib releases the GIL): an 8B engine's 16 GB of weights are checked in
+    about a second on 16 cores, not ten on one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = range(0, max(os.fstat(fd).st_size, 1), _CHUNK)
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            digests = pool.map(lambda offset: hashlib.sha256(os.pread(fd, _CHUNK, offset)).digest(), chunks)
+            return hashlib.sha256(b"".join(digests)).hexdigest()
+    finally:
+        os.close(fd)
 
 
 def save_engine(engine: Engine, path: str | os.PathLike) -> Path:
