@@ -1,7 +1,8 @@
 """Plot a ``bench/serving.py`` result: output tokens/s against concurrency for kiln and
 its peers (x log-scaled), with the baseline's kiln curve beside them.
 
-    python bench/plot.py RESULTS.json OUT.png [--baseline BASELINE.json | --no-baseline] [--lengths 128 128]
+    python bench/plot.py RESULTS.json OUT.png [--baseline BASELINE.json | --no-baseline] [--baseline-peers]
+                         [--lengths 128 128]
 
 kiln's runs come in two passes; the second (every shape met before) is the solid line,
 the first the dashed one. Records without lengths (the baseline's) count as 128/128.
@@ -39,7 +40,8 @@ def common_lengths(results: list[dict]) -> tuple[int, int]:
     return counts.most_common(1)[0][0]
 
 
-def plot(results_file: Path, out: Path, baseline_file: Path | None, lengths: tuple[int, int] | None) -> None:
+def plot(results_file: Path, out: Path, baseline_file: Path | None, lengths: tuple[int, int] | None,
+         baseline_peers: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,7 +52,8 @@ def plot(results_file: Path, out: Path, baseline_file: Path | None, lengths: tup
     series = throughput_series(data["results"], lengths)
     if baseline_file is not None:
         baseline = json.loads(baseline_file.read_text())
-        old = throughput_series([e for e in baseline["results"] if e["system"] == "kiln"], lengths, " (baseline)")
+        drawn = [e for e in baseline["results"] if baseline_peers or e["system"] == "kiln"]
+        old = throughput_series(drawn, lengths, " (baseline)")
         series.update(old)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors: dict[str, str] = {}  # one per system; kiln's first pass and baseline share kiln's
@@ -76,11 +79,13 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--baseline", type=Path, default=BASELINE, help="a serving_baseline.py result to draw beside")
     parser.add_argument("--no-baseline", action="store_true", help="draw no baseline")
+    parser.add_argument("--baseline-peers", action="store_true",
+                        help="also draw the baseline run's peers (when this run has none)")
     parser.add_argument("--lengths", type=int, nargs=2, default=None, metavar=("INPUT", "OUTPUT"),
                         help="the workload to plot (default: the one most runs have)")
     args = parser.parse_args()
     plot(args.results, args.out, None if args.no_baseline else args.baseline,
-         tuple(args.lengths) if args.lengths else None)
+         tuple(args.lengths) if args.lengths else None, args.baseline_peers)
 
 
 if __name__ == "__main__":

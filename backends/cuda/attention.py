@@ -17,7 +17,10 @@ program also writes its own tokens' keys and values into the cache at ``slot_map
 so the write is fused into the attention kernel without a race.
 
 Everything the launch needs is a tensor shape or an engine limit: nothing is read back
-from the GPU, so a step can be captured in a CUDA graph. A step whose token count equals
+from the GPU, so a step can be captured in a CUDA graph. Integer arguments that change
+from step to step (sequence counts, splits, block-table widths) are not specialized on, so
+Triton compiles each kernel once per model, not again whenever one of them first becomes
+1 or a multiple of 16. A step whose token count equals
 its sequence count is all decodes (the scheduler never schedules an empty sequence; a
 padded sequence of a captured graph has one token and a negative slot).
 """
@@ -144,7 +147,7 @@ def _online_softmax(s, m, l, acc, values):
     return m_new, l, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "num_splits", "stride_bt", "stride_ps", "stride_ph", "stride_pk"])
 def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables,
                    part_out, part_lse, scale_log2, softcap, window, num_splits,
                    stride_qt, stride_qh, stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, stride_bt,
@@ -200,7 +203,7 @@ def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context
              mask=(g < G)[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "num_heads", "stride_ps", "stride_ph", "stride_pk"])
 def _merge_kernel(part_out, part_lse, out, query_start, num_splits, num_heads,
                   stride_ps, stride_ph, stride_pk, stride_ot, stride_oh,
                   D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
@@ -237,7 +240,7 @@ def _sequence_of(query_start, block, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "num_seqs", "stride_bt"])
 def _prefill_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables, out,
                     scale_log2, softcap, window, num_seqs,
                     stride_qt, stride_qh, stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, stride_bt,

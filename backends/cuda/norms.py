@@ -39,7 +39,7 @@ def default_norm_config(rows: int, hidden: int) -> NormConfig:
     return NormConfig(num_warps=min(max(block_rows * block // 512, 1), 16), block_rows=block_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])  # one compilation for every row count
 def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, rows, n, x_stride, res_stride, eps,
                  HAS_RESIDUAL: tl.constexpr, LAYER_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
