@@ -74,6 +74,8 @@ class LLMEngine:
                                                          if s <= self.max_num_seqs]
         self.runner = ModelRunner(engine.step_function(self.device), self.caches, self.device, self.block_size,
                                   -(-info.max_seq_len // self.block_size), sizes)
+        if info.backend == "cuda" and self.device.type == "cuda":
+            self.runner.warm_up(self.max_num_tokens, info.max_seq_len)
         if config.cuda_graphs == "all":
             self.runner.capture_all()
         self.blocks = BlockManager(num_blocks, self.block_size, config.prefix_caching and not spec.linear)

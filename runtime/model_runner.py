@@ -59,6 +59,18 @@ class ModelRunner:
         for size in reversed(self.graph_sizes):
             self._graph(size)
 
+    def warm_up(self, tokens: int, max_seq_len: int) -> None:
+        """Run one prefill step of ``tokens`` tokens (in sequences of at most
+        ``max_seq_len``) that writes no cache slot (every slot -1), so that kernels are
+        compiled and the largest activations allocated before the first request. Needs a
+        backend whose attention skips negative slots (the CUDA backend's)."""
+        lengths = [min(max_seq_len, tokens - start) for start in range(0, tokens, max_seq_len)]
+        step = step_inputs([SequenceStep([0] * n, 0, [0] * -(-n // self.block_size)) for n in lengths],
+                           self.block_size)
+        step["slot_mapping"].fill_(-1)
+        with torch.inference_mode():
+            self.step(**self._upload(step), **self.caches)
+
     @property
     def captured_sizes(self) -> tuple[int, ...]:
         return tuple(sorted(self._graphs))

@@ -14,7 +14,7 @@ import kiln
 from kiln.runtime import LLM, EngineLoadError, RuntimeConfig, SamplingParams
 from kiln.runtime.batch import SequenceStep, step_inputs
 from kiln.runtime.executor import load_executor
-from kiln.runtime.model_runner import INPUTS, _layout, _pad_into
+from kiln.runtime.model_runner import INPUTS, ModelRunner, _layout, _pad_into
 
 cuda_kernels = pytest.importorskip("kiln.backends.cuda.kernels").cuda_kernels
 
@@ -155,3 +155,13 @@ def test_gpu_llama_8b_shape_first_step_logits_match_transformers():
         want = model(input_ids=prompts.cuda()).logits[:, -1].float()
     assert ((got - want).norm() / want.norm()) < 2e-2
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_the_warm_up_prefill_writes_no_cache_slot(cuda_engine):
+    fast, _ = _steps(cuda_engine, "cpu", cuda_kernels("cpu"))
+    caches = cuda_engine.cache_spec.allocate(4, 16, "cpu")
+    for cache in caches.values():
+        cache.normal_()
+    before = {name: cache.clone() for name, cache in caches.items()}
+    ModelRunner(fast, caches, torch.device("cpu"), 16, 8).warm_up(40, 32)  # two sequences
+    assert all(torch.equal(caches[name], before[name]) for name in caches)
