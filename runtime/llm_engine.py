@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -20,12 +20,12 @@ from .batch import SequenceStep
 from .block_manager import BlockManager
 from .engine import Engine
 from .kv_cache import plan_num_blocks
-from .model_runner import ModelRunner
+from .model_runner import Feed, ModelRunner
 from .outputs import RequestOutput
-from .sampler import sample_async
+from .sampler import Sampling, sample_async
 from .sampling_params import SamplingParams
 from .scheduler import Scheduled, Scheduler
-from .sequence import Sequence
+from .sequence import PENDING, Sequence
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,14 @@ class RuntimeConfig:
         if self.cuda_graphs not in ("all", "lazy", "off"):
             raise ValueError(f"cuda_graphs must be 'all' (captured at start), 'lazy' (on first use) or 'off', "
                              f"got {self.cuda_graphs!r}")
+
+
+class InFlight(NamedTuple):
+    """A step launched on the device: its sequences, those that sample, and the sampling."""
+
+    seqs: list[Sequence]
+    sampling: list[Sequence]
+    sampled: Sampling
 
 
 class LLMEngine:
@@ -84,7 +92,7 @@ class LLMEngine:
         self.eos = tuple(info.stop_token_ids)
         self._ids = itertools.count()
         self.generated_tokens = 0
-        self._inflight: tuple[list[Sequence], Callable[[], list]] | None = None  # the step on the device
+        self._inflight: InFlight | None = None  # the step on the device
         self.prompt_tokens = 0
 
     # requests -----------------------------------------------------------------------
@@ -122,7 +130,7 @@ class LLMEngine:
         return self._output(seq)
 
     def has_unfinished(self) -> bool:
-        """Whether a request still runs or waits, or a step is still on the device."""
+        """Whether a request still runs or waits, or a step on the device has results to hand out."""
         return self.scheduler.has_work() or self._inflight is not None
 
     @property
@@ -136,69 +144,104 @@ class LLMEngine:
     # the loop -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Finish one model step and start the next; return the outputs of the requests
-        that advanced or ended in the finished step. Its tokens are appended, and stop
-        tokens and lengths checked, before the next step is scheduled and launched; its
-        text is decoded, and stop strings looked for, while the next step runs on the
-        device (a sequence that ends at a stop string then drops that step's token)."""
+        """Finish one model step and return the outputs of the requests that advanced or
+        ended in it; start the next step.
+
+        The next step is launched before this one's tokens reach the host (its sequences'
+        new input tokens are read on the device, where this step samples them), unless a
+        running request's penalties need those tokens on the host first. Then this step's
+        tokens are appended and stop tokens and lengths checked; its text is decoded, and
+        stop strings looked for, while the next step runs (a sequence that ended drops the
+        next step's token)."""
         outputs: list[RequestOutput] = []
         if self._inflight is None:
             self._inflight = self._launch_next(outputs)
         if self._inflight is None:
             return outputs
-        sampling, tokens = self._inflight
+        current = self._inflight
+        ahead = self._launch_next(outputs, current) if self._can_run_ahead() else None
         try:
-            appended = self._collect(sampling, tokens)
+            appended = self._collect(current)
         except Exception as exc:  # noqa: BLE001 - sampling failed on the device: this step's requests fail
             appended = []
-            outputs += [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in sampling if not seq.finished]
-        self._inflight = self._launch_next(outputs)
-        return outputs + self._emit(appended)
+            outputs += [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in current.sampling
+                        if not seq.finished]
+        self._inflight = ahead or self._launch_next(outputs)
+        outputs += self._emit(appended)
+        if self._inflight is not None and all(seq.finished for seq in self._inflight.seqs):
+            self._inflight = None  # it runs on, but every request in it has ended: nothing to collect
+        return outputs
 
-    def _launch_next(self, failed: list[RequestOutput]) -> tuple[list[Sequence], Callable[[], list]] | None:
-        """Schedule and launch the next step, if there is work; a step that fails to
-        launch fails its requests (their outputs go to ``failed``)."""
+    def _can_run_ahead(self) -> bool:
+        """Whether the next step may start before this one's tokens are on the host: not
+        while a running request has penalties (the sampler counts its tokens on the host)."""
+        return not any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+                       for s in self.scheduler.running)
+
+    def _launch_next(self, failed: list[RequestOutput], previous: InFlight | None = None) -> InFlight | None:
+        """Schedule and launch the next step, if there is work (reading the tokens that
+        ``previous`` is still sampling on the device); a step that fails to launch fails
+        its requests (their outputs go to ``failed``)."""
         batch = self.scheduler.schedule()
         if not batch:
             return None
         try:
-            return self._launch(batch)
+            return self._launch(batch, previous)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
             failed += [self._fail(item.seq, f"{type(exc).__name__}: {exc}") for item in batch]
             return None
 
-    def _launch(self, batch: list[Scheduled]) -> tuple[list[Sequence], Callable[[], list]]:
-        """Start the step and its sampling on the device; the sampling sequences and a
-        function that waits for their tokens."""
-        steps = [SequenceStep(item.seq.tokens[item.num_cached:item.num_cached + item.num_tokens], item.num_cached,
-                              item.seq.block_table) for item in batch]
-        logits = self.runner.run(steps, [item.samples for item in batch])
+    def _launch(self, batch: list[Scheduled], previous: InFlight | None) -> InFlight:
+        """Start the step and its sampling on the device; each sampling sequence gets a
+        ``PENDING`` token that ``_collect`` fills in."""
+        steps, dst, src = [], [], []
+        rows = {id(seq): row for row, seq in enumerate(previous.sampling)} if previous else {}
+        offset = 0
+        for item in batch:
+            tokens = item.seq.tokens[item.num_cached:item.num_cached + item.num_tokens]
+            if tokens[-1] == PENDING:
+                dst.append(offset + len(tokens) - 1)
+                src.append(rows[id(item.seq)])
+            steps.append(SequenceStep(tokens, item.num_cached, item.seq.block_table))
+            offset += len(tokens)
+        flags = [item.samples for item in batch]
+        feed = Feed(dst, src, previous.sampled.tokens) if dst else None
+        logits = self.runner.run(steps, flags, feed)
+        sampling = [item.seq for item, samples in zip(batch, flags) if samples]
         for item in batch:
             item.seq.num_cached += item.num_tokens
-            self.blocks.commit(item.seq)
-        sampling = [item.seq for item in batch if item.samples]
-        return sampling, sample_async(logits, sampling, self.eos)
+        sampled = sample_async(logits, sampling, self.eos)
+        for seq in sampling:
+            seq.tokens.append(PENDING)
+            seq.pending += 1
+        return InFlight([item.seq for item in batch], sampling, sampled)
 
-    def _collect(self, sampling: list[Sequence], tokens: Callable[[], list]) -> list[tuple[Sequence, int]]:
-        """Append each sequence's new token (a sequence that ended meanwhile, at a stop
-        string, drops it) and end those that reached a stop token or their length."""
+    def _collect(self, step: InFlight) -> list[tuple[Sequence, int]]:
+        """Put each sequence's new token in its place (a sequence that ended meanwhile
+        drops it), end those that reached a stop token or their length, and record the
+        cache blocks the step filled."""
         appended = []
         now = time.monotonic()
-        for seq, (token, logprobs) in zip(sampling, tokens()):
+        for seq, (token, logprobs) in zip(step.sampling, step.sampled.wait()):
             if seq.finished:
                 continue
+            seq.tokens[len(seq.tokens) - seq.pending] = token
+            seq.pending -= 1
             seq.first_token_time = seq.first_token_time or now
             seq.last_token_time = now
-            seq.tokens.append(token)
             self.generated_tokens += 1
             if logprobs is not None:
                 seq.logprobs.append(logprobs)
             params = seq.params
             if token in params.stop_token_ids or (token in self.eos and not params.ignore_eos):
                 self.scheduler.finish(seq, "stop")
-            elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.engine.info.max_seq_len:
+            elif (len(seq.output_ids) >= params.max_tokens
+                  or len(seq.prompt_ids) + len(seq.output_ids) >= self.engine.info.max_seq_len):
                 self.scheduler.finish(seq, "length")
             appended.append((seq, token))
+        for seq in step.seqs:
+            if not seq.finished:
+                self.blocks.commit(seq)
         return appended
 
     def _emit(self, appended: list[tuple[Sequence, int]]) -> list[RequestOutput]:

@@ -14,6 +14,7 @@ cache. Other steps (prefills, chunks, mixed) run eagerly.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -42,17 +43,22 @@ class ModelRunner:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         if self.graph_sizes:
-            largest = _layout(self.graph_sizes[-1], max_blocks)[-1][1]
+            largest = _layout(self.graph_sizes[-1], max_blocks)[-1][1] + 2 * self.graph_sizes[-1]  # and a feed
             self._staging = torch.zeros(largest, dtype=torch.int64, device=device)
             self._host = torch.zeros(largest, dtype=torch.int64, pin_memory=True)
 
-    def run(self, steps: Sequence[SequenceStep], sampling: Sequence[bool]) -> torch.Tensor:
-        """Logits [number of sampling sequences, vocab] of one step."""
+    def run(self, steps: Sequence[SequenceStep], sampling: Sequence[bool], feed: Feed | None = None) -> torch.Tensor:
+        """Logits [number of sampling sequences, vocab] of one step; ``feed`` fills in the
+        input tokens that the previous step is still sampling, on the device."""
         inputs = step_inputs(steps, self.block_size, sampling=sampling)
+        index = torch.tensor(feed.dst + feed.src if feed else [], dtype=torch.int64)
         with torch.inference_mode():
             if self.graph_sizes and len(inputs["ids"]) == len(steps) <= self.graph_sizes[-1]:
-                return self._replay(inputs)
-            return self.step(**self._upload(inputs), **self.caches)[0]
+                return self._replay(inputs, index, feed)
+            inputs = self._upload({**inputs, "feed": index})
+            if feed:
+                _fill(inputs["ids"], inputs["feed"], feed.tokens)
+            return self.step(**{name: inputs[name] for name, _ in INPUTS}, **self.caches)[0]
 
     def capture_all(self) -> None:
         """Capture the graph of every size now, largest first (they share one pool)."""
@@ -78,22 +84,26 @@ class ModelRunner:
     def _upload(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type != "cuda":
             return {name: t.to(self.device) for name, t in inputs.items()}
-        host = torch.cat([inputs[name].flatten().long() for name, _ in INPUTS]).pin_memory()
+        names = [(name, inputs[name].dtype) for name in inputs]
+        host = torch.cat([inputs[name].flatten().long() for name, _ in names]).pin_memory()
         packed = host.to(self.device, non_blocking=True)
         views, at = {}, 0
-        for name, dtype in INPUTS:
+        for name, dtype in names:
             count = inputs[name].numel()
             views[name] = packed[at:at + count].view(inputs[name].shape).to(dtype)
             at += count
         return views
 
-    def _replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _replay(self, inputs: dict[str, torch.Tensor], index: torch.Tensor, feed: Feed | None) -> torch.Tensor:
         count, logits = len(inputs["ids"]), len(inputs["logits_indices"])
         size = next(s for s in self.graph_sizes if s >= count)
         graph, out = self._graph(size)
         _pad_into(self._host, inputs, size, self.max_blocks)
         used = _layout(size, self.max_blocks)[-1][1]
-        self._staging[:used].copy_(self._host[:used], non_blocking=True)
+        self._host[used:used + len(index)] = index
+        self._staging[:used + len(index)].copy_(self._host[:used + len(index)], non_blocking=True)
+        if feed:
+            _fill(self._staging[:size], self._staging[used:used + len(index)], feed.tokens)
         graph.replay()
         return out[:logits]
 
@@ -124,6 +134,21 @@ class ModelRunner:
                 self._pool = graph.pool()
             self._graphs[size] = (graph, out)
         return self._graphs[size]
+
+
+class Feed(NamedTuple):
+    """Input tokens that the previous step is still sampling: step token ``dst[i]`` is
+    row ``src[i]`` of ``tokens``, that step's sampled tokens on the device."""
+
+    dst: list[int]
+    src: list[int]
+    tokens: torch.Tensor
+
+
+def _fill(ids: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Write the fed tokens into ``ids`` on the device (``index``: the dst then the src rows)."""
+    half = len(index) // 2
+    ids.index_copy_(0, index[:half], tokens.index_select(0, index[half:]))
 
 
 def _layout(size: int, width: int) -> list[tuple[int, int]]:

@@ -24,6 +24,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from collections.abc import Sequence as Seq
+from typing import NamedTuple
 
 import torch
 
@@ -36,15 +37,23 @@ _MASK64 = (1 << 64) - 1
 _PENALTIES = ("repetition", "presence", "stops")
 
 
+class Sampling(NamedTuple):
+    """A step's sampling under way: the tokens on the device (one a row, for the next
+    step to read there) and a function that waits for the results on the host."""
+
+    tokens: torch.Tensor
+    wait: Callable[[], Results]
+
+
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos: Seq[int] = ()) -> Results:
     """A token for each row of ``logits`` [len(seqs), vocab], with its log-probabilities
     when the row's request asks for them."""
-    return sample_async(logits, seqs, eos)()
+    return sample_async(logits, seqs, eos).wait()
 
 
-def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], eos: Seq[int] = ()) -> Callable[[], Results]:
+def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], eos: Seq[int] = ()) -> Sampling:
     """``sample`` in two halves: launch the work on the device and the copy of its results
-    to the host, and return a function that waits for them and answers what ``sample`` does."""
+    to the host; the tokens on the device, and a function that waits for the results."""
     vocab = logits.shape[-1]
     host = _tables(seqs, eos, vocab)
     tables = _upload(host, logits.device)
@@ -58,7 +67,7 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], eos: Seq[int] = ()) 
     if "logprobs" in tables:
         packed.append(kernels.logprobs(logits, tables["logprobs"][0].long(), tokens, top).flatten())
     values = _download(torch.cat(packed))
-    return lambda: _results(values(), seqs, top)
+    return Sampling(tokens, lambda: _results(values(), seqs, top))
 
 
 # the host's tables: columns of float64, which holds token ids exactly ---------------------

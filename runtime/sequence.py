@@ -12,6 +12,9 @@ from .detokenizer import IncrementalDetokenizer
 from .sampling_params import SamplingParams
 
 
+PENDING = -1  # the place of a token that the device is sampling; the step after reads it there
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -52,6 +55,7 @@ class Sequence:
     last_token_time: float | None = None
     preemptions: int = 0
     cached_prompt_tokens: int = 0  # tokens found in the prefix cache when last admitted
+    pending: int = 0  # tokens at the end of ``tokens`` being sampled on the device (PENDING until known)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)
@@ -62,7 +66,8 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.tokens[len(self.prompt_ids):]
+        """The output tokens known on the host (not those still being sampled)."""
+        return self.tokens[len(self.prompt_ids):len(self.tokens) - self.pending]
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import kiln
 from kiln import LLM, RuntimeConfig, SamplingParams
+from kiln.runtime import LLMEngine
 
 PROMPTS = ["The for statement", "A class definition", "The while loop", "Exceptions are raised",
            "Python uses", "The import statement"]
@@ -134,3 +135,35 @@ def test_load_runs_the_same_engine(saved_engine, bundled_engine):
     want = _greedy(LLM(bundled_engine, RuntimeConfig(num_blocks=64)), PROMPTS[:2])
     assert _greedy(LLM(loaded, RuntimeConfig(num_blocks=64)), PROMPTS[:2]) == want
     assert _greedy(LLM(str(saved_engine), RuntimeConfig(num_blocks=64)), PROMPTS[:2]) == want
+
+
+def _feeds(engine, params, steps=4):
+    """Whether each step after the first read its input tokens on the device (launched
+    before the previous step's tokens reached the host)."""
+    fed = []
+    run = engine.runner.run
+
+    def recording(batch, sampling, feed=None):
+        fed.append(feed is not None)
+        return run(batch, sampling, feed)
+
+    engine.runner.run = recording
+    engine.add_request([5, 6, 7, 8], params)
+    for _ in range(steps):
+        engine.step()
+    return fed[1:]
+
+
+def test_the_next_step_starts_before_the_tokens_reach_the_host(bundled_engine):
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    assert all(_feeds(LLMEngine(bundled_engine, RuntimeConfig(num_blocks=16)), greedy))
+    penalized = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=1.3)
+    assert not any(_feeds(LLMEngine(bundled_engine, RuntimeConfig(num_blocks=16)), penalized))
+
+
+def test_penalized_requests_among_greedy_ones_give_their_tokens_alone(bundled_engine):
+    penalized = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.5)
+    alone = LLM(bundled_engine, RuntimeConfig(num_blocks=64)).generate([PROMPTS[0]], penalized)[0].token_ids
+    mixed = LLM(bundled_engine, RuntimeConfig(num_blocks=64)).generate(
+        PROMPTS[:3], [penalized, SamplingParams(max_tokens=12, temperature=0), penalized])
+    assert mixed[0].token_ids == alone

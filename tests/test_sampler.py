@@ -176,7 +176,7 @@ def test_a_step_copies_to_the_host_once(monkeypatch, batch):
     monkeypatch.setattr(sampler, "_download", lambda packed: calls.append(packed) or download(packed))
     sample(batch_of(batch), batch, eos=[0])
     assert len(calls) == 1 and calls[0].dim() == 1
-    assert sampler.sample_async(batch_of(batch), batch, eos=[0])() == sample(batch_of(batch), batch, eos=[0])
+    assert sampler.sample_async(batch_of(batch), batch, eos=[0]).wait() == sample(batch_of(batch), batch, eos=[0])
 
 
 def test_the_uniform_numbers_are_splitmix64():
