@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .batch import SequenceStep, step_inputs
@@ -163,17 +164,19 @@ def _layout(size: int, width: int) -> list[tuple[int, int]]:
 
 
 def _pad_into(host: torch.Tensor, inputs: dict[str, torch.Tensor], size: int, width: int) -> None:
-    """Pack a decode step's inputs, padded to ``size`` sequences and ``width`` blocks, into ``host``."""
+    """Pack a decode step's inputs, padded to ``size`` sequences and ``width`` blocks, into
+    ``host`` (through numpy: torch's CPU ops would wake their thread pool for each)."""
     count = len(inputs["ids"])
+    buffer = host.numpy()
     pads = {"ids": 0, "positions": 0, "slot_mapping": -1, "context_lens": 1, "logits_indices": 0}
     for (name, _), (start, end) in zip(INPUTS, _layout(size, width)):
-        target = host[start:end]
-        value = inputs[name]
+        target = buffer[start:end]
+        value = inputs[name].numpy()
         if name == "query_start":
-            target.copy_(torch.arange(size + 1))
+            target[:] = np.arange(size + 1)
         elif name == "block_tables":
-            table = target.view(size, width)
-            table.zero_()
+            table = target.reshape(size, width)
+            table[:] = 0
             table[:count, :value.shape[1]] = value
         else:
             target[len(value):] = pads[name]
