@@ -1,5 +1,6 @@
 """The CUDA backend's kernel table: Triton kernels for the fused ops and paged attention,
-cuBLAS GEMMs (``linear`` is ``torch.nn.functional.linear``) and torch's own CUDA kernels
+cuBLAS GEMMs (``torch.nn.functional.linear``; a Triton GEMV for the one-row shapes where
+tuning measured it faster) and torch's own CUDA kernels
 for the remaining ops (views, casts, gathers), each called as the executor calls a
 registry op. Launch parameters tuned at build time come in as plain dicts."""
 
@@ -14,16 +15,17 @@ from typing import Any
 import torch
 
 from ..reference import Kernel, reference_kernels
-from . import activations, attention, norms, rotary
+from . import activations, attention, gemv, norms, rotary
 
-# op -> (launcher, its configuration class)
-LAUNCHERS: dict[str, tuple[Callable[..., Any], type]] = {
+# op -> (launcher, its configuration: a dataclass, or None where the stored dict is it)
+LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
     "rms_norm": (norms.rms_norm, norms.NormConfig),
     "add_rms_norm": (norms.add_rms_norm, norms.NormConfig),
     "add_layer_norm": (norms.add_layer_norm, norms.NormConfig),
     "gated_activation": (activations.gated_activation, activations.GatedConfig),
     "qkv_rotary": (rotary.qkv_rotary, rotary.RotaryConfig),
     "paged_attention": (attention.paged_attention, attention.AttentionConfig),
+    "linear": (gemv.linear, None),  # weight shape -> GEMV parameters, where the GEMV beat cuBLAS
 }
 
 
@@ -33,7 +35,11 @@ def cuda_kernels(device: torch.device | str, configs: Mapping[str, dict] | None 
     kernels = reference_kernels(device)
     for op, (launcher, config_type) in LAUNCHERS.items():
         fields = (configs or {}).get(op)
-        kernels[op] = partial(launcher, config=config_from_dict(config_type, fields)) if fields else launcher
+        if not fields:
+            kernels[op] = launcher
+        else:
+            kernels[op] = partial(launcher, config=fields if config_type is None else
+                                  config_from_dict(config_type, fields))
     return kernels
 
 

@@ -3,7 +3,10 @@ engine, so that ``kiln.load`` never tunes.
 
 The paged-attention kernels are tuned, the ones whose best parameters depend on the GPU
 and the model's head layout: decode of one sequence with a long context, decode of a full
-batch, prefill of one long prompt, each candidate timed with ``triton.testing.do_bench``. The norm, activation
+batch, prefill of one long prompt, each candidate timed with ``triton.testing.do_bench``
+(which clears the L2 cache before each run). So is ``linear`` at one row (batch-1
+decode): for each weight shape, the Triton GEMV's candidates against cuBLAS; the GEMV
+is kept only where it wins. The norm, activation
 and rotary kernels choose their parameters per shape at run time.
 """
 
@@ -13,10 +16,12 @@ import dataclasses
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ...ir import Graph
 from ...passes.profiles import EngineLimits
 from .attention import AttentionConfig, decode_configs, multiprocessors, paged_attention, prefill_configs
+from .gemv import gemv, gemv_configs, shape_key
 from .targets import device_name, matches
 
 _BLOCK_SIZE = 16
@@ -48,7 +53,27 @@ def tune_engine_kernels(graph: Graph, target: str, limits: EngineLimits) -> tupl
     prefill = _fastest([AttentionConfig(prefill=c) for c in prefill_configs(heads // kv_heads)], [0], [prompt],
                        shape)
     best = AttentionConfig(decode.decode, wide.decode_wide, prefill.prefill)
-    return name, {"paged_attention": dataclasses.asdict(best)}
+    return name, {"paged_attention": dataclasses.asdict(best), "linear": _gemv_choices(graph)}
+
+
+def _gemv_choices(graph: Graph) -> dict[str, dict]:
+    """Weight shape -> GEMV parameters, for the one-row ``linear`` shapes of ``graph``
+    where the fastest GEMV beat cuBLAS by more than the timing noise (3%)."""
+    import triton.testing
+
+    shapes = {(*node.inputs[1].shape, node.inputs[1].dtype.torch_dtype) for node in graph.nodes
+              if node.op == "linear" and node.inputs[1].is_constant}
+    choices = {}
+    for n, k, dtype in sorted(shapes, key=str):
+        x = torch.randn(1, k, dtype=dtype, device="cuda")
+        weight = torch.randn(n, k, dtype=dtype, device="cuda")
+        cublas = triton.testing.do_bench(lambda: F.linear(x, weight), warmup=5, rep=20, return_mode="median")
+        timed = {config: triton.testing.do_bench(lambda c=config: gemv(x, weight, None, c), warmup=5, rep=20,
+                                                 return_mode="median") for config in gemv_configs()}
+        config = min(timed, key=timed.get)
+        if timed[config] < 0.97 * cublas:
+            choices[shape_key(n, k)] = dataclasses.asdict(config)
+    return choices
 
 
 def _fastest(candidates: list[AttentionConfig], cached: list[int], query_lens: list[int],
