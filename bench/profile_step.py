@@ -1,4 +1,4 @@
-"""Where a step's time goes: decode steps at several batch sizes and one long prefill,
+"""Where a step's time goes: decode steps at several batch sizes, a mixed step and one long prefill,
 timed on the host and profiled with the torch profiler (GPU busy time against wall
 time, and the kernels that take it).
 
@@ -75,6 +75,30 @@ def decode_profile(llm: LLMEngine, batch: int, prompt: int, vocab: int, out: Pat
             "gpu_idle_fraction": 1 - busy / wall, "profiled_steps": 4}
 
 
+def mixed_profile(llm: LLMEngine, decodes: int, chunk: int, vocab: int, out: Path | None, seed: int) -> dict:
+    """A mixed step: a fresh prompt of ``chunk`` tokens prefilled beside ``decodes``
+    decoding sequences, profiled over the two ``step()`` calls that launch and finish it."""
+    prefill_then(llm, fresh_prompts(decodes, 128, vocab, seed), 64)
+    for _ in range(3):
+        llm.step()
+    llm.add_request(fresh_prompts(1, chunk, vocab, seed + 1)[0],
+                    SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = time.perf_counter()
+        for _ in range(2):
+            llm.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - wall) * 1e6
+    while llm.has_unfinished():
+        llm.step()
+    if out is not None:
+        prof.export_chrome_trace(str(out / f"mixed-{decodes}-{chunk}.json"))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+    return {"decodes": decodes, "chunk": chunk, "wall_ms_two_calls": wall / 1e3,
+            "gpu_idle_fraction": 1 - gpu_busy(prof) / wall}
+
+
 def prefill_time(llm: LLMEngine, length: int, vocab: int, seed: int) -> float:
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     torch.cuda.synchronize()
@@ -92,6 +116,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--dtype", default=None, help="the engine's dtype (default: the model's)")
+    parser.add_argument("--mixed", type=int, nargs=2, default=[63, 512], metavar=("DECODES", "CHUNK"),
+                        help="profile a step that prefills CHUNK new tokens beside DECODES decodes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.model is None:
@@ -102,8 +128,8 @@ def main() -> None:
         model = args.model
     max_batch = max(args.batch)
     start = time.perf_counter()
-    engine = kiln.compile(model, target="h100", dtype=args.dtype, max_batch_size=max_batch, max_seq_len=max(args.prefill, 512) + 64,
-                          max_num_tokens=max(max_batch * args.prompt, args.prefill))
+    engine = kiln.compile(model, target="h100", dtype=args.dtype, max_batch_size=max_batch,
+                          max_seq_len=max(args.prefill, 512) + 64, max_num_tokens=max(max_batch * args.prompt, args.prefill))
     built = time.perf_counter() - start
     del model
     torch.cuda.empty_cache()
@@ -121,6 +147,8 @@ def main() -> None:
         entry = decode_profile(llm, batch, args.prompt, vocab, args.out, seed=100 + i)
         results["decode"].append(entry)
         print(json.dumps(entry), flush=True)
+    results["mixed"] = mixed_profile(llm, *args.mixed, vocab, args.out, seed=200)
+    print(json.dumps(results["mixed"]), flush=True)
     if args.out is not None:
         (args.out / "profile.json").write_text(json.dumps(results, indent=2))
 
