@@ -3,8 +3,10 @@ executor, weights, tokenizer) and ``CompiledModule`` for plain modules."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from ..backends import kernels_for
 from ..ir import Graph, interpret, sym
 from ..passes.profiles import ProfilePlan
 from .batch import SequenceStep, step_inputs
+from .engine_files import read_engine, write_engine
 from .executor import Step, generate_executor, load_executor
 
 _MAX_SEQ_LEN = sym("max_seq_len")  # the linear cache layout's block size
@@ -52,6 +55,20 @@ class EngineInfo:
     pp: int = 1
     tuned_on: str | None = None  # the GPU whose kernel configurations the engine holds (None: defaults)
     workspace_bytes: Mapping[str, int] = field(default_factory=dict)  # activation memory per profile
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """The engine's description as its manifest stores it (JSON values)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "dtype": str(self.dtype).removeprefix("torch."), "profiles": asdict(self.profiles),
+                "stop_token_ids": list(self.stop_token_ids), "workspace_bytes": dict(self.workspace_bytes)}
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> EngineInfo:
+        """The description that ``manifest_fields`` wrote."""
+        fields = {f.name: manifest[f.name] for f in dataclasses.fields(cls)}
+        return cls(**{**fields, "dtype": getattr(torch, manifest["dtype"]),
+                      "profiles": ProfilePlan.from_dict(manifest["profiles"]),
+                      "stop_token_ids": tuple(manifest["stop_token_ids"])})
 
 
 @dataclass(frozen=True)
@@ -156,8 +173,16 @@ class Engine:
         """Columns of the logits."""
         return int(self.graph.outputs[0].shape[-1])
 
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the engine directory (see ``kiln.runtime.engine_files``)."""
-        from .engine_files import save_engine
+        write_engine(path, self.graph, self.executor_source, self.weights("cpu"), self.config, self.tokenizer,
+                     {**self.info.manifest_fields(), "kernel_configs": self.kernel_configs})
 
-        save_engine(self, path)
+
+def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashes: bool = True) -> Engine:
+    """Load the engine in directory ``path`` (no pass runs); refuse one built for another
+    ``target`` (when given), by another kiln version, with a changed file, or for another GPU."""
+    directory = read_engine(path, target, verify_hashes)
+    manifest = directory.manifest
+    return Engine(directory.graph, directory.tokenizer, directory.config, EngineInfo.from_manifest(manifest),
+                  directory.executor_source, manifest["kernel_configs"])

@@ -1,4 +1,5 @@
-"""Engine directories: build once, load fast, no pickle.
+"""Engine directories: build once, load fast, no pickle. This module reads and writes
+the files; ``runtime/engine.py`` says what an engine's manifest holds.
 
     manifest.json      kiln version, target, backend, dtype, quantization, parallelism,
                        limits, profiles, stop tokens, the kernel configurations tuned at
@@ -9,7 +10,7 @@
     weights.safetensors
     config.json, tokenizer files, chat template
 
-``load_engine`` checks the manifest (format, kiln version, target, and the GPU at hand
+``read_engine`` checks the manifest (format, kiln version, target, and the GPU at hand
 against the one a CUDA engine was built for) and every file's hash,
 parses the graph, checks that the executor is the one kiln generates for it, and reads
 the weights; it runs no pass.
@@ -20,16 +21,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..ir import parse, verify
-from ..passes.profiles import ProfilePlan
-from .engine import Engine, EngineInfo
+from ..ir import Graph, parse, verify
 from .executor import generate_executor
 
 FORMAT = 2
@@ -57,34 +58,27 @@ def _sha256(path: Path) -> str:
         os.close(fd)
 
 
-def save_engine(engine: Engine, path: str | os.PathLike) -> Path:
-    """Write ``engine`` to directory ``path`` (created; its engine files are replaced)."""
+def write_engine(path: str | os.PathLike, graph: Graph, executor_source: str, weights: Mapping[str, torch.Tensor],
+                 config: Any, tokenizer: Any, fields: Mapping[str, Any]) -> Path:
+    """Write an engine directory at ``path`` (created; its engine files are replaced): the
+    graph's text, the executor, the weights, config and tokenizer, and a manifest of
+    ``fields`` with the format, the kiln version and every file's hash."""
     from .. import __version__
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    (out / GRAPH).write_text(str(engine.graph))
-    (out / EXECUTOR).write_text(engine.executor_source)
-    tensors = {name: t.contiguous() for name, t in engine.weights("cpu").items()}
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
-    if isinstance(engine.config, dict):
-        (out / "config.json").write_text(json.dumps(engine.config, indent=2) + "\n")
-    elif engine.config is not None:
-        engine.config.save_pretrained(out)
-    if engine.tokenizer is not None:
-        engine.tokenizer.save_pretrained(out)
+    (out / GRAPH).write_text(str(graph))
+    (out / EXECUTOR).write_text(executor_source)
+    save_file({name: t.contiguous() for name, t in weights.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
+    if isinstance(config, dict):
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    elif config is not None:
+        config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
-    info = engine.info
-    manifest = {
-        "format": FORMAT, "kiln_version": __version__, "target": info.target, "backend": info.backend,
-        "architecture": info.architecture, "dtype": str(info.dtype).removeprefix("torch."),
-        "quantization": info.quantization, "kv_cache_dtype": info.kv_cache_dtype, "tp": info.tp, "pp": info.pp,
-        "max_batch_size": info.max_batch_size, "max_seq_len": info.max_seq_len,
-        "max_num_tokens": info.max_num_tokens, "stop_token_ids": list(info.stop_token_ids),
-        "profiles": asdict(info.profiles), "tuned_on": info.tuned_on,
-        "workspace_bytes": dict(info.workspace_bytes), "kernel_configs": engine.kernel_configs,
-        "files": {name: _sha256(out / name) for name in files},
-    }
+    manifest = {"format": FORMAT, "kiln_version": __version__, **fields,
+                "files": {name: _sha256(out / name) for name in files}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
@@ -118,9 +112,24 @@ def _check_files(root: Path, manifest: dict) -> None:
                                   "after the build")
 
 
-def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashes: bool = True) -> Engine:
-    """Load the engine in directory ``path``; refuse one built for another ``target``
-    (when given), by another kiln version, or with a changed file."""
+@dataclass(frozen=True)
+class EngineDirectory:
+    """What an engine directory holds, checked: its manifest, the graph with its weights
+    bound and verified, the executor source (the one kiln generates for that graph), the
+    tokenizer and the config."""
+
+    root: Path
+    manifest: dict
+    graph: Graph
+    executor_source: str
+    tokenizer: Any
+    config: dict | None
+
+
+def read_engine(path: str | os.PathLike, target: str | None = None, verify_hashes: bool = True) -> EngineDirectory:
+    """Read the engine in directory ``path``; refuse one built for another ``target``
+    (when given), by another kiln version, with a changed file, or, where a GPU is
+    present, a CUDA engine built for another GPU."""
     from .. import __version__
 
     root = Path(path)
@@ -129,6 +138,7 @@ def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashe
         raise EngineLoadError(f"engine {root} was built for target {manifest['target']!r}, not {target!r}")
     if verify_hashes:
         _check_files(root, manifest)
+    _check_gpu(root, manifest)
     graph = parse((root / GRAPH).read_text())
     weights = load_file(str(root / WEIGHTS))
     missing = [n for n, v in graph.constants.items() if (v.uses or v in graph.outputs) and n not in weights]
@@ -139,25 +149,17 @@ def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashe
     source = (root / EXECUTOR).read_text()
     if source != generate_executor(graph, manifest["backend"], __version__):
         raise EngineLoadError(f"{root / EXECUTOR} is not the executor kiln generates for {GRAPH}")
-    info = EngineInfo(
-        architecture=manifest["architecture"], target=manifest["target"], backend=manifest["backend"],
-        dtype=getattr(torch, manifest["dtype"]), max_batch_size=manifest["max_batch_size"],
-        max_seq_len=manifest["max_seq_len"], max_num_tokens=manifest["max_num_tokens"],
-        profiles=ProfilePlan.from_dict(manifest["profiles"]), stop_token_ids=tuple(manifest["stop_token_ids"]),
-        quantization=manifest["quantization"], kv_cache_dtype=manifest["kv_cache_dtype"], tp=manifest["tp"],
-        pp=manifest["pp"], tuned_on=manifest["tuned_on"], workspace_bytes=manifest["workspace_bytes"])
-    _check_gpu(root, info)
-    return Engine(graph, _tokenizer(root), _config(root), info, source, manifest["kernel_configs"])
+    return EngineDirectory(root, manifest, graph, source, _tokenizer(root), _config(root))
 
 
-def _check_gpu(root: Path, info: EngineInfo) -> None:
+def _check_gpu(root: Path, manifest: dict) -> None:
     """Refuse an engine of the CUDA backend on a GPU other than the one it was built for."""
-    if info.backend != "cuda" or not torch.cuda.is_available():
+    if manifest["backend"] != "cuda" or not torch.cuda.is_available():
         return
     from ..backends.cuda.targets import DeviceMismatchError, check_device
 
     try:
-        check_device(info.target, info.tuned_on, "cuda")
+        check_device(manifest["target"], manifest["tuned_on"], "cuda")
     except DeviceMismatchError as exc:
         raise EngineLoadError(f"engine {root}: {exc}") from None
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .engine import Engine
+from .engine import Engine, load_engine
+from .engine_files import MANIFEST
 from .llm_engine import LLMEngine, RuntimeConfig
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -28,7 +29,6 @@ def as_engine(model: Engine | str | os.PathLike, **compile_options: Any) -> Engi
     if isinstance(model, Engine):
         return model
     from ..api import compile
-    from .engine_files import MANIFEST, load_engine
 
     if (Path(model) / MANIFEST).is_file():
         return load_engine(model)
