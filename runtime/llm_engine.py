@@ -1,9 +1,11 @@
 """The serving loop: requests in, one model step at a time, outputs out.
 
-``LLMEngine.step()`` asks the scheduler for the next batch, builds the step graph's
-inputs, runs the engine's executor over the paged KV cache, samples a token for each
-sequence whose step reached its last token, detokenizes, checks the stop conditions,
-and returns a ``RequestOutput`` for every request that advanced or ended.
+Each ``LLMEngine.step()`` finishes the step on the device and starts the next: the
+scheduler picks the next batch, the model runner runs the engine's executor over the
+paged KV cache, and the sampler draws a token for each sequence whose step reached its
+last token. The next step is launched before this one's tokens reach the host; then
+they are appended, the text decoded and the stop conditions checked, and a
+``RequestOutput`` is returned for every request that advanced or ended.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ class LLMEngine:
             appended = []
             outputs += [self._fail(seq, f"{type(exc).__name__}: {exc}") for seq in current.sampling
                         if not seq.finished]
-        self._inflight = ahead or self._launch_next(outputs)
+        self._inflight = ahead if ahead is not None else self._launch_next(outputs)
         outputs += self._emit(appended)
         if self._inflight is not None and all(seq.finished for seq in self._inflight.seqs):
             self._inflight = None  # it runs on, but every request in it has ended: nothing to collect
