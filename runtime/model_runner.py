@@ -46,7 +46,6 @@ class ModelRunner:
         if self.graph_sizes:
             largest = _layout(self.graph_sizes[-1], max_blocks)[-1][1] + 2 * self.graph_sizes[-1]  # and a feed
             self._staging = torch.zeros(largest, dtype=torch.int64, device=device)
-            self._host = torch.zeros(largest, dtype=torch.int64, pin_memory=True)
 
     def run(self, steps: Sequence[SequenceStep], sampling: Sequence[bool], feed: Feed | None = None) -> torch.Tensor:
         """Logits [number of sampling sequences, vocab] of one step; ``feed`` fills in the
@@ -99,10 +98,13 @@ class ModelRunner:
         count, logits = len(inputs["ids"]), len(inputs["logits_indices"])
         size = next(s for s in self.graph_sizes if s >= count)
         graph, out = self._graph(size)
-        _pad_into(self._host, inputs, size, self.max_blocks)
         used = _layout(size, self.max_blocks)[-1][1]
-        self._host[used:used + len(index)] = index
-        self._staging[:used + len(index)].copy_(self._host[:used + len(index)], non_blocking=True)
+        # A fresh pinned buffer each step: the previous step's copy from its own may still be
+        # queued (steps launch ahead), and torch reuses a pinned block only after its copy ran.
+        host = torch.empty(used + len(index), dtype=torch.int64, pin_memory=True)
+        _pad_into(host, inputs, size, self.max_blocks)
+        host[used:] = index
+        self._staging[:len(host)].copy_(host, non_blocking=True)
         if feed:
             _fill(self._staging[:size], self._staging[used:used + len(index)], feed.tokens)
         graph.replay()
@@ -116,8 +118,9 @@ class ModelRunner:
                 inputs[name] = view.view(size, self.max_blocks) if name == "block_tables" else view
             empty = {name: torch.zeros((0, self.max_blocks) if name == "block_tables" else 0, dtype=torch.int64)
                      for name, _ in INPUTS}
-            _pad_into(self._host, empty, size, self.max_blocks)  # all padding: the warm-up writes no cache slot
-            self._staging.copy_(self._host)
+            padding = torch.empty(_layout(size, self.max_blocks)[-1][1], dtype=torch.int64)
+            _pad_into(padding, empty, size, self.max_blocks)  # all padding: the warm-up writes no cache slot
+            self._staging[:len(padding)].copy_(padding)
 
             def body() -> torch.Tensor:
                 return self.step(**{n: inputs[n].to(dtype) for n, dtype in INPUTS}, **self.caches)[0]
