@@ -36,7 +36,8 @@ class RuntimeConfig:
     the CPU otherwise; ``num_blocks`` fixes the cache size, otherwise it takes
     ``memory_fraction`` of the device's memory less what is in use; ``max_num_seqs`` and
     ``max_num_tokens`` (per step) default to the engine's limits. ``cuda_graphs`` says
-    when decode steps' CUDA graphs are captured: all at start, on first use, or never."""
+    when decode steps' CUDA graphs are captured (for engines of the CUDA backend on a
+    GPU): all at start, on first use, or never."""
 
     device: str | None = None
     block_size: int = 16
@@ -80,11 +81,12 @@ class LLMEngine:
         num_blocks = config.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
                                                            config.memory_fraction, useful, reserve)
         self.caches = spec.allocate(num_blocks, self.block_size, self.device)
-        sizes = () if config.cuda_graphs == "off" else [s for s in info.profiles.cuda_graph_batch_sizes
-                                                         if s <= self.max_num_seqs]
+        fast = info.backend == "cuda" and self.device.type == "cuda"  # kernels that never sync and skip slot -1
+        sizes = [s for s in info.profiles.cuda_graph_batch_sizes if s <= self.max_num_seqs]
         self.runner = ModelRunner(engine.step_function(self.device), self.caches, self.device, self.block_size,
-                                  -(-info.max_seq_len // self.block_size), sizes)
-        if info.backend == "cuda" and self.device.type == "cuda":
+                                  -(-info.max_seq_len // self.block_size),
+                                  sizes if fast and config.cuda_graphs != "off" else ())
+        if fast:
             self.runner.warm_up(self.max_num_tokens, info.max_seq_len)
         if config.cuda_graphs == "all":
             self.runner.capture_all()
