@@ -47,7 +47,26 @@ def gpu_busy(prof) -> float:
     return busy
 
 
+def profiled_steps(llm: LLMEngine, calls: int, trace: Path | None) -> tuple[float, float]:
+    """Profile ``calls`` calls of ``step()``, print the kernels that took the GPU's time,
+    finish the requests, and save the trace; (wall microseconds, GPU idle fraction)."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = time.perf_counter()
+        for _ in range(calls):
+            llm.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - wall) * 1e6
+    while llm.has_unfinished():
+        llm.step()
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+    return wall, 1 - gpu_busy(prof) / wall
+
+
 def decode_profile(llm: LLMEngine, batch: int, prompt: int, vocab: int, out: Path | None, seed: int) -> dict:
+    """Decode steps of ``batch`` sequences: timed over 24 steps, then 4 profiled."""
     steps = 24
     prefill_then(llm, fresh_prompts(batch, prompt, vocab, seed), steps + 8)
     for _ in range(3):
@@ -58,21 +77,9 @@ def decode_profile(llm: LLMEngine, batch: int, prompt: int, vocab: int, out: Pat
         llm.step()
     torch.cuda.synchronize()
     per_step = (time.perf_counter() - start) / steps
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall = time.perf_counter()
-        for _ in range(4):
-            llm.step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - wall) * 1e6
-    while llm.has_unfinished():
-        llm.step()
-    if out is not None:
-        prof.export_chrome_trace(str(out / f"decode-{batch}.json"))
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
-    print(table, flush=True)
-    busy = gpu_busy(prof)
+    _, idle = profiled_steps(llm, 4, out / f"decode-{batch}.json" if out else None)
     return {"batch": batch, "ms_per_step": per_step * 1e3, "tokens_per_s": batch / per_step,
-            "gpu_idle_fraction": 1 - busy / wall, "profiled_steps": 4}
+            "gpu_idle_fraction": idle, "profiled_steps": 4}
 
 
 def mixed_profile(llm: LLMEngine, decodes: int, chunk: int, vocab: int, out: Path | None, seed: int) -> dict:
@@ -83,20 +90,8 @@ def mixed_profile(llm: LLMEngine, decodes: int, chunk: int, vocab: int, out: Pat
         llm.step()
     llm.add_request(fresh_prompts(1, chunk, vocab, seed + 1)[0],
                     SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall = time.perf_counter()
-        for _ in range(2):
-            llm.step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - wall) * 1e6
-    while llm.has_unfinished():
-        llm.step()
-    if out is not None:
-        prof.export_chrome_trace(str(out / f"mixed-{decodes}-{chunk}.json"))
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
-    return {"decodes": decodes, "chunk": chunk, "wall_ms_two_calls": wall / 1e3,
-            "gpu_idle_fraction": 1 - gpu_busy(prof) / wall}
+    wall, idle = profiled_steps(llm, 2, out / f"mixed-{decodes}-{chunk}.json" if out else None)
+    return {"decodes": decodes, "chunk": chunk, "wall_ms_two_calls": wall / 1e3, "gpu_idle_fraction": idle}
 
 
 def prefill_time(llm: LLMEngine, length: int, vocab: int, seed: int) -> float:
