@@ -30,12 +30,11 @@ class GemvConfig:
 
 def gemv_configs() -> list[GemvConfig]:
     """Candidate configurations for the tuner."""
-    return [GemvConfig(block_n, block_k, warps, stages) for block_n, block_k in ((4, 1024), (8, 512), (16, 256),
-                                                                                 (16, 512), (32, 256))
-            for warps in (4, 8) for stages in (3, 4)]
+    return [GemvConfig(block_n, block_k, warps) for block_n, block_k in ((4, 1024), (8, 512), (16, 256), (16, 512),
+                                                                         (32, 256)) for warps in (4, 8)]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "k", "stride_w"])  # one compilation per configuration, whatever the shape
 def _gemv_kernel(x, w, bias, out, n, k, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
