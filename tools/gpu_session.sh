@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: kiln on PYTHONPATH, optional wheels, then the named parts,
 # each logging under $OUT. Usage: tools/gpu_session.sh PART...   (parts: see the case below)
+# tools/prepare_gpu_carry.sh makes .whl/ and .carry/ here first.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/pkg "$OUT"
