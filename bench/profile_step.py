@@ -35,51 +35,59 @@ def prefill_then(llm: LLMEngine, prompts: list[list[int]], new_tokens: int) -> N
         llm.step()
 
 
-def gpu_busy(prof) -> float:
-    """Microseconds of GPU kernel time, merged over overlapping kernels."""
+def gpu_idle(prof) -> tuple[float, float]:
+    """Microseconds from the first GPU event to the last, and the fraction of that span in
+    which no kernel or copy ran (overlapping events merged)."""
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, end = 0, -1
+    busy, end = 0, spans[0][0]
     for start, stop in spans:
         if stop > end:
             busy += stop - max(start, end)
             end = stop
-    return busy
+    span = end - spans[0][0]
+    return span, 1 - busy / span
 
 
 def profiled_steps(llm: LLMEngine, calls: int, trace: Path | None) -> tuple[float, float]:
-    """Profile ``calls`` calls of ``step()``, print the kernels that took the GPU's time,
-    finish the requests, and save the trace; (wall microseconds, GPU idle fraction)."""
-    torch.cuda.synchronize()
+    """Profile ``calls`` calls of ``step()`` in the steady state (the step launched before
+    the first call still in flight, as when serving), print the kernels that took the GPU's
+    time, finish the requests, and save the trace; (GPU span in microseconds, the fraction
+    of it the GPU was idle).
+
+    The span runs from the first kernel of the first step launched inside the window to
+    the end of the last: every step in it is one the host had to keep the GPU fed through."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall = time.perf_counter()
         for _ in range(calls):
             llm.step()
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - wall) * 1e6
     while llm.has_unfinished():
         llm.step()
     if trace is not None:
         prof.export_chrome_trace(str(trace))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
-    return wall, 1 - gpu_busy(prof) / wall
+    return gpu_idle(prof)
 
 
 def decode_profile(llm: LLMEngine, batch: int, prompt: int, vocab: int, out: Path | None, seed: int) -> dict:
-    """Decode steps of ``batch`` sequences: timed over 24 steps, then 4 profiled."""
+    """Decode steps of ``batch`` sequences: timed over 24 steps (the median and longest
+    return-to-return interval of ``step()`` too), then 6 profiled."""
     steps = 24
-    prefill_then(llm, fresh_prompts(batch, prompt, vocab, seed), steps + 8)
+    prefill_then(llm, fresh_prompts(batch, prompt, vocab, seed), steps + 16)
     for _ in range(3):
         llm.step()
     torch.cuda.synchronize()
-    start = time.perf_counter()
+    ends = [time.perf_counter()]
     for _ in range(steps):
         llm.step()
+        ends.append(time.perf_counter())
     torch.cuda.synchronize()
-    per_step = (time.perf_counter() - start) / steps
-    _, idle = profiled_steps(llm, 4, out / f"decode-{batch}.json" if out else None)
+    per_step = (time.perf_counter() - ends[0]) / steps
+    intervals = sorted(b - a for a, b in zip(ends, ends[1:]))
+    span, idle = profiled_steps(llm, 6, out / f"decode-{batch}.json" if out else None)
     return {"batch": batch, "ms_per_step": per_step * 1e3, "tokens_per_s": batch / per_step,
-            "gpu_idle_fraction": idle, "profiled_steps": 4}
+            "step_interval_ms_median": intervals[steps // 2] * 1e3, "step_interval_ms_max": intervals[-1] * 1e3,
+            "gpu_ms_per_step_profiled": span / 6e3, "gpu_idle_fraction": idle, "profiled_steps": 6}
 
 
 def mixed_profile(llm: LLMEngine, decodes: int, chunk: int, vocab: int, out: Path | None, seed: int) -> dict:
@@ -90,8 +98,8 @@ def mixed_profile(llm: LLMEngine, decodes: int, chunk: int, vocab: int, out: Pat
         llm.step()
     llm.add_request(fresh_prompts(1, chunk, vocab, seed + 1)[0],
                     SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    wall, idle = profiled_steps(llm, 2, out / f"mixed-{decodes}-{chunk}.json" if out else None)
-    return {"decodes": decodes, "chunk": chunk, "wall_ms_two_calls": wall / 1e3, "gpu_idle_fraction": idle}
+    span, idle = profiled_steps(llm, 2, out / f"mixed-{decodes}-{chunk}.json" if out else None)
+    return {"decodes": decodes, "chunk": chunk, "gpu_ms_two_calls": span / 1e3, "gpu_idle_fraction": idle}
 
 
 def prefill_time(llm: LLMEngine, length: int, vocab: int, seed: int) -> float:

@@ -33,6 +33,7 @@ for part in "$@"; do
              --concurrency 1 --transformers-concurrency 1 --out "$OUT/smollm-serving.json" 2>&1 | tail -8;;
     smollm-test) smollm && KILN_SMOLLM2=/tmp/smol/ckpt python3 -m pytest -m gpu -q -p no:cacheprovider --noconftest \
              tests/test_cuda_backend.py -k smollm 2>&1 | tail -5;;
+    agreement) smollm && python3 bench/agreement.py /tmp/smol/ckpt --out "$OUT/agreement.json" 2>&1 | grep "^{";;
     reference-shapes) python3 bench/reference_shapes.py 2>&1 | tail -12;;
     *) echo "unknown part $part";;
   esac
