@@ -114,8 +114,18 @@ def test_gpu_tuned_engine_records_its_gpu_and_configs(tmp_path):
     assert loaded.kernel_configs == engine.kernel_configs and loaded.info.tuned_on == engine.info.tuned_on
 
 
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at the magnitude of ``x`` (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))) - 7)
+
+
 @GPU
 def test_gpu_smollm2_greedy_agrees_with_transformers():
+    """Each of kiln's 32 greedy tokens is transformers' bf16 argmax after the same prefix,
+    up to ties: its logit within two bf16 steps of the largest. (Exact agreement of the two
+    free-running sequences is not the measure: transformers' own bf16 logits tie exactly on
+    some of these prompts, and its float32 run leaves its bf16 run after 10 to 23 tokens;
+    bench/agreement.py shows it.)"""
     path = os.environ.get("KILN_SMOLLM2")
     if not path:
         pytest.skip("KILN_SMOLLM2 names no SmolLM2-135M-Instruct checkpoint (tools/gguf_to_checkpoint.py makes one)")
@@ -130,11 +140,13 @@ def test_gpu_smollm2_greedy_agrees_with_transformers():
     params = SamplingParams(max_tokens=32, min_tokens=32, temperature=0)
     for prompt, output in zip(prompts, llm.generate([llm.chat_prompt([{"role": "user", "content": p}])
                                                      for p in prompts], params)):
-        ids = torch.tensor([output.prompt_token_ids], device="cuda")
+        ids = torch.tensor([output.prompt_token_ids + output.token_ids], device="cuda")
+        n = len(output.prompt_token_ids)
         with torch.no_grad():
-            want = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
-        agree = next((i for i, (a, b) in enumerate(zip(output.token_ids, want.tolist())) if a != b), 32)
-        assert agree >= 24, (prompt, agree)
+            logits = model(ids).logits[0, n - 1:-1].float()
+        top = logits.max(-1).values
+        chosen = logits.gather(-1, ids[0, n:, None])[:, 0]
+        assert bool((chosen >= top - 2 * _bf16_ulp(top)).all()), (prompt, (top - chosen).tolist())
 
 
 @GPU
