@@ -8,11 +8,10 @@ hypothesis strategies users test their passes with.
 """
 
 from . import ir, passes
-from .api import compile, load
+from .api import LLM, compile, load
 from .passes import Workload
-from .runtime import LLM, CompiledModule, Engine, RequestOutput, RuntimeConfig, SamplingParams
-
-__version__ = "0.1.0"
+from .runtime import CompiledModule, Engine, RequestOutput, RuntimeConfig, SamplingParams
+from .version import __version__
 
 __all__ = ["LLM", "CompiledModule", "Engine", "RequestOutput", "RuntimeConfig", "SamplingParams", "Workload",
            "__version__", "compile", "ir", "load", "passes"]

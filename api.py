@@ -1,5 +1,6 @@
-"""``kiln.compile``: the one entry point from a model to something that runs; and
-``kiln.load`` for engines saved with ``engine.save``."""
+"""``kiln.compile``: the one entry point from a model to something that runs;
+``kiln.load`` for engines saved with ``engine.save``; and ``kiln.LLM``, which takes a
+checkpoint directory too."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from .frontends.modules import import_module
 from .ir import Graph, verify
 from .passes import EngineLimits, Workload, pipeline_manager, select_profiles
 from .passes.workspace import plan_workspace
-from .runtime import CompiledModule, Engine, EngineInfo, load_engine
+from .runtime import CompiledModule, Engine, EngineInfo, RuntimeConfig, load_engine
+from .runtime import LLM as EngineLLM
+from .runtime.engine_files import MANIFEST
 
 # target -> (pipeline, backend)
 TARGETS = {"cpu": ("reference", "reference"), "cuda": ("cuda", "cuda"), "h100": ("cuda", "cuda"),
@@ -154,3 +157,22 @@ def load(path: str | os.PathLike, target: str | None = None) -> Engine:
     """Load the engine saved in directory ``path`` (no passes run); refuse one built for
     another ``target`` (when given), by another kiln version, or with a changed file."""
     return load_engine(path, target)
+
+
+def as_engine(model: Engine | str | os.PathLike, **compile_options: Any) -> Engine:
+    """An engine from an ``Engine``, an engine directory (loaded) or a checkpoint
+    directory (compiled with ``compile_options``)."""
+    if isinstance(model, Engine):
+        return model
+    if os.path.isfile(os.path.join(model, MANIFEST)):
+        return load_engine(model)
+    return compile(model, **compile_options)
+
+
+class LLM(EngineLLM):
+    """``kiln.runtime.LLM`` over an ``Engine``, an engine directory or a checkpoint
+    directory (compiled first, with ``compile_options``: see ``kiln.compile``)."""
+
+    def __init__(self, model: Engine | str | os.PathLike, runtime: RuntimeConfig | None = None,
+                 **compile_options: Any):
+        super().__init__(as_engine(model, **compile_options), runtime)

@@ -27,8 +27,7 @@ BUNDLED_MODEL = Path(__file__).resolve().parent / "models"
 
 
 def _main_job(args: argparse.Namespace) -> int:
-    from .api import compile
-    from .runtime import LLM
+    from .api import LLM, compile
 
     start = time.perf_counter()
     engine = compile(str(BUNDLED_MODEL), max_batch_size=16, max_seq_len=1024, progress=True)
@@ -38,7 +37,8 @@ def _main_job(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .runtime import LLM, RuntimeConfig
+    from .api import LLM
+    from .runtime import RuntimeConfig
 
     start = time.perf_counter()
     llm = LLM(args.model, RuntimeConfig(device=args.device), progress=True)
@@ -79,9 +79,9 @@ def _build(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .api import as_engine
     from .runtime import RuntimeConfig
     from .runtime.async_llm import AsyncLLM
-    from .runtime.llm import as_engine
     from .runtime.llm_engine import LLMEngine
     from .runtime.server import create_app
 
@@ -111,7 +111,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .runtime import LLMEngine, RuntimeConfig
     from .runtime.benchmark import (cache_blocks, decode_bytes, engine_options, format_report, hardware_limits,
                                     run_benchmark)
-    from .runtime.llm import as_engine
+    from .api import as_engine
 
     most, length = max(args.concurrency), args.input_len + args.output_len
     options = engine_options(args.input_len, args.output_len, most)

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .constants import ConstantData, TensorData
-from .dtypes import DType, dtype as to_dtype
+from .dtypes import DType, dtype as to_dtype, float32
+from .printer import print_graph
 from .registry import OpDef, Registry
 from .shapes import ShapeError
 from .types import TensorType
@@ -94,9 +95,7 @@ class Value:
         self.graph.outputs = [other if v is self else v for v in self.graph.outputs]
 
     def _binary(self, op: str, other: Any, reverse: bool = False) -> Value:
-        from . import ops
-
-        return ops.call(op, other, self) if reverse else ops.call(op, self, other)
+        return call(op, other, self) if reverse else call(op, self, other)
 
     def __add__(self, other: Any) -> Value: return self._binary("add", other)
     def __radd__(self, other: Any) -> Value: return self._binary("add", other, True)
@@ -109,9 +108,7 @@ class Value:
     def __matmul__(self, other: Any) -> Value: return self._binary("matmul", other)
 
     def __neg__(self) -> Value:
-        from . import ops
-
-        return ops.call("neg", self)
+        return call("neg", self)
 
     def __repr__(self) -> str:
         kind = "const" if self.is_constant else "input" if self.is_input else self.producer.op
@@ -358,9 +355,52 @@ class Graph:
         return counts
 
     def __str__(self) -> str:
-        from .printer import print_graph
-
         return print_graph(self)
 
     def __repr__(self) -> str:
         return f"Graph(@{self.name}: {len(self.inputs)} inputs, {len(self.nodes)} nodes)"
+
+
+# ops as Python calls (``ir.ops`` gives them names) ---------------------------------------
+
+def call(op: str, *operands: Any, graph: Graph | None = None, location: str | None = None,
+         **attrs: Any) -> Any:
+    """Append a node of ``op`` to the operands' graph; return its result (or results)."""
+    values = [v for v in _flatten(operands) if isinstance(v, Value)]
+    graph = graph or (values[0].graph if values else None)
+    if graph is None:
+        raise GraphError(f"{op} has no tensor operand: pass graph=")
+    scalar_dtype = _scalar_dtype(values)
+    flat: list[Value | None] = []
+    for operand in operands:
+        if isinstance(operand, (list, tuple)):
+            flat.extend(_as_value(x, graph, scalar_dtype) for x in operand)
+        else:
+            flat.append(_as_value(operand, graph, scalar_dtype))
+    node = graph.call(op, flat, attrs, location)
+    return node.results[0] if len(node.results) == 1 else tuple(node.results)
+
+
+def _flatten(operands: Sequence[Any]) -> list[Any]:
+    out: list[Any] = []
+    for x in operands:
+        out.extend(x if isinstance(x, (list, tuple)) else [x])
+    return out
+
+
+def _scalar_dtype(values: list[Value]) -> DType | None:
+    typed = [v.type.dtype for v in values if v.type is not None]
+    for dt in typed:
+        if dt.kind != "bool":
+            return dt
+    return typed[0] if typed else None
+
+
+def _as_value(x: Any, graph: Graph, dtype: DType | None) -> Value | None:
+    if x is None or isinstance(x, Value):
+        return x
+    if isinstance(x, (bool, int, float)):
+        if graph.typed:
+            return graph.scalar(x, dtype or float32)
+        return graph.add_constant(TensorData(torch.tensor(x)), type=None, name="c")  # type: ignore[arg-type]
+    raise GraphError(f"cannot use {x!r} as an operand")

@@ -9,57 +9,11 @@ rewriter are written with these functions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import torch
+from .graph import call
 
-from . import dtypes
-from .constants import TensorData
-from .graph import Graph, GraphError, Value
-
-
-def call(op: str, *operands: Any, graph: Graph | None = None, location: str | None = None,
-         **attrs: Any) -> Any:
-    """Append a node of ``op`` to the operands' graph; return its result (or results)."""
-    values = [v for v in _flatten(operands) if isinstance(v, Value)]
-    graph = graph or (values[0].graph if values else None)
-    if graph is None:
-        raise GraphError(f"{op} has no tensor operand: pass graph=")
-    scalar_dtype = _scalar_dtype(values)
-    flat: list[Value | None] = []
-    for operand in operands:
-        if isinstance(operand, (list, tuple)):
-            flat.extend(_as_value(x, graph, scalar_dtype) for x in operand)
-        else:
-            flat.append(_as_value(operand, graph, scalar_dtype))
-    node = graph.call(op, flat, attrs, location)
-    return node.results[0] if len(node.results) == 1 else tuple(node.results)
-
-
-def _flatten(operands: Sequence[Any]) -> list[Any]:
-    out: list[Any] = []
-    for x in operands:
-        out.extend(x if isinstance(x, (list, tuple)) else [x])
-    return out
-
-
-def _scalar_dtype(values: list[Value]) -> dtypes.DType | None:
-    typed = [v.type.dtype for v in values if v.type is not None]
-    for dt in typed:
-        if dt.kind != "bool":
-            return dt
-    return typed[0] if typed else None
-
-
-def _as_value(x: Any, graph: Graph, dtype: dtypes.DType | None) -> Value | None:
-    if x is None or isinstance(x, Value):
-        return x
-    if isinstance(x, (bool, int, float)):
-        if graph.typed:
-            return graph.scalar(x, dtype or dtypes.float32)
-        return graph.add_constant(TensorData(torch.tensor(x)), type=None, name="c")  # type: ignore[arg-type]
-    raise GraphError(f"cannot use {x!r} as an operand")
+__all__ = ["call"]
 
 
 def __getattr__(name: str) -> Any:

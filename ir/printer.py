@@ -17,14 +17,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .dtypes import DType
-from .graph import Graph, Node, Value
 from .registry import attr_equal
 from .shapes import format_dim
+
+if TYPE_CHECKING:  # the graph prints itself through this module
+    from .graph import Graph, Node, Value
 
 INLINE_LIMIT = 16
 

@@ -14,6 +14,7 @@ import torch
 from ..backends import kernels_for
 from ..ir import Graph, interpret, sym
 from ..passes.profiles import ProfilePlan
+from ..version import __version__
 from .batch import SequenceStep, step_inputs
 from .engine_files import read_engine, write_engine
 from .executor import Step, generate_executor, load_executor
@@ -105,8 +106,6 @@ class Engine:
     _steps: dict[str, Step] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        from .. import __version__
-
         if not self.executor_source:
             self.executor_source = generate_executor(self.graph, self.info.backend, __version__)
         caches = [v for v in self.graph.inputs if v.name.startswith(("k_cache_", "v_cache_"))]

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..ir import Graph, parse, verify
+from ..version import __version__
 from .executor import generate_executor
 
 FORMAT = 2
@@ -63,8 +64,6 @@ def write_engine(path: str | os.PathLike, graph: Graph, executor_source: str, we
     """Write an engine directory at ``path`` (created; its engine files are replaced): the
     graph's text, the executor, the weights, config and tokenizer, and a manifest of
     ``fields`` with the format, the kiln version and every file's hash."""
-    from .. import __version__
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     (out / GRAPH).write_text(str(graph))
@@ -85,8 +84,6 @@ def write_engine(path: str | os.PathLike, graph: Graph, executor_source: str, we
 
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of engine directory ``path``, checked for format and kiln version."""
-    from .. import __version__
-
     root = Path(path)
     if not (root / MANIFEST).is_file():
         raise EngineLoadError(f"{root} is not a kiln engine: it has no {MANIFEST}")
@@ -130,8 +127,6 @@ def read_engine(path: str | os.PathLike, target: str | None = None, verify_hashe
     """Read the engine in directory ``path``; refuse one built for another ``target``
     (when given), by another kiln version, with a changed file, or, where a GPU is
     present, a CUDA engine built for another GPU."""
-    from .. import __version__
-
     root = Path(path)
     manifest = read_manifest(root)
     if target is not None and manifest["target"] != target:

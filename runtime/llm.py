@@ -1,6 +1,6 @@
-"""``kiln.LLM``: offline batched generation, with vLLM's names.
+"""``LLM``: offline batched generation over an engine, with vLLM's names.
 
-    llm = kiln.LLM("engine-dir")          # or an Engine, or a checkpoint directory
+    llm = LLM("engine-dir")               # or an Engine (``kiln.LLM`` also compiles checkpoints)
     outputs = llm.generate(["Hello", [1, 2, 3]], kiln.SamplingParams(max_tokens=32))
     outputs[0].text, outputs[0].token_ids
 """
@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from .engine import Engine, load_engine
-from .engine_files import MANIFEST
 from .llm_engine import LLMEngine, RuntimeConfig
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -23,24 +21,12 @@ from .sampling_params import SamplingParams
 Prompt = str | Sequence[int]
 
 
-def as_engine(model: Engine | str | os.PathLike, **compile_options: Any) -> Engine:
-    """An engine from an ``Engine``, an engine directory (loaded) or a checkpoint
-    directory (compiled with ``compile_options``)."""
-    if isinstance(model, Engine):
-        return model
-    from ..api import compile
-
-    if (Path(model) / MANIFEST).is_file():
-        return load_engine(model)
-    return compile(model, **compile_options)
-
-
 class LLM:
-    """Generates text for batches of prompts over one engine, with in-flight batching."""
+    """Generates text for batches of prompts over one engine (or an engine directory,
+    loaded), with in-flight batching. ``kiln.LLM`` also takes a checkpoint directory."""
 
-    def __init__(self, model: Engine | str | os.PathLike, runtime: RuntimeConfig | None = None,
-                 **compile_options: Any):
-        self.engine = as_engine(model, **compile_options)
+    def __init__(self, engine: Engine | str | os.PathLike, runtime: RuntimeConfig | None = None):
+        self.engine = engine if isinstance(engine, Engine) else load_engine(engine)
         self.llm_engine = LLMEngine(self.engine, runtime)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
