@@ -85,7 +85,8 @@ class LLMEngine:
         sizes = [s for s in info.profiles.cuda_graph_batch_sizes if s <= self.max_num_seqs]
         self.runner = ModelRunner(engine.step_function(self.device), self.caches, self.device, self.block_size,
                                   -(-info.max_seq_len // self.block_size),
-                                  sizes if fast and config.cuda_graphs != "off" else ())
+                                  sizes if fast and config.cuda_graphs != "off" else (),
+                                  info.max_num_tokens if fast else None)
         if fast:
             self.runner.warm_up(self.max_num_tokens, info.max_seq_len)
         if config.cuda_graphs == "all":

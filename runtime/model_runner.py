@@ -8,7 +8,9 @@ size is padded to the next captured size and replayed from a CUDA graph captured
 static input buffer, one graph per size, sharing one memory pool (captured on first use,
 or all at start with ``capture_all``). Padded sequences have one token at position 0,
 a context of 1 and slot -1: they attend only to themselves and write nothing to the
-cache. Other steps (prefills, chunks, mixed) run eagerly.
+cache. Other steps (prefills, chunks, mixed) run eagerly; given ``max_tokens``, their
+token count is padded up to a bucket (``token_bucket``) with rows that belong to no
+sequence: attention neither reads nor writes them, and no logits are taken from them.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ class ModelRunner:
     decode steps of up to ``graph_sizes[-1]`` sequences (none on the CPU or when empty)."""
 
     def __init__(self, step: Step, caches: Mapping[str, torch.Tensor], device: torch.device, block_size: int,
-                 max_blocks: int, graph_sizes: Sequence[int] = ()):
+                 max_blocks: int, graph_sizes: Sequence[int] = (), max_tokens: int | None = None):
         self.step = step
+        self.max_tokens = max_tokens
         self.caches = dict(caches)
         self.device = device
         self.block_size = block_size
@@ -55,6 +58,8 @@ class ModelRunner:
         with torch.inference_mode():
             if self.graph_sizes and len(inputs["ids"]) == len(steps) <= self.graph_sizes[-1]:
                 return self._replay(inputs, index, feed)
+            if self.max_tokens and len(inputs["ids"]) > len(steps):
+                inputs = pad_tokens(inputs, token_bucket(len(inputs["ids"]), self.max_tokens))
             inputs = self._upload({**inputs, "feed": index})
             if feed:
                 _fill(inputs["ids"], inputs["feed"], feed.tokens)
@@ -138,6 +143,27 @@ class ModelRunner:
                 self._pool = graph.pool()
             self._graphs[size] = (graph, out)
         return self._graphs[size]
+
+
+def token_bucket(tokens: int, limit: int) -> int:
+    """The token count an eager step of ``tokens`` is padded to: the next multiple of an
+    eighth of its power of two (of 64 at least), at most ``limit``. cuBLAS chooses a GEMM's
+    algorithm on the host the first time it meets a row count (about 4.5 ms for a layer
+    of the Llama-3.1-8B shape on an H100); buckets bound the row counts it meets, for at
+    most 12.5% more rows from 512 tokens on (fewer tokens take a multiple of 64)."""
+    grain = max(64, 1 << max(tokens.bit_length() - 4, 0))
+    return min(-(-tokens // grain) * grain, max(limit, tokens))
+
+
+def pad_tokens(inputs: dict[str, torch.Tensor], total: int) -> dict[str, torch.Tensor]:
+    """``inputs`` with ``total`` tokens: the rows added hold token 0 at position 0 and
+    slot -1 and are in no sequence (``query_start`` still ends at the real tokens)."""
+    extra = total - len(inputs["ids"])
+    if extra <= 0:
+        return inputs
+    pads = {"ids": 0, "positions": 0, "slot_mapping": -1}
+    return {name: torch.cat((t, t.new_full((extra,), pads[name]))) if name in pads else t
+            for name, t in inputs.items()}
 
 
 class Feed(NamedTuple):

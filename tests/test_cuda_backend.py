@@ -14,7 +14,7 @@ import kiln
 from kiln.runtime import LLM, EngineLoadError, RuntimeConfig, SamplingParams
 from kiln.runtime.batch import SequenceStep, step_inputs
 from kiln.runtime.executor import load_executor
-from kiln.runtime.model_runner import INPUTS, ModelRunner, _layout, _pad_into
+from kiln.runtime.model_runner import INPUTS, ModelRunner, _layout, _pad_into, pad_tokens, token_bucket
 
 cuda_kernels = pytest.importorskip("kiln.backends.cuda.kernels").cuda_kernels
 
@@ -79,6 +79,29 @@ def test_a_padded_decode_step_gives_the_unpadded_logits(cuda_engine):
     torch.testing.assert_close(got[:2], want, rtol=1e-4, atol=1e-4)  # GEMMs of another M round differently
     for name in caches:  # the padding wrote no slot
         torch.testing.assert_close(caches[name], snapshot[name], rtol=1e-4, atol=1e-4)
+
+
+def test_a_mixed_step_padded_to_its_token_bucket_gives_the_unpadded_logits_and_cache(cuda_engine):
+    fast, _ = _steps(cuda_engine, "cpu", cuda_kernels("cpu"))
+    spec = cuda_engine.cache_spec
+    caches = spec.allocate(8, 16, "cpu")
+    _run(fast, step_inputs([SequenceStep([1, 2, 3, 4, 5], 0, [2])], 16), caches, "cpu")
+    mixed = step_inputs([SequenceStep([6], 5, [2]), SequenceStep(list(range(40, 60)), 0, [5, 1])], 16)
+    snapshot = {k: v.clone() for k, v in caches.items()}
+    want = _run(fast, mixed, snapshot, "cpu")
+    padded = pad_tokens(mixed, token_bucket(21, 128))
+    assert len(padded["ids"]) == 64 and padded["query_start"][-1] == 21
+    got = _run(fast, padded, caches, "cpu")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name in caches:  # the same slots written, and the padding wrote none
+        torch.testing.assert_close(caches[name], snapshot[name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 63, 64, 65, 575, 1000, 2048, 2049, 5000, 16383])
+def test_token_buckets_cover_the_count_with_at_most_an_eighth_more_from_512(tokens):
+    bucket = token_bucket(tokens, 16384)
+    assert tokens <= bucket <= max(-(-tokens // 64) * 64, tokens * 9 / 8) and bucket % 64 == 0
+    assert token_bucket(tokens, tokens) == tokens  # never past the engine's limit
 
 
 @GPU
