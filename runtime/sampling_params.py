@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
+from numbers import Integral, Real
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else _items(self.stop, "stop"))
+        object.__setattr__(self, "stop_token_ids", _items(self.stop_token_ids, "stop_token_ids"))
+        _check_types(self)
         problems = [message for bad, message in (
             (self.max_tokens < 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.temperature < 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -65,3 +66,28 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Whether the most likely token is always taken."""
         return self.temperature == 0 or self.top_k == 1
+
+
+def _check_types(params: SamplingParams) -> None:
+    """Refuse a field of the wrong type, or a float that is not finite, naming it."""
+    for f in fields(params):
+        value = getattr(params, f.name)
+        if f.type in ("int", "int | None") and value is not None and (
+                isinstance(value, bool) or not isinstance(value, Integral)):
+            raise ValueError(f"{f.name} must be an integer, got {value!r}")
+        if f.type == "float" and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if f.type == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be True or False, got {value!r}")
+    if not all(isinstance(s, str) for s in params.stop):
+        raise ValueError(f"stop must hold strings, got {params.stop!r}")
+    if not all(isinstance(t, Integral) and not isinstance(t, bool) for t in params.stop_token_ids):
+        raise ValueError(f"stop_token_ids must hold integers, got {params.stop_token_ids!r}")
+    object.__setattr__(params, "stop_token_ids", tuple(int(t) for t in params.stop_token_ids))
+
+
+def _items(values, name: str) -> tuple:
+    try:
+        return tuple(values)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence, got {values!r}") from None

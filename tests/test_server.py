@@ -110,7 +110,7 @@ def test_unknown_model_api_key_and_malformed_json(server, client):
 
 
 def _metric(server, name):
-    text = httpx.get(f"{server}/metrics", timeout=10).text
+    text = httpx.get(f"{server}/metrics", timeout=10, headers={"authorization": f"Bearer {API_KEY}"}).text
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
