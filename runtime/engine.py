@@ -179,10 +179,10 @@ class Engine:
                      {**self.info.manifest_fields(), "kernel_configs": self.kernel_configs})
 
 
-def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashes: bool = True) -> Engine:
+def load_engine(path: str | os.PathLike, target: str | None = None) -> Engine:
     """Load the engine in directory ``path`` (no pass runs); refuse one built for another
     ``target`` (when given), by another kiln version, with a changed file, or for another GPU."""
-    directory = read_engine(path, target, verify_hashes)
+    directory = read_engine(path, target)
     manifest = directory.manifest
     return Engine(directory.graph, directory.tokenizer, directory.config, EngineInfo.from_manifest(manifest),
                   directory.executor_source, manifest["kernel_configs"])
