@@ -15,7 +15,7 @@ from ..backends import kernels_for
 from ..ir import Graph, interpret, sym
 from ..passes.profiles import ProfilePlan
 from .batch import SequenceStep, step_inputs
-from .engine_files import read_engine, write_engine
+from .engine_files import EngineLoadError, read_engine, read_manifest, write_engine
 from .executor import Step, generate_executor, load_executor
 
 _MAX_SEQ_LEN = sym("max_seq_len")  # the linear cache layout's block size
@@ -182,7 +182,12 @@ class Engine:
 def load_engine(path: str | os.PathLike, target: str | None = None) -> Engine:
     """Load the engine in directory ``path`` (no pass runs); refuse one built for another
     ``target`` (when given), by another kiln version, with a changed file, or for another GPU."""
+    manifest = read_manifest(path)
+    try:
+        info, kernel_configs = EngineInfo.from_manifest(manifest), dict(manifest["kernel_configs"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise EngineLoadError(f"the manifest of engine {path} does not describe an engine: "
+                              f"{type(exc).__name__}: {exc}") from None
     directory = read_engine(path, target)
-    manifest = directory.manifest
-    return Engine(directory.graph, directory.tokenizer, directory.config, EngineInfo.from_manifest(manifest),
-                  directory.executor_source, manifest["kernel_configs"])
+    return Engine(directory.graph, directory.tokenizer, directory.config, info, directory.executor_source,
+                  kernel_configs)

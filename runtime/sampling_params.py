@@ -72,7 +72,7 @@ def _check_types(params: SamplingParams) -> None:
     """Refuse a field of the wrong type, or a float that is not finite, naming it."""
     for f in fields(params):
         value = getattr(params, f.name)
-        if f.type in ("int", "int | None") and value is not None and (
+        if (f.type == "int" or f.type == "int | None" and value is not None) and (
                 isinstance(value, bool) or not isinstance(value, Integral)):
             raise ValueError(f"{f.name} must be an integer, got {value!r}")
         if f.type == "float" and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)):
