@@ -47,8 +47,8 @@ class _Sampling(_Body):
         if unsupported:
             raise ValueError(f"kiln does not support {', '.join(unsupported)} yet; leave "
                              f"{'it' if len(unsupported) == 1 else 'them'} out")
-        if self.n != 1:
-            raise ValueError(f"n must be 1, got {self.n}")
+        if self.n != 1 and self.stream:
+            raise ValueError(f"stream takes n = 1, got n = {self.n}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,

@@ -12,6 +12,7 @@ alone. ``/health`` answers 503 when the serving loop is dead or stalled, or the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -140,12 +141,13 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, defau
         if body.stream and len(prompts) != 1:
             raise APIError("streaming takes one prompt")
         _params(body, body.max_tokens or default_max_tokens, body.logprobs)  # refuse bad values before any work
-        ticket = admission.admit(len(prompts))
+        ticket = admission.admit(len(prompts) * body.n)
         handed_off = False
         try:
             encoded = [await admission.encode(p) for p in prompts]
             params = [_params(body, admission.max_tokens(body.max_tokens, default_max_tokens, len(ids)), body.logprobs)
                       for ids in encoded]
+            encoded, params = _choices(encoded, params, body.n)
             request_id = llm.new_request_id("cmpl")
             head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name}
 
@@ -171,7 +173,7 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, defau
         requested = body.max_tokens or body.max_completion_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         _params(body, requested or default_max_tokens, top)
-        ticket = admission.admit()
+        ticket = admission.admit(body.n)
         handed_off = False
         try:
             prompt = await admission.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
@@ -195,10 +197,11 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, defau
                 response = await _sse(generate(prompt, params, request_id), chunk, ticket)
                 handed_off = True
                 return response
-            (out,) = await _collect(generate, [prompt], [params], request_id, request)
+            finals = await _collect(generate, *_choices([prompt], [params], body.n), request_id, request)
             return {**head, "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": out.text},
-                 "logprobs": logprobs_of(out.logprobs), "finish_reason": out.finish_reason}], "usage": _usage([out])}
+                {"index": i, "message": {"role": "assistant", "content": out.text},
+                 "logprobs": logprobs_of(out.logprobs), "finish_reason": out.finish_reason}
+                for i, out in enumerate(finals)], "usage": _usage(finals)}
         finally:
             if not handed_off:
                 ticket.release()
@@ -211,6 +214,14 @@ def _params(body, max_tokens: int, logprobs: int | None):
         return body.sampling_params(max_tokens, logprobs)
     except ValueError as exc:
         raise APIError(str(exc)) from None
+
+
+def _choices(prompts: list[list[int]], params: list[SamplingParams], n: int):
+    """Each prompt ``n`` times, in OpenAI's order of choices (a prompt's n together); a
+    seeded request's copies get seeds ``seed, seed + 1, ...`` so that they differ."""
+    copies = [(ids, p if p.seed is None else dataclasses.replace(p, seed=p.seed + j))
+              for ids, p in zip(prompts, params) for j in range(n)]
+    return [ids for ids, _ in copies], [p for _, p in copies]
 
 
 def _prompts(prompt: Any) -> list:
