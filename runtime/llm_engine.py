@@ -110,9 +110,10 @@ class LLMEngine:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is in use")
         ids = self.engine.encode(prompt)
-        outside = [t for t in params.stop_token_ids if not 0 <= t < self.engine.vocab_size]
-        if outside:
-            raise ValueError(f"stop_token_ids {outside[:5]} are outside the vocabulary of {self.engine.vocab_size}")
+        for name, tokens in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+            outside = [t for t in tokens if not 0 <= t < self.engine.vocab_size]
+            if outside:
+                raise ValueError(f"{name} {outside[:5]} are outside the vocabulary of {self.engine.vocab_size}")
         limit = self.engine.info.max_seq_len
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine serves at most {limit - 1} "

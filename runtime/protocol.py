@@ -3,7 +3,7 @@ their fields onto ``SamplingParams``. Fields vLLM adds (``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``) are accepted too.
 
 No field is ever silently ignored: an unknown field is refused by name, and so is a
-known one that kiln does not do yet (``echo``, ``best_of``, ``suffix``, ``logit_bias``;
+known one that kiln does not do yet (``echo``, ``best_of``, ``suffix``;
 in chat ``response_format`` other than text, ``tools``, ``tool_choice``).
 """
 
@@ -38,7 +38,7 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     min_tokens: int = 0
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, FiniteFloat] | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The request's ``SamplingParams`` with ``max_tokens`` new tokens; ``ValueError``
@@ -55,11 +55,17 @@ class _Sampling(_Body):
             top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens, logprobs=logprobs)
+            min_tokens=self.min_tokens, logprobs=logprobs, logit_bias=self._bias())
+
+    def _bias(self) -> dict[int, float]:
+        try:
+            return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise ValueError(f"logit_bias keys must be token ids, got {list(self.logit_bias)[:5]}") from None
 
     def unsupported(self) -> list[str]:
         """The fields set to something kiln does not do."""
-        return ["logit_bias"] if self.logit_bias else []
+        return []
 
 
 class CompletionRequest(_Sampling):

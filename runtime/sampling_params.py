@@ -20,6 +20,8 @@ class SamplingParams:
     ``include_stop_str_in_output``), at a token of ``stop_token_ids``, or at the model's
     end-of-sequence tokens unless ``ignore_eos``; never before ``min_tokens``.
     ``logprobs=k`` returns the sampled token's log-probability and the k most likely.
+    ``logit_bias`` (a mapping or pairs of token id and bias in [-100, 100]) is added to
+    those tokens' logits before anything else.
     """
 
     max_tokens: int = 16
@@ -38,10 +40,12 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else _items(self.stop, "stop"))
         object.__setattr__(self, "stop_token_ids", _items(self.stop_token_ids, "stop_token_ids"))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         _check_types(self)
         problems = [message for bad, message in (
             (self.max_tokens < 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
@@ -91,3 +95,15 @@ def _items(values, name: str) -> tuple:
         return tuple(values)
     except TypeError:
         raise ValueError(f"{name} must be a sequence, got {values!r}") from None
+
+
+def _bias_pairs(bias) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted (token id, bias) pairs, checked."""
+    pairs = _items(bias.items() if isinstance(bias, dict) else bias, "logit_bias")
+    for pair in pairs:
+        token, amount = pair if isinstance(pair, tuple | list) and len(pair) == 2 else (None, None)
+        if isinstance(token, bool) or not isinstance(token, Integral) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {pair!r}")
+        if isinstance(amount, bool) or not isinstance(amount, Real) or not -100 <= amount <= 100:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {pair!r}")
+    return tuple(sorted((int(token), float(amount)) for token, amount in pairs))

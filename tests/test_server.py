@@ -165,3 +165,12 @@ def test_n_choices_per_prompt(client):
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                           n=2, temperature=0)
     assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_logit_bias_reaches_the_sampler(client):
+    out = client.completions.create(model="tiny", prompt="The for statement", max_tokens=4, temperature=0,
+                                    logit_bias={"42": 100}, extra_body={"ignore_eos": True}, logprobs=0)
+    assert out.choices[0].logprobs.tokens == [out.choices[0].logprobs.tokens[0]] * 4
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0, logit_bias={"42": 100}, logprobs=True)
+    assert [t.token for t in chat.choices[0].logprobs.content] == out.choices[0].logprobs.tokens[:3]

@@ -112,7 +112,7 @@ def test_no_cors_unless_asked(bundled_engine, server):
 
 @pytest.mark.parametrize("route, field, value", [
     ("completions", "echo", True), ("completions", "best_of", 2), ("completions", "suffix", "end"),
-    ("completions", "logit_bias", {"5": 10}), ("chat/completions", "response_format", {"type": "json_object"}),
+    ("completions", "logit_bias", {"five": 10}), ("chat/completions", "response_format", {"type": "json_object"}),
     ("chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("chat/completions", "tool_choice", "auto"), ("completions", "frobnicate", 1),
     ("chat/completions", "stream_options", {"include_usage": True}),

@@ -67,6 +67,8 @@ async def _soak(url: str, pid: int, args: argparse.Namespace) -> tuple[list[tupl
             served += 1
             if served % args.sample_every == 0:
                 samples.append((served, process.memory_info().rss / 2**20))
+                if args.json:  # as it goes, so that a long soak cut short still shows its curve
+                    Path(args.json).write_text(json.dumps({"samples": samples, "outcomes": outcomes}) + "\n")
 
     headers = {"authorization": f"Bearer {API_KEY}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120,
