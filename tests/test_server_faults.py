@@ -190,10 +190,12 @@ def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(saved_engine):
             lines = stream.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            deadline = time.monotonic() + 10
+            while (health := httpx.get(f"{url}/health", timeout=10)).status_code == 200:
+                assert time.monotonic() < deadline, "the server did not start draining"
+                time.sleep(0.05)
             refused = httpx.post(f"{url}/v1/completions", headers=AUTH, json={"model": "tiny", "prompt": "x"},
                                  timeout=10)
-            health = httpx.get(f"{url}/health", timeout=10)
             rest = [line for line in lines if line.startswith("data: ")]
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert health.status_code == 503 and health.json()["status"] == "draining"
