@@ -110,7 +110,8 @@ class LLMEngine:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is in use")
         ids = self.engine.encode(prompt)
-        for name, tokens in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+        biased = [token for token, _ in params.logit_bias]
+        for name, tokens in (("stop_token_ids", params.stop_token_ids), ("logit_bias", biased)):
             outside = [t for t in tokens if not 0 <= t < self.engine.vocab_size]
             if outside:
                 raise ValueError(f"{name} {outside[:5]} are outside the vocabulary of {self.engine.vocab_size}")

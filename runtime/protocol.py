@@ -101,6 +101,6 @@ class ChatRequest(_Sampling):
 
     def unsupported(self) -> list[str]:
         text = self.response_format in (None, {"type": "text"})
-        return [*super().unsupported(), *(name for name, used in (
-            ("response_format", not text), ("tools", self.tools), ("tool_choice", self.tool_choice not in (None, "none")))
-            if used)]
+        used = {"response_format": not text, "tools": bool(self.tools),
+                "tool_choice": self.tool_choice not in (None, "none")}
+        return [*super().unsupported(), *(name for name, on in used.items() if on)]

@@ -188,7 +188,7 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, defau
                 first = [True]
 
                 def chunk(out: RequestOutput) -> dict:
-                    delta = {"role": "assistant", "content": out.delta_text} if first[0] else {"content": out.delta_text}
+                    delta = {"content": out.delta_text} | ({"role": "assistant"} if first[0] else {})
                     first[0] = False
                     return {**head, "object": "chat.completion.chunk", "choices": [
                         {"index": 0, "delta": delta, "logprobs": logprobs_of(_new_logprobs(out)),

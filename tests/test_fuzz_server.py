@@ -76,8 +76,8 @@ def test_schema_bodies_never_get_a_server_error(server, schema, session, path, m
 
 
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                     max_leaves=20)
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                max_size=4), max_leaves=20)
 _raw = st.one_of(
     st.binary(max_size=256),  # mostly invalid UTF-8
     st.builds(lambda depth: b"[" * depth + b"]" * depth, st.integers(1, 20_000)),

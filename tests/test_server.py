@@ -164,7 +164,8 @@ def test_n_choices_per_prompt(client):
     assert [c.text for c in again.choices] == [c.text for c in out.choices[3:]]
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                           n=2, temperature=0)
-    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content
 
 
 def test_logit_bias_reaches_the_sampler(client):
