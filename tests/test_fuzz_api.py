@@ -38,11 +38,11 @@ def llm_engine(bundled_engine):
 
 
 _prompts = st.one_of(st.text(max_size=40), st.lists(st.integers(-5, 2100), max_size=40),
-                     st.lists(st.integers(0, 2047), min_size=200, max_size=300))
+                     st.lists(st.integers(0, 2047), min_size=240, max_size=260))
 _actions = st.lists(st.one_of(
-    st.tuples(st.just("add"), _prompts, st.integers(1, 40), st.lists(st.integers(-3, 3000), max_size=2)),
-    st.tuples(st.just("step"), st.integers(1, 6)),
-    st.tuples(st.just("abort"), st.integers(0, 20))), max_size=25)
+    st.tuples(st.just("add"), _prompts, st.integers(1, 12), st.lists(st.integers(-3, 3000), max_size=2)),
+    st.tuples(st.just("step"), st.integers(1, 4)),
+    st.tuples(st.just("abort"), st.integers(0, 20))), max_size=16)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
