@@ -77,13 +77,13 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .api import as_engine
     from .runtime import RuntimeConfig
+    from .runtime.admission import ServerLimits
     from .runtime.async_llm import AsyncLLM
     from .runtime.llm_engine import LLMEngine
     from .runtime.server import create_app
+    from .runtime.serving import run_server
 
     start = time.perf_counter()
     engine = as_engine(args.model, progress=True)
@@ -91,12 +91,14 @@ def _serve(args: argparse.Namespace) -> int:
                             max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching)
     llm = AsyncLLM(LLMEngine(engine, runtime))
     name = args.model_name or Path(args.model).name
-    app = create_app(llm, name, args.api_key, args.default_max_tokens)
+    limits = ServerLimits(max_queued=args.max_queued, request_timeout=args.request_timeout or None,
+                          max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+    app = create_app(llm, name, args.api_key, args.default_max_tokens, limits, args.allowed_origin)
     llm.start()
     print(f"serving {name} ({engine.info.architecture}, {engine.info.target}) on http://{args.host}:{args.port} "
           f"after {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        run_server(app, args.host, args.port, limits.drain_timeout)
     finally:
         llm.shutdown()
     return 0
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", help="an engine directory or a checkpoint directory")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require this bearer token on /v1 routes")
+    serve.add_argument("--api-key", default=None, help="require this bearer token on every route but /health")
     serve.add_argument("--model-name", default=None, help="the model's name in the API (default: the directory's)")
     serve.add_argument("--device", default=None, help="cpu or cuda (default: the engine's target)")
     serve.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: from free memory)")
@@ -208,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=None, help="cap on running sequences")
     serve.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     serve.add_argument("--no-prefix-caching", action="store_true", help="turn prefix reuse off")
+    serve.add_argument("--max-queued", type=int, default=256,
+                       help="requests admitted beyond the running batch before new ones get 429")
+    serve.add_argument("--request-timeout", type=float, default=600, help="seconds a request may take (0: no limit)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
+    serve.add_argument("--drain-timeout", type=float, default=30,
+                       help="seconds SIGTERM waits for requests in flight while new ones get 503")
+    serve.add_argument("--allowed-origin", action="append", default=[],
+                       help="a browser origin allowed to call the API (CORS; repeatable; default: none)")
     serve.set_defaults(run=_serve)
     ir = commands.add_parser("ir", help="print a graph (a .kiln text file or a checkpoint directory), "
                              "optionally after a pipeline")

@@ -16,7 +16,7 @@ from ..ir import Graph, interpret, sym
 from ..passes.profiles import ProfilePlan
 from ..version import __version__
 from .batch import SequenceStep, step_inputs
-from .engine_files import read_engine, write_engine
+from .engine_files import EngineLoadError, read_engine, read_manifest, write_engine
 from .executor import Step, generate_executor, load_executor
 
 _MAX_SEQ_LEN = sym("max_seq_len")  # the linear cache layout's block size
@@ -178,10 +178,15 @@ class Engine:
                      {**self.info.manifest_fields(), "kernel_configs": self.kernel_configs})
 
 
-def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashes: bool = True) -> Engine:
+def load_engine(path: str | os.PathLike, target: str | None = None) -> Engine:
     """Load the engine in directory ``path`` (no pass runs); refuse one built for another
     ``target`` (when given), by another kiln version, with a changed file, or for another GPU."""
-    directory = read_engine(path, target, verify_hashes)
-    manifest = directory.manifest
-    return Engine(directory.graph, directory.tokenizer, directory.config, EngineInfo.from_manifest(manifest),
-                  directory.executor_source, manifest["kernel_configs"])
+    manifest = read_manifest(path)
+    try:
+        info, kernel_configs = EngineInfo.from_manifest(manifest), dict(manifest["kernel_configs"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise EngineLoadError(f"the manifest of engine {path} does not describe an engine: "
+                              f"{type(exc).__name__}: {exc}") from None
+    directory = read_engine(path, target)
+    return Engine(directory.graph, directory.tokenizer, directory.config, info, directory.executor_source,
+                  kernel_configs)

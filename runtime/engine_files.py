@@ -11,9 +11,10 @@ the files; ``runtime/engine.py`` says what an engine's manifest holds.
     config.json, tokenizer files, chat template
 
 ``read_engine`` checks the manifest (format, kiln version, target, and the GPU at hand
-against the one a CUDA engine was built for) and every file's hash,
-parses the graph, checks that the executor is the one kiln generates for it, and reads
-the weights; it runs no pass.
+against the one a CUDA engine was built for) and every file's hash (a file the manifest
+does not list, a name that is not a plain file name, or a link is refused), parses the
+graph, checks that the executor is the one kiln generates for it, and reads the weights
+(safetensors only); it runs no pass. Nothing is loaded with ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -100,13 +101,28 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 def _check_files(root: Path, manifest: dict) -> None:
-    for name, digest in manifest["files"].items():
+    """Every file of the engine is one that its manifest lists, by a plain name, as a
+    regular file inside ``root`` (no link, no path), with the hash the manifest gives."""
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+        raise EngineLoadError(f"{root / MANIFEST} has no table of file hashes")
+    for name in listed:
+        if not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or Path(name).name != name:
+            raise EngineLoadError(f"{root / MANIFEST} lists {name!r}, which is not a file name of the engine")
+    unlisted = sorted(p.name for p in root.iterdir() if p.name != MANIFEST and p.name not in listed)
+    if unlisted:
+        raise EngineLoadError(f"engine {root} holds {unlisted[:5]}, which its {MANIFEST} does not list")
+    for name, digest in listed.items():
         file = root / name
-        if not file.is_file():
-            raise EngineLoadError(f"engine {root} is missing {name}")
+        if file.is_symlink() or not file.is_file():
+            raise EngineLoadError(f"engine {root} is missing {name}" if not file.exists() else
+                                  f"engine file {file} is not a regular file (links are refused)")
         if _sha256(file) != digest:
             raise EngineLoadError(f"engine file {file} does not match its hash in {MANIFEST}: it was changed "
                                   "after the build")
+    for required in (GRAPH, EXECUTOR, WEIGHTS):
+        if required not in listed:
+            raise EngineLoadError(f"engine {root} is missing {required}")
 
 
 @dataclass(frozen=True)
@@ -123,7 +139,7 @@ class EngineDirectory:
     config: dict | None
 
 
-def read_engine(path: str | os.PathLike, target: str | None = None, verify_hashes: bool = True) -> EngineDirectory:
+def read_engine(path: str | os.PathLike, target: str | None = None) -> EngineDirectory:
     """Read the engine in directory ``path``; refuse one built for another ``target``
     (when given), by another kiln version, with a changed file, or, where a GPU is
     present, a CUDA engine built for another GPU."""
@@ -131,8 +147,7 @@ def read_engine(path: str | os.PathLike, target: str | None = None, verify_hashe
     manifest = read_manifest(root)
     if target is not None and manifest["target"] != target:
         raise EngineLoadError(f"engine {root} was built for target {manifest['target']!r}, not {target!r}")
-    if verify_hashes:
-        _check_files(root, manifest)
+    _check_files(root, manifest)
     _check_gpu(root, manifest)
     graph = parse((root / GRAPH).read_text())
     weights = load_file(str(root / WEIGHTS))
@@ -165,11 +180,11 @@ def _tokenizer(root: Path):
     if (root / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(root))
+        return PreTrainedTokenizerFast.from_pretrained(str(root), trust_remote_code=False, local_files_only=True)
     if (root / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(root))
+        return AutoTokenizer.from_pretrained(str(root), trust_remote_code=False, local_files_only=True)
     return None
 
 

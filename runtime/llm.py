@@ -77,13 +77,18 @@ class LLM:
 def apply_chat_template(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of ``messages`` formatted by ``tokenizer``'s chat template, ready for the
     assistant's reply; ``ValueError`` when there is no template or the messages do not fit it."""
+    return tokenizer.encode(chat_text(tokenizer, messages), add_special_tokens=False)
+
+
+def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The text of ``messages`` formatted by ``tokenizer``'s chat template, ready for the
+    assistant's reply; ``ValueError`` when there is no template or the messages do not fit it."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template: use completions")
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # noqa: BLE001 - template errors come as many types
         raise ValueError(f"the chat template cannot format these messages: {exc}") from None
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -111,6 +111,11 @@ class LLMEngine:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is in use")
         ids = self.engine.encode(prompt)
+        biased = [token for token, _ in params.logit_bias]
+        for name, tokens in (("stop_token_ids", params.stop_token_ids), ("logit_bias", biased)):
+            outside = [t for t in tokens if not 0 <= t < self.engine.vocab_size]
+            if outside:
+                raise ValueError(f"{name} {outside[:5]} are outside the vocabulary of {self.engine.vocab_size}")
         limit = self.engine.info.max_seq_len
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine serves at most {limit - 1} "
@@ -133,6 +138,13 @@ class LLMEngine:
             return None
         self.scheduler.finish(seq, "abort")
         return self._output(seq)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with ``message`` as its error and drop the step on the device:
+        what the serving loop does when a step raises where the engine could not tell
+        which requests it concerned."""
+        self._inflight = None
+        return [self._fail(seq, message) for seq in list(self.sequences.values())]
 
     def has_unfinished(self) -> bool:
         """Whether a request still runs or waits, or a step on the device has results to hand out."""
@@ -191,14 +203,15 @@ class LLMEngine:
         if not batch:
             return None
         try:
-            return self._launch(batch, previous)
+            return self._launch(batch, previous, failed)
         except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
             failed += [self._fail(item.seq, f"{type(exc).__name__}: {exc}") for item in batch]
             return None
 
-    def _launch(self, batch: list[Scheduled], previous: InFlight | None) -> InFlight:
+    def _launch(self, batch: list[Scheduled], previous: InFlight | None, failed: list[RequestOutput]) -> InFlight:
         """Start the step and its sampling on the device; each sampling sequence gets a
-        ``PENDING`` token that ``_collect`` fills in."""
+        ``PENDING`` token that ``_collect`` fills in (a request whose sampling fails ends,
+        its output to ``failed``)."""
         steps, dst, src = [], [], []
         rows = {id(seq): row for row, seq in enumerate(previous.sampling)} if previous else {}
         offset = 0
@@ -215,11 +228,30 @@ class LLMEngine:
         sampling = [item.seq for item, samples in zip(batch, flags) if samples]
         for item in batch:
             item.seq.num_cached += item.num_tokens
-        sampled = sample_async(logits, sampling, self.eos)
+        sampling, sampled = self._sample(logits, sampling, failed)
         for seq in sampling:
             seq.tokens.append(PENDING)
             seq.pending += 1
         return InFlight([item.seq for item in batch], sampling, sampled)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[Sequence],
+                failed: list[RequestOutput]) -> tuple[list[Sequence], Sampling]:
+        """Launch the sampling of ``logits``' rows; if it raises, sample each row alone to
+        find the requests that make it fail, end those (outputs to ``failed``) and sample
+        the others. The sequences that sample, and their sampling."""
+        try:
+            return sampling, sample_async(logits, sampling, self.eos)
+        except Exception:  # noqa: BLE001 - one request's sampling must not fail the others
+            pass
+        rows = []
+        for row, seq in enumerate(sampling):
+            try:
+                sample_async(logits[row:row + 1], [seq], self.eos)
+                rows.append(row)
+            except Exception as exc:  # noqa: BLE001
+                failed.append(self._fail(seq, f"sampling failed: {type(exc).__name__}: {exc}"))
+        kept = [sampling[row] for row in rows]
+        return kept, sample_async(logits[rows], kept, self.eos)
 
     def _collect(self, step: InFlight) -> list[tuple[Sequence, int]]:
         """Put each sequence's new token in its place (a sequence that ended meanwhile

@@ -1,7 +1,7 @@
 """The batched sampler: one row of logits per sequence that samples this step.
 
-Penalties apply first (repetition to prompt and output tokens, presence and frequency to
-output tokens), then a row's stop tokens are forbidden until it has ``min_tokens``; greedy
+Penalties apply first (``logit_bias``, then repetition to prompt and output tokens,
+presence and frequency to output tokens), then a row's stop tokens are forbidden until it has ``min_tokens``; greedy
 rows take the argmax, the others temperature, top-k, top-p and min-p, then a draw.
 Log-probabilities are of the model's distribution (after penalties, before temperature
 and truncation), as vLLM reports them.
@@ -34,7 +34,7 @@ from .sequence import Sequence, TokenLogprobs
 Results = list[tuple[int, TokenLogprobs | None]]
 Table = list[array]  # columns of one length
 _MASK64 = (1 << 64) - 1
-_PENALTIES = ("repetition", "presence", "stops")
+_PENALTIES = ("bias", "repetition", "presence", "stops")
 
 
 class Sampling(NamedTuple):
@@ -75,9 +75,18 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], eos: Seq[int] = ()) 
 def _tables(seqs: Seq[Sequence], eos: Seq[int], vocab: int) -> dict[str, Table]:
     """The step's tables by name, leaving out those that no row needs."""
     wanting_logprobs = [row for row, seq in enumerate(seqs) if seq.params.logprobs is not None]
-    tables = {"repetition": _repetition(seqs), "presence": _presence(seqs), "stops": _stops(seqs, eos),
+    tables = {"bias": _bias(seqs), "repetition": _repetition(seqs), "presence": _presence(seqs),
+              "stops": _stops(seqs, eos),
               **_draws(seqs, vocab), "logprobs": [array("d", wanting_logprobs)]}
     return {name: table for name, table in tables.items() if table[0]}
+
+
+def _bias(seqs: Seq[Sequence]) -> Table:
+    """(row, token, -bias) for each token of the rows' ``logit_bias`` (subtracted, as penalties are)."""
+    rows = [row for row, seq in enumerate(seqs) if seq.params.logit_bias]
+    biases = [seqs[row].params.logit_bias for row in rows]
+    return [*_pairs(rows, [[token for token, _ in bias] for bias in biases]),
+            _flat([[-amount for _, amount in bias] for bias in biases])]
 
 
 def _repetition(seqs: Seq[Sequence]) -> Table:
@@ -217,6 +226,9 @@ def _penalized(logits: torch.Tensor, tables: dict[str, torch.Tensor]) -> torch.T
     if not any(name in tables for name in _PENALTIES):
         return logits
     logits = logits.to(torch.float32, copy=True)
+    if "bias" in tables:
+        row, token, amount = tables["bias"]
+        kernels.subtract(logits, row.long(), token.long(), amount.float())
     if "repetition" in tables:
         row, token, penalty = tables["repetition"]
         kernels.penalize_repetition(logits, row.long(), token.long(), penalty.float())

@@ -88,3 +88,37 @@ def test_generate_reports_a_bad_engine(engine_copy):
     (engine_copy / "graph.kiln").write_text("garbage")
     result = _kiln("generate", str(engine_copy))
     assert result.returncode == 1 and "graph.kiln does not match its hash" in result.stderr
+
+
+def test_load_refuses_a_file_the_manifest_does_not_list(engine_copy):
+    (engine_copy / "evil_tokenizer.py").write_text("import os\n")
+    with pytest.raises(EngineLoadError, match=r"holds \['evil_tokenizer.py'\], which its manifest.json does not"):
+        kiln.load(engine_copy)
+
+
+@pytest.mark.parametrize("name", ["../outside.json", "/etc/hostname", "sub/x", ".."])
+def test_load_refuses_a_listed_name_outside_the_directory(engine_copy, name):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    _rewrite_manifest(engine_copy, files={**manifest["files"], name: "0" * 64})
+    with pytest.raises(EngineLoadError, match="which is not a file name of the engine"):
+        kiln.load(engine_copy)
+
+
+def test_load_refuses_a_link_and_an_engine_whose_manifest_leaves_out_the_weights(engine_copy, tmp_path):
+    from kiln.runtime.engine_files import _sha256
+
+    config = engine_copy / "config.json"
+    outside = tmp_path / "outside.json"
+    outside.write_text(config.read_text())
+    config.unlink()
+    config.symlink_to(outside)
+    with pytest.raises(EngineLoadError, match="config.json is not a regular file"):
+        kiln.load(engine_copy)
+    config.unlink()
+    config.write_text(outside.read_text())
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    (engine_copy / "weights.safetensors").unlink()
+    _rewrite_manifest(engine_copy, files={n: d for n, d in manifest["files"].items() if n != "weights.safetensors"})
+    with pytest.raises(EngineLoadError, match="is missing weights.safetensors"):
+        kiln.load(engine_copy)
+    assert _sha256(config) == manifest["files"]["config.json"]

@@ -88,7 +88,8 @@ def test_chat_with_the_template_and_streaming(client):
     (dict(prompt=[[5] * 300]), "serves at most 255"),
     (dict(prompt=[5, 999999]), "outside the vocabulary"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(n=2), "n must be 1"),
+    (dict(n=2, stream=True), "stream takes n = 1"),
+    (dict(n=10_000), "this server admits at most"),
     (dict(extra_body={"top_p": "high"}), "top_p"),
 ])
 def test_bad_requests_get_400_with_a_message(client, kwargs, message):
@@ -110,7 +111,7 @@ def test_unknown_model_api_key_and_malformed_json(server, client):
 
 
 def _metric(server, name):
-    text = httpx.get(f"{server}/metrics", timeout=10).text
+    text = httpx.get(f"{server}/metrics", timeout=10, headers={"authorization": f"Bearer {API_KEY}"}).text
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
@@ -152,3 +153,25 @@ def test_load_of_64_concurrent_streams_completes_every_request(server):
     print(f"64 streams: {64 / seconds:.1f} requests/s, time to first token p50 {statistics.median(ttft):.3f} s, "
           f"p99 {ttft[int(0.99 * len(ttft))]:.3f} s")
     assert _metric(server, "kiln_time_to_first_token_seconds_count") >= 64
+
+
+def test_n_choices_per_prompt(client):
+    out = client.completions.create(model="tiny", prompt=["The for statement", "Python uses"], max_tokens=8, n=3,
+                                    temperature=1.0, seed=7)
+    assert [c.index for c in out.choices] == list(range(6)) and out.usage.completion_tokens == 48
+    assert len({c.text for c in out.choices[:3]}) > 1  # seeds 7, 8, 9: different draws
+    again = client.completions.create(model="tiny", prompt="Python uses", max_tokens=8, n=3, temperature=1.0, seed=7)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices[3:]]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          n=2, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_logit_bias_reaches_the_sampler(client):
+    out = client.completions.create(model="tiny", prompt="The for statement", max_tokens=4, temperature=0,
+                                    logit_bias={"42": 100}, extra_body={"ignore_eos": True}, logprobs=0)
+    assert out.choices[0].logprobs.tokens == [out.choices[0].logprobs.tokens[0]] * 4
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          temperature=0, logit_bias={"42": 100}, logprobs=True)
+    assert [t.token for t in chat.choices[0].logprobs.content] == out.choices[0].logprobs.tokens[:3]
