@@ -152,7 +152,8 @@ def _check_options(target: str, quantization: str | None, kv_cache_dtype: str, t
         raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
 
 
-def load(path: str | os.PathLike, target: str | None = None) -> Engine:
-    """Load the engine saved in directory ``path`` (no passes run); refuse one built for
-    another ``target`` (when given), by another kiln version, or with a changed file."""
-    return load_engine(path, target)
+def load(path: str | os.PathLike, target: str | None = None, rank: int = 0) -> Engine:
+    """Load the engine saved in directory ``path`` (no passes run), with tensor-parallel
+    rank ``rank``'s weights; refuse one built for another ``target`` (when given), by
+    another kiln version, or with a changed file."""
+    return load_engine(path, target, rank=rank)

@@ -257,12 +257,18 @@ def _gathered_selected(x, index, dim: int, gathered: int, ranks: int, group: str
     return ops.all_gather(ops.index_select(x, index, dim=dim), dim=gathered, ranks=ranks, group=group)
 
 
+def _same_on_every_rank(m) -> bool:
+    """The rows selected are the same on every rank (a graph input, not a rank's own cut)."""
+    index = m["index"]
+    return not index.is_constant or index.is_literal
+
+
 def _other_axes(m) -> bool:
     rank = m["x"].type.rank
-    return m["dim"] % rank != m["gathered"] % rank
+    return _same_on_every_rank(m) and m["dim"] % rank != m["gathered"] % rank
 
 
 SELECTION_THROUGH_COLLECTIVES = [
-    Rewrite(_select_reduced, _reduced_selected, name="select_before_all_reduce"),
+    Rewrite(_select_reduced, _reduced_selected, when=_same_on_every_rank, name="select_before_all_reduce"),
     Rewrite(_select_gathered, _gathered_selected, when=_other_axes, name="select_before_all_gather"),
 ]
