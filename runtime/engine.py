@@ -102,6 +102,7 @@ class Engine:
     executor_source: str = ""
     kernel_configs: dict[str, dict] = field(default_factory=dict)  # op -> tuned launch parameters
     loaded_rank: int | None = None  # loaded from a directory with one tensor-parallel rank's weights
+    directory: str | None = None  # the directory it was loaded from
     _weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _steps: dict[str, Step] = field(default_factory=dict, repr=False)
 
@@ -197,4 +198,4 @@ def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashe
     manifest = directory.manifest
     info = EngineInfo.from_manifest(manifest)
     return Engine(directory.graph, directory.tokenizer, directory.config, info, directory.executor_source,
-                  manifest["kernel_configs"], rank if info.tp > 1 else None)
+                  manifest["kernel_configs"], rank if info.tp > 1 else None, str(path))
