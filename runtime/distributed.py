@@ -136,13 +136,19 @@ class TensorParallelGroup:
         self.device = device
         self.processes = processes
         self._tempdir = tempdir
+        self._closed = False
         self._local = rank_step(engine, device)
 
     @classmethod
     def start(cls, engine: Engine, num_blocks: int, block_size: int, device: torch.device,
               timeout_s: float = TIMEOUT_S) -> TensorParallelGroup:
         """Spawn the workers of ranks 1..tp-1 (CPU, gloo), join them as rank 0, and send
-        them the cache layout."""
+        them the cache layout. Under torchrun (the process group already initialized,
+        NCCL on GPUs), the other ranks run ``serve_rank`` themselves: nothing is spawned."""
+        if dist.is_initialized():
+            group = cls(engine, device, [])
+            group._guard(lambda: _cache_layout(num_blocks, block_size, device))
+            return group
         if device.type != "cpu":
             raise ValueError("workers spawned on one host run on the CPU (gloo); on GPUs start one process per "
                              "rank with torchrun (see docs/parallelism.md)")
@@ -180,9 +186,10 @@ class TensorParallelGroup:
             raise WorkerError(f"tensor-parallel worker failed: {who}: {exc}") from exc
 
     def close(self) -> None:
-        """Tell the workers to stop, wait for them, and leave the process group."""
-        if not dist.is_initialized():
+        """Tell the workers to stop, wait for them, and leave the process group (once)."""
+        if self._closed or not dist.is_initialized():
             return
+        self._closed = True
         try:
             if all(p.poll() is None for p in self.processes):
                 broadcast_step(None, self.device)
@@ -192,7 +199,8 @@ class TensorParallelGroup:
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            dist.destroy_process_group()
+            if self.processes:
+                dist.destroy_process_group()
             if self._tempdir is not None:
                 self._tempdir.cleanup()
 
