@@ -59,10 +59,11 @@ def rank_graph(graph: Graph, rank: int, group: SimulatedGroup) -> Graph:
     return copy
 
 
-def simulate_ranks(graph: Graph, ranks: int,
-                   inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Run the partitioned ``graph`` on each of ``ranks`` ranks with the same ``inputs``;
-    return every rank's outputs."""
+def simulate_ranks(graph: Graph, ranks: int, inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+                   rank_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None) -> list[list[torch.Tensor]]:
+    """Run the partitioned ``graph`` on each of ``ranks`` ranks with the same ``inputs``
+    (plus, by name, each rank's own ``rank_inputs[rank]``: what a pipeline stage received
+    from the same rank of the stage before); return every rank's outputs."""
     group = SimulatedGroup(ranks)
     graphs = [rank_graph(graph, r, group) for r in range(ranks)]
     results: list[list[torch.Tensor] | None] = [None] * ranks
@@ -71,7 +72,8 @@ def simulate_ranks(graph: Graph, ranks: int,
     def run(rank: int) -> None:
         try:
             with torch.no_grad():
-                results[rank] = interpret(graphs[rank], inputs)
+                feed = inputs if rank_inputs is None else {**inputs, **rank_inputs[rank]}
+                results[rank] = interpret(graphs[rank], feed)
         except BaseException as exc:  # noqa: BLE001 - reported below, after the other ranks stop
             errors[rank] = exc
             group.abort()

@@ -115,9 +115,13 @@ def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device) ->
             step(**inputs, **caches)
 
 
+def _threads_per_rank(world_size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
 def run_worker(directory: str, rank: int, world_size: int, init_method: str, timeout_s: float) -> None:
     """A spawned worker: join the group (gloo) as ``rank`` and serve until told to stop."""
-    torch.set_num_threads(1)  # ranks share the host's cores
+    torch.set_num_threads(_threads_per_rank(world_size))  # the ranks share this host's cores
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
@@ -159,6 +163,7 @@ class TensorParallelGroup:
             tempdir = tempfile.TemporaryDirectory(prefix="kiln-tp-")
             directory = tempdir.name
             engine.save(directory)
+        torch.set_num_threads(_threads_per_rank(world_size))  # the ranks share this host's cores
         init_method = f"file://{tempfile.mktemp(prefix='kiln-rendezvous-')}"
         processes = [subprocess.Popen([sys.executable, "-m", "kiln.runtime.distributed", str(directory), str(rank),
                                        str(world_size), init_method, str(timeout_s)]) for rank in range(1, world_size)]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import openai
 import pytest
-from hf_models import BUNDLED
 from test_server import _free_port, _wait_until_healthy
 
 import kiln
@@ -22,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tp2_engine(tmp_path_factory):
+def tp2_engine(bundled_tp2_engine, tmp_path_factory):
     path = tmp_path_factory.mktemp("tp2") / "tiny-tp2.kiln"
-    kiln.compile(str(BUNDLED), max_batch_size=16, max_seq_len=256, max_num_tokens=256, tp=2).save(path)
+    bundled_tp2_engine.save(path)
     return path
 
 
