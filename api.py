@@ -147,7 +147,8 @@ def _check_options(target: str, quantization: str | None, kv_cache_dtype: str, t
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be at least 1, got tp={tp}, pp={pp}")
     if pp != 1:
-        raise ValueError("pipeline parallelism is not available yet (pp=1)")
+        raise ValueError("pipeline-parallel engines cannot be served yet (pp=1): the stages are cut and checked in the "
+                         "simulator only (kiln.passes.split_pipeline; docs/parallelism.md)")
     if max_batch_size < 1 or max_seq_len < 2:
         raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
 

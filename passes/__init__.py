@@ -13,7 +13,9 @@ from .kv_layout import linear_kv_cache, specialize
 from .paged import METADATA, PagedAttentionError, page_attention
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
 from .partition import PartitionError, partition, partition_tensor_parallel
+from .partition_pipeline import CostModel, PipelineStages, pipeline_schedule, run_stages, split_pipeline
 from .partition_rules import SELECTION_THROUGH_COLLECTIVES
+from .partition_simulator import simulate_ranks
 from .pattern import AttrVar, Match, Pattern, is_splat, trace
 from .rewriter import RewriteLimitError, Rewrites, Rule, rewrite
 
@@ -83,5 +85,6 @@ __all__ = [
     "canonicalize", "cse", "dce", "eliminate_common_subexpressions", "eliminate_dead_code",
     "fold", "fold_constants", "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache", "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite",
     "rewrite_pass", "select_logits", "trace", "PartitionError", "partition", "partition_tensor_parallel",
-    "run_pipeline",
+    "run_pipeline", "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks",
+    "split_pipeline",
 ]
