@@ -31,7 +31,10 @@ class SimulatedGroup:
         self._slots: list[torch.Tensor | None] = [None] * ranks
 
     def collective(self, op: str, rank: int, x: torch.Tensor, **attrs) -> torch.Tensor:
-        """Rank ``rank``'s result of collective ``op`` once every rank has brought its ``x``."""
+        """Rank ``rank``'s result of collective ``op`` once every rank has brought its ``x``
+        (a collective over a group of one rank is each rank's own)."""
+        if attrs["ranks"] == 1:
+            return SIMULATED[op]([x], **attrs)[0]
         if attrs["ranks"] != self.ranks:
             raise ValueError(f"{op} over {attrs['ranks']} ranks in a simulated group of {self.ranks}")
         self._slots[rank] = x

@@ -130,16 +130,24 @@ def run_worker(directory: str, rank: int, world_size: int, init_method: str, tim
         dist.destroy_process_group()
 
 
+def _failure(processes: list[subprocess.Popen], exc: Exception) -> WorkerError:
+    """The error that names the workers (ranks 1..) that exited, or says that one hangs."""
+    dead = [f"rank {rank} exited with code {p.poll()}" for rank, p in enumerate(processes, 1) if p.poll() is not None]
+    who = ", ".join(dead) if dead else "a rank stopped answering"
+    return WorkerError(f"tensor-parallel worker failed: {who}: {exc}")
+
+
 class TensorParallelGroup:
     """Rank 0's side of a tensor-parallel engine on this host: the worker processes of
     the other ranks, and the step that broadcasts each step's inputs before running
     rank 0's shard."""
 
-    def __init__(self, engine: Engine, device: torch.device, processes: list, tempdir=None):
+    def __init__(self, engine: Engine, device: torch.device, processes: list[subprocess.Popen],
+                 scratch: tempfile.TemporaryDirectory | None = None):
         self.engine = engine
         self.device = device
         self.processes = processes
-        self._tempdir = tempdir
+        self._scratch = scratch
         self._closed = False
         self._local = rank_step(engine, device)
 
@@ -157,19 +165,23 @@ class TensorParallelGroup:
             raise ValueError("workers spawned on one host run on the CPU (gloo); on GPUs start one process per "
                              "rank with torchrun (see docs/parallelism.md)")
         world_size = engine.info.tp
-        tempdir = None
+        scratch = tempfile.TemporaryDirectory(prefix="kiln-tp-")  # the rendezvous file, and the engine if unsaved
         directory = engine.directory
         if directory is None:
-            tempdir = tempfile.TemporaryDirectory(prefix="kiln-tp-")
-            directory = tempdir.name
+            directory = os.path.join(scratch.name, "engine")
             engine.save(directory)
         torch.set_num_threads(_threads_per_rank(world_size))  # the ranks share this host's cores
-        init_method = f"file://{tempfile.mktemp(prefix='kiln-rendezvous-')}"
+        init_method = f"file://{os.path.join(scratch.name, 'rendezvous')}"
         processes = [subprocess.Popen([sys.executable, "-m", "kiln.runtime.distributed", str(directory), str(rank),
                                        str(world_size), init_method, str(timeout_s)]) for rank in range(1, world_size)]
-        dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-        group = cls(engine, device, processes, tempdir)
+        try:
+            dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as exc:
+            for p in processes:
+                p.kill()
+            raise _failure(processes, exc) from exc
+        group = cls(engine, device, processes, scratch)
         group._guard(lambda: _cache_layout(num_blocks, block_size, device))
         return group
 
@@ -185,10 +197,7 @@ class TensorParallelGroup:
         try:
             return fn()
         except RuntimeError as exc:
-            dead = [f"rank {rank} exited with code {p.poll()}" for rank, p in enumerate(self.processes, 1)
-                    if p.poll() is not None]
-            who = ", ".join(dead) if dead else "a rank stopped answering"
-            raise WorkerError(f"tensor-parallel worker failed: {who}: {exc}") from exc
+            raise _failure(self.processes, exc) from exc
 
     def close(self) -> None:
         """Tell the workers to stop, wait for them, and leave the process group (once)."""
@@ -206,8 +215,8 @@ class TensorParallelGroup:
                     p.kill()
             if self.processes:
                 dist.destroy_process_group()
-            if self._tempdir is not None:
-                self._tempdir.cleanup()
+            if self._scratch is not None:
+                self._scratch.cleanup()
 
 
 
