@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
 from .ir import Graph, verify
-from .passes import EngineLimits, Workload, pipeline_manager, select_profiles
+from .passes import EngineLimits, Workload, pipeline_manager, run_pipeline, select_profiles
 from .passes.workspace import plan_workspace
 from .runtime import CompiledModule, Engine, EngineInfo, RuntimeConfig, load_engine
 from .runtime import LLM as EngineLLM
@@ -50,7 +50,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
         with _stages(progress) as stage:
             stage("importing")
             imported = load_checkpoint(model, dtype, max_batch_size, max_seq_len)
-            return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage)
+            return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, tp)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
@@ -58,7 +58,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             stage("importing")
             imported = import_model(model, tokenizer, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload,
-                           _ids(getattr(model.generation_config, "eos_token_id", None)), stage)
+                           _ids(getattr(model.generation_config, "eos_token_id", None)), stage, tp)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
     imported = import_module(model, example_inputs, dynamic_shapes)
@@ -100,16 +100,16 @@ BUILD_STAGES = ("importing", "optimizing", "generating the executor", "tuning ke
 
 
 def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
-            stop_token_ids: tuple[int, ...], stage) -> Engine:
+            stop_token_ids: tuple[int, ...], stage, tp: int = 1) -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
     pipeline, backend = TARGETS[target]
     eos = getattr(imported.tokenizer, "eos_token_id", None)
     stops = stop_token_ids or _ids(getattr(imported.config, "eos_token_id", None)) or _ids(eos)
     info = EngineInfo(architecture, target, backend, imported.dtype, limits.max_batch_size, limits.max_seq_len,
-                      limits.max_num_tokens, select_profiles(limits, workload), stops)
+                      limits.max_num_tokens, select_profiles(limits, workload), stops, tp=tp)
     graph = imported.graph
     stage("optimizing")
-    pipeline_manager(pipeline).run(graph)
+    run_pipeline(pipeline, graph, tp)
     verify(graph)
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
@@ -147,16 +147,20 @@ def _check_options(target: str, quantization: str | None, kv_cache_dtype: str, t
         raise ValueError(f"quantization {quantization!r} is not available yet")
     if kv_cache_dtype != "auto":
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not available yet")
-    if tp != 1 or pp != 1:
-        raise ValueError("tensor and pipeline parallelism are not available yet (tp=1, pp=1)")
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tp and pp must be at least 1, got tp={tp}, pp={pp}")
+    if pp != 1:
+        raise ValueError("pipeline-parallel engines cannot be served yet (pp=1): the stages are cut and checked in the "
+                         "simulator only (kiln.passes.split_pipeline; docs/parallelism.md)")
     if max_batch_size < 1 or max_seq_len < 2:
         raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
 
 
-def load(path: str | os.PathLike, target: str | None = None) -> Engine:
-    """Load the engine saved in directory ``path`` (no passes run); refuse one built for
-    another ``target`` (when given), by another kiln version, or with a changed file."""
-    return load_engine(path, target)
+def load(path: str | os.PathLike, target: str | None = None, rank: int = 0) -> Engine:
+    """Load the engine saved in directory ``path`` (no passes run), with tensor-parallel
+    rank ``rank``'s weights; refuse one built for another ``target`` (when given), by
+    another kiln version, or with a changed file."""
+    return load_engine(path, target, rank=rank)
 
 
 def as_engine(model: Engine | str | os.PathLike, **compile_options: Any) -> Engine:

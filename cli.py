@@ -68,7 +68,8 @@ def _build(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     engine = compile(args.model, target=args.target, dtype=args.dtype, max_batch_size=args.max_batch_size,
-                     max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, progress=True)
+                     max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, tp=args.tp, pp=args.pp,
+                     progress=True)
     built = time.perf_counter()
     engine.save(args.output)
     print(f"built {engine.info.architecture} for {engine.info.target} in {built - start:.1f} s; "
@@ -86,7 +87,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .runtime.serving import run_server
 
     start = time.perf_counter()
-    engine = as_engine(args.model, progress=True)
+    engine = as_engine(args.model, progress=True, **({"tp": args.tp} if args.tp else {}))
+    if args.tp and engine.info.tp != args.tp:
+        raise ValueError(f"engine {args.model} was built for tp={engine.info.tp}, not --tp {args.tp}: rebuild it")
     runtime = RuntimeConfig(device=args.device, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction,
                             max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching)
     llm = AsyncLLM(LLMEngine(engine, runtime))
@@ -190,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-batch-size", type=int, default=64)
     build.add_argument("--max-seq-len", type=int, default=2048)
     build.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step (default: max-seq-len)")
+    build.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one weights file each)")
+    build.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
     build.set_defaults(run=_build)
     generate = commands.add_parser("generate", help="generate text from an engine or checkpoint directory")
     generate.add_argument("model", help="an engine directory or a checkpoint directory")
@@ -218,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds SIGTERM waits for requests in flight while new ones get 503")
     serve.add_argument("--allowed-origin", action="append", default=[],
                        help="a browser origin allowed to call the API (CORS; repeatable; default: none)")
+    serve.add_argument("--tp", type=int, default=None,
+                       help="tensor-parallel ranks, each a worker process (default: the engine's)")
     serve.set_defaults(run=_serve)
     ir = commands.add_parser("ir", help="print a graph (a .kiln text file or a checkpoint directory), "
                              "optionally after a pipeline")

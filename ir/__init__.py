@@ -5,7 +5,7 @@ the text form (printer and parser), the interpreter and a networkx view.
 """
 
 from . import dtypes, ops
-from .constants import ConstantData, FoldedData, LazyData, MissingData, TensorData
+from .constants import ConstantData, FoldedData, LazyData, MissingData, ShardData, TensorData, for_rank
 from .dtypes import DType, dtype
 from .graph import AttrPlaceholder, Graph, GraphError, Node, Use, Value
 from .interpreter import InterpreterError, interpret
@@ -21,8 +21,8 @@ from .verifier import VerificationError, verify
 __all__ = [
     "Attr", "AttrError", "AttrPlaceholder", "CORE_OPS", "ConstantData", "DType", "DeclarationError",
     "Dim", "FoldedData", "Graph", "GraphError", "InterpreterError", "LazyData", "MissingData",
-    "Node", "OpDef", "ParseError", "REGISTRY", "Registry", "ShapeError", "TensorData",
+    "Node", "OpDef", "ParseError", "REGISTRY", "Registry", "ShapeError", "ShardData", "TensorData",
     "TensorType", "UnknownOpError", "Use", "Value", "VerificationError", "dims_equal", "dtype",
-    "dtypes", "interpret", "ops", "parse", "print_graph", "sym", "to_dot", "to_networkx",
+    "dtypes", "for_rank", "interpret", "ops", "parse", "print_graph", "sym", "to_dot", "to_networkx",
     "topological_order", "verify",
 ]

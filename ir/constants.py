@@ -78,3 +78,41 @@ class MissingData:
             f"constant %{self.name} has no data: the text form holds only its type; "
             "bind tensors with Graph.bind_constants({...})"
         )
+
+
+@dataclass(frozen=True, eq=False)
+class ShardData:
+    """One rank's shard of other constant data: of ``parts`` equal chunks along ``dim``,
+    rank ``rank`` of ``ranks`` holds chunk ``rank * parts // ranks`` (so with fewer parts
+    than ranks, neighbouring ranks hold the same chunk: replicated key/value heads)."""
+
+    source: ConstantData
+    dim: int
+    parts: int
+    ranks: int
+    rank: int = 0
+
+    @property
+    def chunk(self) -> int:
+        return self.rank * self.parts // self.ranks
+
+    def materialize(self) -> torch.Tensor:
+        whole = self.source.materialize()
+        size = whole.shape[self.dim] // self.parts
+        return whole.narrow(self.dim, self.chunk * size, size).contiguous()
+
+
+def for_rank(data: Any, rank: int) -> Any:
+    """``data`` as rank ``rank`` sees it: every ``ShardData`` in it (also inside folded
+    constants) takes that rank's chunk; data without shards is returned as it is."""
+    if isinstance(data, ShardData):
+        return ShardData(for_rank(data.source, rank), data.dim, data.parts, data.ranks, rank)
+    if isinstance(data, FoldedData):
+        inputs = [for_rank(x, rank) for x in data.inputs]
+        if all(new is old for new, old in zip(inputs, data.inputs)):
+            return data
+        return FoldedData(data.reference, inputs, data.attrs, data.result_index)
+    if isinstance(data, list):
+        items = [for_rank(x, rank) for x in data]
+        return data if all(new is old for new, old in zip(items, data)) else items
+    return data

@@ -4,6 +4,7 @@ built-in passes, each registered by name, with named pipelines of them.
 ``passes`` imports ``ir`` and nothing else of kiln.
 """
 
+from ..ir import Graph
 from .canonicalize import CANONICAL_RULES
 from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
 from .fusion import FUSION_RULES, RAISE_RULES, ROTARY_RULES, SELECTION_RULES
@@ -11,6 +12,10 @@ from .profiles import EngineLimits, ProfilePlan, Workload, select_profiles
 from .kv_layout import linear_kv_cache, specialize
 from .paged import METADATA, PagedAttentionError, page_attention
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
+from .partition import PartitionError, partition, partition_tensor_parallel
+from .partition_pipeline import CostModel, PipelineStages, pipeline_schedule, run_stages, split_pipeline
+from .partition_rules import SELECTION_THROUGH_COLLECTIVES
+from .partition_simulator import simulate_ranks
 from .pattern import AttrVar, Match, Pattern, is_splat, trace
 from .rewriter import RewriteLimitError, Rewrites, Rule, rewrite
 
@@ -23,7 +28,7 @@ raise_ops = rewrite_pass("raise", RAISE_RULES, "recognize rms_norm among primiti
 fuse = rewrite_pass("fuse", FUSION_RULES, "residual+RMSNorm, QKV and gate/up GEMMs, gated activations")
 fuse_rotary = rewrite_pass("fuse_rotary", ROTARY_RULES + CANONICAL_RULES,
                            "the fused QKV split into heads, with rotary on q and k, becomes one qkv_rotary")
-select_logits = rewrite_pass("select_logits", SELECTION_RULES,
+select_logits = rewrite_pass("select_logits", SELECTION_RULES + SELECTION_THROUGH_COLLECTIVES,
                              "compute the final layers only for the tokens whose logits are asked for")
 paged_attention = Pass("paged_attention", page_attention,
                        "a causal LM graph becomes the runtime's step graph over a paged KV cache",
@@ -60,10 +65,26 @@ def pipeline_manager(name: str, **options) -> PassManager:
     return PassManager(pipeline(name), until_stable=True, **options)
 
 
+def run_pipeline(name: str, graph: Graph, tp: int = 1, **options) -> list[PassRecord]:
+    """Run the named pipeline on ``graph`` to a fixpoint; with ``tp`` > 1, the passes
+    before fusion run first, then ``partition`` (once), then the whole pipeline, so that
+    the fusions see the sharded graph."""
+    if tp == 1:
+        return pipeline_manager(name, **options).run(graph)
+    passes = pipeline(name)
+    before = passes[:[p.name for p in passes].index("fuse")]
+    debug = options.get("debug", False)
+    records = PassManager(before, until_stable=True, debug=debug).run(graph)
+    records += PassManager([partition(tp)], debug=debug).run(graph)
+    return records + pipeline_manager(name, **options).run(graph)
+
+
 __all__ = [
     "AttrVar", "CANONICAL_RULES", "EngineLimits", "ProfilePlan", "Workload", "select_profiles", "FUSION_RULES", "RAISE_RULES", "ROTARY_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
     "PassManager", "PassRecord", "Pattern", "RewriteLimitError", "Rewrites", "Rule",
     "canonicalize", "cse", "dce", "eliminate_common_subexpressions", "eliminate_dead_code",
     "fold", "fold_constants", "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache", "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite",
-    "rewrite_pass", "select_logits", "trace",
+    "rewrite_pass", "select_logits", "trace", "PartitionError", "partition", "partition_tensor_parallel",
+    "run_pipeline", "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks",
+    "split_pipeline",
 ]

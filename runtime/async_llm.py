@@ -81,6 +81,7 @@ class AsyncLLM:
         self._inbox.put(_Abort(""))
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        self.engine.close()  # its tensor-parallel workers, if any
 
     def new_request_id(self, prefix: str = "cmpl") -> str:
         self._next_id += 1

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..backends import kernels_for
-from ..ir import Graph, interpret, sym
+from ..ir import Graph, for_rank, interpret, sym
 from ..passes.profiles import ProfilePlan
 from ..version import __version__
 from .batch import SequenceStep, step_inputs
@@ -102,6 +102,8 @@ class Engine:
     info: EngineInfo
     executor_source: str = ""
     kernel_configs: dict[str, dict] = field(default_factory=dict)  # op -> tuned launch parameters
+    loaded_rank: int | None = None  # loaded from a directory with one tensor-parallel rank's weights
+    directory: str | None = None  # the directory it was loaded from
     _weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _steps: dict[str, Step] = field(default_factory=dict, repr=False)
 
@@ -114,13 +116,20 @@ class Engine:
         self.cache_spec = CacheSpec(tuple(v.name for v in caches), tuple((v.shape[2], v.shape[3]) for v in caches),
                                     caches[0].dtype.torch_dtype, caches[0].shape[1] == _MAX_SEQ_LEN)
 
-    def weights(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Every constant the executor reads, on ``device`` (materialized once per device)."""
-        key = str(torch.device(device))
+    def weights(self, device: torch.device | str = "cpu", rank: int | None = None) -> dict[str, torch.Tensor]:
+        """Every constant the executor reads, on ``device`` (materialized once per device):
+        this engine's own, or tensor-parallel rank ``rank``'s shards of them."""
+        key = str(torch.device(device)) + ("" if rank is None else f"/rank{rank}")
         if key not in self._weights:
-            self._weights[key] = {name: v.tensor().to(device) for name, v in self.graph.constants.items()
-                                  if v.uses or v in self.graph.outputs}
+            self._weights[key] = {name: t.to(device) for name, t in self._constants(rank).items()}
         return self._weights[key]
+
+    def _constants(self, rank: int | None) -> dict[str, torch.Tensor]:
+        if rank is not None and self.loaded_rank is not None:
+            raise ValueError(f"this engine was loaded for tensor-parallel rank {self.loaded_rank} and holds only "
+                             "that rank's weights")
+        return {name: v.tensor() if rank is None else for_rank(v.data, rank).materialize()
+                for name, v in self.graph.constants.items() if v.uses or v in self.graph.outputs}
 
     def step_function(self, device: torch.device | str = "cpu") -> Step:
         """The executor bound to this engine's weights and the backend's kernels on
@@ -174,19 +183,21 @@ class Engine:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the engine directory (see ``kiln.runtime.engine_files``)."""
-        write_engine(path, self.graph, self.executor_source, self.weights("cpu"), self.config, self.tokenizer,
+        ranks = [self._constants(rank) for rank in range(self.info.tp)] if self.info.tp > 1 else [self.weights("cpu")]
+        write_engine(path, self.graph, self.executor_source, ranks, self.config, self.tokenizer,
                      {**self.info.manifest_fields(), "kernel_configs": self.kernel_configs})
 
 
-def load_engine(path: str | os.PathLike, target: str | None = None) -> Engine:
-    """Load the engine in directory ``path`` (no pass runs); refuse one built for another
-    ``target`` (when given), by another kiln version, with a changed file, or for another GPU."""
+def load_engine(path: str | os.PathLike, target: str | None = None, rank: int = 0) -> Engine:
+    """Load the engine in directory ``path`` (no pass runs), with tensor-parallel rank
+    ``rank``'s weights; refuse one built for another ``target`` (when given), by another
+    kiln version, with a changed file, or for another GPU."""
     manifest = read_manifest(path)
     try:
         info, kernel_configs = EngineInfo.from_manifest(manifest), dict(manifest["kernel_configs"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineLoadError(f"the manifest of engine {path} does not describe an engine: "
                               f"{type(exc).__name__}: {exc}") from None
-    directory = read_engine(path, target)
+    directory = read_engine(path, target, rank)
     return Engine(directory.graph, directory.tokenizer, directory.config, info, directory.executor_source,
-                  kernel_configs)
+                  kernel_configs, rank if info.tp > 1 else None, str(path))

@@ -7,7 +7,7 @@ the files; ``runtime/engine.py`` says what an engine's manifest holds.
                        profile, and a SHA-256 per file (over its 16 MiB chunks' digests)
     graph.kiln         the final IR as text
     executor.py        the executor generated from it (readable; regenerated and compared on load)
-    weights.safetensors
+    weights.safetensors   (weights.rank<r>.safetensors, one per rank, under tensor parallelism)
     config.json, tokenizer files, chat template
 
 ``read_engine`` checks the manifest (format, kiln version, target, and the GPU at hand
@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,16 +60,24 @@ def _sha256(path: Path) -> str:
         os.close(fd)
 
 
-def write_engine(path: str | os.PathLike, graph: Graph, executor_source: str, weights: Mapping[str, torch.Tensor],
-                 config: Any, tokenizer: Any, fields: Mapping[str, Any]) -> Path:
+def weights_file(rank: int, ranks: int) -> str:
+    """The name of rank ``rank``'s weights file in an engine of ``ranks`` tensor-parallel ranks."""
+    return WEIGHTS if ranks == 1 else f"weights.rank{rank}.safetensors"
+
+
+def write_engine(path: str | os.PathLike, graph: Graph, executor_source: str,
+                 weights: Sequence[Mapping[str, torch.Tensor]], config: Any, tokenizer: Any,
+                 fields: Mapping[str, Any]) -> Path:
     """Write an engine directory at ``path`` (created; its engine files are replaced): the
-    graph's text, the executor, the weights, config and tokenizer, and a manifest of
-    ``fields`` with the format, the kiln version and every file's hash."""
+    graph's text, the executor, each rank's weights, config and tokenizer, and a manifest
+    of ``fields`` with the format, the kiln version and every file's hash."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     (out / GRAPH).write_text(str(graph))
     (out / EXECUTOR).write_text(executor_source)
-    save_file({name: t.contiguous() for name, t in weights.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
+    for rank, tensors in enumerate(weights):
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(out / weights_file(rank, len(weights))),
+                  metadata={"format": "pt"})
     if isinstance(config, dict):
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     elif config is not None:
@@ -120,7 +128,8 @@ def _check_files(root: Path, manifest: dict) -> None:
         if _sha256(file) != digest:
             raise EngineLoadError(f"engine file {file} does not match its hash in {MANIFEST}: it was changed "
                                   "after the build")
-    for required in (GRAPH, EXECUTOR, WEIGHTS):
+    ranks = manifest.get("tp", 1)
+    for required in (GRAPH, EXECUTOR, *(weights_file(rank, ranks) for rank in range(ranks))):
         if required not in listed:
             raise EngineLoadError(f"engine {root} is missing {required}")
 
@@ -139,10 +148,10 @@ class EngineDirectory:
     config: dict | None
 
 
-def read_engine(path: str | os.PathLike, target: str | None = None) -> EngineDirectory:
-    """Read the engine in directory ``path``; refuse one built for another ``target``
-    (when given), by another kiln version, with a changed file, or, where a GPU is
-    present, a CUDA engine built for another GPU."""
+def read_engine(path: str | os.PathLike, target: str | None = None, rank: int = 0) -> EngineDirectory:
+    """Read the engine in directory ``path``, with tensor-parallel rank ``rank``'s weights;
+    refuse one built for another ``target`` (when given), by another kiln version, with a
+    changed file, or, where a GPU is present, a CUDA engine built for another GPU."""
     root = Path(path)
     manifest = read_manifest(root)
     if target is not None and manifest["target"] != target:
@@ -150,10 +159,14 @@ def read_engine(path: str | os.PathLike, target: str | None = None) -> EngineDir
     _check_files(root, manifest)
     _check_gpu(root, manifest)
     graph = parse((root / GRAPH).read_text())
-    weights = load_file(str(root / WEIGHTS))
+    ranks = manifest.get("tp", 1)
+    if not 0 <= rank < ranks:
+        raise EngineLoadError(f"engine {root} has {ranks} tensor-parallel ranks; there is no rank {rank}")
+    file = root / weights_file(rank, ranks)
+    weights = load_file(str(file))
     missing = [n for n, v in graph.constants.items() if (v.uses or v in graph.outputs) and n not in weights]
     if missing:
-        raise EngineLoadError(f"{root / WEIGHTS} lacks constants {missing[:5]}")
+        raise EngineLoadError(f"{file} lacks constants {missing[:5]}")
     graph.bind_constants({n: weights[n] for n in graph.constants if n in weights})
     verify(graph)
     source = (root / EXECUTOR).read_text()

@@ -29,6 +29,10 @@ class LLM:
         self.engine = engine if isinstance(engine, Engine) else load_engine(engine)
         self.llm_engine = LLMEngine(self.engine, runtime)
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel workers, if it has any."""
+        self.llm_engine.close()
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:

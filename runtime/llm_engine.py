@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -81,9 +82,16 @@ class LLMEngine:
         num_blocks = config.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
                                                            config.memory_fraction, useful, reserve)
         self.caches = spec.allocate(num_blocks, self.block_size, self.device)
-        fast = info.backend == "cuda" and self.device.type == "cuda"  # kernels that never sync and skip slot -1
+        fast = info.backend == "cuda" and self.device.type == "cuda" and info.tp == 1  # kernels that never sync
         sizes = [s for s in info.profiles.cuda_graph_batch_sizes if s <= self.max_num_seqs]
-        self.runner = ModelRunner(engine.step_function(self.device), self.caches, self.device, self.block_size,
+        self.workers = None
+        if info.tp > 1:
+            from .distributed import TensorParallelGroup
+
+            self.workers = TensorParallelGroup.start(engine, num_blocks, self.block_size, self.device)
+            weakref.finalize(self, self.workers.close)
+        step = self.workers.step if self.workers else engine.step_function(self.device)
+        self.runner = ModelRunner(step, self.caches, self.device, self.block_size,
                                   -(-info.max_seq_len // self.block_size),
                                   sizes if fast and config.cuda_graphs != "off" else (),
                                   info.max_num_tokens if fast else None)
@@ -99,6 +107,11 @@ class LLMEngine:
         self.generated_tokens = 0
         self._inflight: InFlight | None = None  # the step on the device
         self.prompt_tokens = 0
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the engine is collected)."""
+        if self.workers is not None:
+            self.workers.close()
 
     # requests -----------------------------------------------------------------------
 

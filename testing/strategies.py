@@ -297,6 +297,16 @@ def _creation(b: GraphDraft):
     return x * (steps * 0.1)
 
 
+def _collective(b: GraphDraft):
+    """Collectives over a group of one rank (the only group a single interpreter runs)."""
+    x = b.value(lambda v: v.type.rank >= 1)
+    if x is None:
+        return None
+    if b.draw(st.booleans()):
+        return ops.all_reduce(x, ranks=1)
+    return ops.all_gather(x, dim=b.draw(st.integers(-x.type.rank, x.type.rank - 1)), ranks=1)
+
+
 def _math(b: GraphDraft):
     x = b.value()
     positive = ops.abs(x) + 0.5
@@ -339,7 +349,7 @@ GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {
     "unary": _unary, "binary": _binary, "select": _select, "linear": _linear, "reduce": _reduce,
     "norm": _norm, "movement": _movement, "cast": _cast, "duplicate": _duplicate,
     "attention": _attention, "rotary": _rotary, "lookup": _lookup, "creation": _creation, "paged": _paged,
-    "fused": _fused,
+    "fused": _fused, "collective": _collective,
 }
 
 

@@ -49,6 +49,15 @@ def bundled_engine():
 
 
 @pytest.fixture(scope="session")
+def bundled_tp2_engine():
+    """The bundled tiny Llama split over two tensor-parallel ranks (same limits)."""
+    import kiln
+    from hf_models import BUNDLED
+
+    return kiln.compile(str(BUNDLED), max_batch_size=16, max_seq_len=256, max_num_tokens=256, tp=2)
+
+
+@pytest.fixture(scope="session")
 def saved_engine(bundled_engine, tmp_path_factory):
     """The bundled engine saved to a directory."""
     path = tmp_path_factory.mktemp("engine") / "tiny.kiln"

@@ -28,6 +28,13 @@ def server(saved_engine):
     process = subprocess.Popen(
         [sys.executable, "-m", "kiln.cli", "serve", str(saved_engine), "--port", str(port), "--api-key", API_KEY,
          "--model-name", "tiny", "--num-blocks", "512"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield _wait_until_healthy(process, port)
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _wait_until_healthy(process: subprocess.Popen, port: int) -> str:
+    """The URL of the ``kiln serve`` in ``process`` once /health answers (at most 120 s)."""
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -35,15 +42,11 @@ def server(saved_engine):
             raise RuntimeError(f"kiln serve exited: {process.stdout.read()}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return url
         except httpx.HTTPError:
             time.sleep(0.2)
-    else:
-        process.kill()
-        raise RuntimeError("kiln serve did not come up in 120 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    process.kill()
+    raise RuntimeError("kiln serve did not come up in 120 s")
 
 
 @pytest.fixture

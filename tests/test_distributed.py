@@ -1,0 +1,80 @@
+"""Tensor parallelism on real processes (gloo on the CPU): ``kiln.LLM`` and ``kiln serve``
+over a tp=2 engine start a worker for rank 1 and give the greedy tokens of one rank; a
+killed worker ends the run with an error naming it; ``bench/parallel.py`` runs alone and
+under torchrun. Starting processes is slow on two cores, so these tests are few."""
+
+import os
+import runpy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+from test_server import _free_port, _wait_until_healthy
+
+import kiln
+
+PROMPTS = ["The for statement", "Python uses the"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tp2_engine(bundled_tp2_engine, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tp2") / "tiny-tp2.kiln"
+    bundled_tp2_engine.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def greedy(bundled_engine):
+    params = kiln.SamplingParams(max_tokens=6, temperature=0)
+    return params, kiln.LLM(bundled_engine).generate(PROMPTS, params)
+
+
+def test_two_ranks_generate_what_one_does_and_a_killed_worker_is_named(tp2_engine, greedy):
+    params, want = greedy
+    llm = kiln.LLM(tp2_engine)
+    try:
+        assert [o.token_ids for o in llm.generate(PROMPTS, params)] == [o.token_ids for o in want]
+        worker = llm.llm_engine.workers.processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+        out = llm.generate(["Hello"], params)[0]
+        assert out.finish_reason == "error" and "rank 1 exited with code -9" in out.error
+    finally:
+        llm.close()
+
+
+def test_kiln_serve_over_two_ranks_answers_the_openai_client(tp2_engine, greedy):
+    params, want = greedy
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(tp2_engine), "--tp", "2", "--port",
+                                str(port), "--num-blocks", "64"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        url = _wait_until_healthy(process, port)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        for prompt, expected in zip(PROMPTS, want):
+            got = client.completions.create(model=tp2_engine.name, prompt=prompt, max_tokens=params.max_tokens,
+                                            temperature=0)
+            assert got.choices[0].text == expected.text
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_the_parallel_benchmark_runs_alone_and_under_torchrun(saved_engine, tp2_engine, tmp_path, monkeypatch,
+                                                                capsys):
+    options = ["--input-len", "8", "--output-len", "4", "--concurrency", "2"]
+    script = ROOT / "bench" / "parallel.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(saved_engine), "--tp", "1", *options])
+    runpy.run_path(str(script), run_name="__main__")  # world size 1, in this process
+    assert "tp=1 concurrency=2:" in capsys.readouterr().out
+    report = tmp_path / "tp2.json"
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               str(script), str(tp2_engine), "--tp", "2", *options,
+                               "--json", str(report)], capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    assert '"output_tokens": 8' in report.read_text()
