@@ -229,6 +229,17 @@ def _repeat_interleave(cx: Conversion, x: Value, repeats: int, dim: int | None =
     return ops.reshape(tiled, shape=(*shape[:dim], shape[dim] * repeats, *shape[dim + 1:]))
 
 
+def _topk(cx: Conversion, x: Value, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) -> tuple:
+    if not largest:
+        raise NotImplementedError("topk of the smallest values")
+    return ops.topk(x, k=k, dim=dim)  # always sorted, which is one valid order when torch was not asked to sort
+
+
+def _kiln_experts(cx: Conversion, x: Value, weights: Value, indices: Value, gate_up: Value, down: Value,
+                  activation: str) -> Value:
+    return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
+
+
 def _clamp(cx: Conversion, x: Value, min: float | None = None, max: float | None = None) -> Value:
     return ops.clamp(x, min=min, max=max)
 
@@ -306,6 +317,8 @@ CONVERTERS: dict[str, Converter] = {
     "aten.native_layer_norm.default": _native_layer_norm,
     "aten.scaled_dot_product_attention.default": _sdpa,
     "kiln.attention.default": _kiln_attention,
+    "kiln.experts.default": _kiln_experts,
+    "aten.topk.default": _topk,
     "aten.arange.default": _arange,
     "aten.arange.start": _arange,
     "aten.arange.start_step": _arange,
