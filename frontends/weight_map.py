@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, TensorRef
+from .errors import FrontendError
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,12 @@ def model_tensors(checkpoint: Checkpoint, model: nn.Module) -> dict[str, TensorR
     for renamed, sources in groups.items():
         converter = by_pattern[next(iter(sources))]
         ordered = tuple((p, tuple(sources[p])) for p in converter.source_patterns if p in sources)
-        metas = _convert(converter, {p: [torch.empty(r.shape, dtype=r.dtype, device="meta") for r in refs]
-                                     for p, refs in ordered})
+        try:
+            metas = _convert(converter, {p: [torch.empty(r.shape, dtype=r.dtype, device="meta") for r in refs]
+                                         for p, refs in ordered})
+        except (RuntimeError, ValueError) as exc:
+            counts = " and ".join(f"{len(refs)} x {p.strip('.')}" for p, refs in ordered)
+            raise FrontendError(f"cannot merge the checkpoint's {counts} into {renamed}: {exc}") from None
         first = converter.target_patterns[0]
         for output, meta in metas.items():
             name = renamed.replace(first, output, 1)

@@ -8,38 +8,38 @@ Routers differ by family, and each becomes attributes of ``moe``:
 - top-k of the logits, then softmax over those (GraniteMoE): the same weights as the
   renormalized form, so ``normalize=True``.
 
-A bf16 model routes in float32: the logits are cast up, and some families cast the weights
-back down; each form is matched with and without those casts (``moe`` always routes in
-float32 and weighs the experts' outputs in float32).
+A bf16 model routes in float32: the logits are cast up (the cast stays, as ``moe``'s
+operand), and some families cast the weights back down; each form is matched with and
+without that cast (``moe`` always routes in float32 and weighs the experts' outputs in
+float32).
 """
 
 from __future__ import annotations
 
 from itertools import product
 
-from ..ir import dtypes, ops
+from ..ir import ops
 from .pattern import AttrVar, Match
 from .rewriter import Rule
 
 ORDERS = ("softmax_topk", "softmax_topk_normalized", "topk_softmax")
 
 
-def _routed(order: str, cast_logits: bool, cast_weights: bool):
+def _routed(order: str, cast_weights: bool):
     """The pattern of one router form feeding the experts."""
     def pattern(x, logits, gate_up, down, k: int, activation: str):
-        scores = ops.cast(logits, dtype=AttrVar("wide")) if cast_logits else logits
         if order == "topk_softmax":
-            top, indices = ops.topk(scores, k=k, dim=AttrVar("topk_dim"))
+            top, indices = ops.topk(logits, k=k, dim=AttrVar("topk_dim"))
             weights = ops.softmax(top, dim=AttrVar("softmax_dim"))
         else:
-            weights, indices = ops.topk(ops.softmax(scores, dim=AttrVar("softmax_dim")), k=k, dim=AttrVar("topk_dim"))
+            weights, indices = ops.topk(ops.softmax(logits, dim=AttrVar("softmax_dim")), k=k, dim=AttrVar("topk_dim"))
             if order == "softmax_topk_normalized":
                 weights = ops.div(weights, ops.sum(weights, dims=(AttrVar("sum_dim"),), keepdim=True))
         if cast_weights:
             weights = ops.cast(weights, dtype=AttrVar("narrow"))
         return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
 
-    pattern.__name__ = f"{order}{'_cast_logits' if cast_logits else ''}{'_cast_weights' if cast_weights else ''}"
+    pattern.__name__ = f"raise_moe_{order}{'_cast_weights' if cast_weights else ''}"
     return pattern
 
 
@@ -50,14 +50,10 @@ def _moe(normalize: bool):
 
 
 def _over_experts(m: Match) -> bool:
-    """Every routing step works along the experts (the last dim), and a cast of the logits widens them."""
+    """Every routing step works along the experts (the last dim)."""
     rank = m["logits"].type.rank
-    last = all(m.attrs[d] in (-1, rank - 1) for d in ("topk_dim", "softmax_dim", "sum_dim") if d in m.attrs)
-    return last and m.attrs.get("wide", dtypes.float32) == dtypes.float32
+    return all(m.attrs[d] in (-1, rank - 1) for d in ("topk_dim", "softmax_dim", "sum_dim") if d in m.attrs)
 
 
-MOE_RULES = [
-    Rule(_routed(order, cast_logits, cast_weights), _moe(order != "softmax_topk"), when=_over_experts,
-         name=f"raise_moe_{_routed(order, cast_logits, cast_weights).__name__}")
-    for order, cast_logits, cast_weights in product(ORDERS, (False, True), (False, True))
-]
+MOE_RULES = [Rule(_routed(order, cast), _moe(order != "softmax_topk"), when=_over_experts)
+             for order, cast in product(ORDERS, (False, True))]
