@@ -262,6 +262,7 @@ CONVERTERS: dict[str, Converter] = {
        ("neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "erf", "sigmoid",
         "relu", "silu")},
     "aten.gelu.default": _gelu,
+    "aten.square.default": lambda cx, x: ops.mul(x, x),
     "aten.pow.Tensor_Scalar": _pow,
     "aten.pow.Tensor_Tensor": _pow,
     "aten.clamp.default": _clamp,
