@@ -301,9 +301,11 @@ def _math(b: GraphDraft):
     x = b.value()
     positive = ops.abs(x) + 0.5
     name = b.draw(st.sampled_from(["exp", "log", "sqrt", "rsqrt", "reciprocal", "pow", "clamp",
-                                   "argmax", "gather", "logical_and"]))
-    if name == "exp":
-        return ops.exp(-positive)
+                                   "argmax", "gather", "logical_and", "expm1", "softplus"]))
+    if name in ("exp", "expm1"):
+        return ops.call(name, -positive)
+    if name == "softplus":
+        return ops.softplus(x, beta=b.draw(st.sampled_from([1.0, 2.0])), threshold=b.draw(st.sampled_from([20.0, 0.5])))
     if name == "pow":
         return ops.pow(positive, b.draw(st.sampled_from([0.5, 2.0])))
     if name == "clamp":

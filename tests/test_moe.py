@@ -1,8 +1,8 @@
 """Mixture of experts: the routing reference against transformers' routers (DeepSeek-V3's
 grouped, bias-corrected one included), the experts reference against transformers' eager
 experts, each router form raised into ``moe`` with its numerics kept, expert weights
-loaded from per-expert and stacked checkpoints, and greedy generations equal to
-transformers' for every MoE family."""
+loaded from per-expert and stacked checkpoints. (Logits and greedy tokens of each MoE
+family against transformers are in test_frontend_hf.py, with every architecture's.)"""
 
 import textwrap
 
@@ -16,9 +16,6 @@ import kiln
 from kiln.ir.opdefs.moe import moe_experts_reference, route
 from kiln.passes import MOE_RULES, rewrite
 from kiln.testing import assert_preserves, graph_from_text, random_inputs
-
-MOE_FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe"]
-
 
 def _sorted(weights, indices):
     order = indices.argsort(-1)
@@ -202,17 +199,3 @@ def test_a_missing_expert_is_named(tmp_path):
     with pytest.raises(FrontendError, match=r"cannot merge the checkpoint's 4 x experts.\*.w1.weight and "
                                             r"3 x experts.\*.w3.weight into model.layers.1.mlp.experts.gate_up_proj"):
         kiln.compile(tmp_path, dtype="float32", max_seq_len=64)
-
-
-@pytest.mark.parametrize("name", MOE_FAMILIES)
-def test_greedy_tokens_match_transformers(name, tmp_path):
-    model = random_model(name)
-    engine = kiln.compile(write_checkpoint(model, tmp_path), dtype="float32", max_seq_len=64)
-    assert engine.graph.op_counts()["moe"] >= 1 and "moe_experts" not in engine.graph.op_counts()
-    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                              pad_token_id=0)[0, 6:].tolist()
-    got = kiln.LLM(engine).generate([prompt[0].tolist()], kiln.SamplingParams(max_tokens=12, temperature=0,
-                                                                             ignore_eos=True))[0]
-    assert got.token_ids == want
