@@ -134,7 +134,8 @@ class _Importer:
             self.env[node.name] = self.dim(fake)
             return
         converter, mutated = CONVERTERS.get(name), None
-        if converter is None and _functional(name) in CONVERTERS and node.args and isinstance(node.args[0], torch.fx.Node):
+        in_place = node.args and isinstance(node.args[0], torch.fx.Node)
+        if converter is None and _functional(name) in CONVERTERS and in_place:
             converter, mutated = CONVERTERS[_functional(name)], node.args[0]
         args, kwargs = self._arg(node.args), {k: self._arg(v) for k, v in node.kwargs.items()}
         if converter is None:

@@ -60,7 +60,8 @@ ADD_LAYER_NORMS = {"gpt2": 5, "stablelm": 4, "starcoder2": 4, "gpt-neox": 2, "ph
                    "persimmon": 4, "opt": 1}  # parallel blocks: 2
 for _name, _expected in EXPECTED.items():
     _fused = _name not in NO_HALF_ROTARY | ROTARY_APART
-    EXPECTED[_name] = {"moe": 0, **_expected, "rotary": 4 if _name in ROTARY_APART else 0, "qkv_rotary": 2 if _fused else 0,
+    EXPECTED[_name] = {"moe": 0, **_expected, "rotary": 4 if _name in ROTARY_APART else 0,
+                       "qkv_rotary": 2 if _fused else 0,
                        "add_layer_norm": ADD_LAYER_NORMS.get(_name, 0)}
 
 

@@ -56,8 +56,9 @@ def _experts_shapes(x: TensorType, gate_up: TensorType, down: TensorType) -> Non
 def _moe_experts(x: TensorType, weights: TensorType, indices: TensorType, gate_up: TensorType,
                  down: TensorType, activation: str) -> TensorType:
     _experts_shapes(x, gate_up, down)
-    if not weights.dtype.is_float or indices.dtype != dtypes.int64 or weights.rank != 2 \
-            or not dims_equal(weights.shape[0], x.shape[0]) or not weights.equivalent(indices.with_dtype(weights.dtype)):
+    routing = weights.rank == 2 and dims_equal(weights.shape[0], x.shape[0]) \
+        and weights.equivalent(indices.with_dtype(weights.dtype))
+    if not weights.dtype.is_float or indices.dtype != dtypes.int64 or not routing:
         raise ShapeError(f"weights {weights} and indices {indices} must be float and int64 [tokens, top_k]")
     return x
 
@@ -65,7 +66,8 @@ def _moe_experts(x: TensorType, weights: TensorType, indices: TensorType, gate_u
 def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
                           down: torch.Tensor, activation: str) -> torch.Tensor:
     """Each token through its experts' gated MLPs, summed with its routing weights: the
-    (token, choice) pairs are sorted by expert and each expert runs once on its rows."""
+    (token, choice) pairs are sorted by expert and each expert runs once on its rows (the
+    counts are read back to the host: an oracle, not a kernel; see backends/cuda/moe.py)."""
     tokens, top_k = indices.shape
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
