@@ -229,6 +229,31 @@ def _repeat_interleave(cx: Conversion, x: Value, repeats: int, dim: int | None =
     return ops.reshape(tiled, shape=(*shape[:dim], shape[dim] * repeats, *shape[dim + 1:]))
 
 
+def _cumsum(cx: Conversion, x: Value, dim: int, dtype: Any = None) -> Value:
+    """Counting along a mask of ones (OPT's and Falcon's positions when no tokens are padded)
+    is ``arange + 1``; other cumulative sums have no kiln op."""
+    source = x.producer
+    while source is not None and source.op == "cast":
+        source = source.inputs[0].producer
+    if source is None or source.op != "full" or source.attrs["value"] != 1.0:
+        raise NotImplementedError("cumsum of anything but ones")
+    dim %= x.type.rank
+    counts = ops.add(ops.arange(graph=cx.graph, end=x.shape[dim], dtype=cx.result_dtype), cx.value(1))
+    along = [x.shape[dim] if i == dim else 1 for i in range(x.type.rank)]
+    return ops.expand(ops.reshape(counts, shape=tuple(along)), shape=x.shape)
+
+
+def _topk(cx: Conversion, x: Value, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) -> tuple:
+    if not largest:
+        raise NotImplementedError("topk of the smallest values")
+    return ops.topk(x, k=k, dim=dim)  # always sorted, which is one valid order when torch was not asked to sort
+
+
+def _kiln_experts(cx: Conversion, x: Value, weights: Value, indices: Value, gate_up: Value, down: Value,
+                  activation: str) -> Value:
+    return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
+
+
 def _clamp(cx: Conversion, x: Value, min: float | None = None, max: float | None = None) -> Value:
     return ops.clamp(x, min=min, max=max)
 
@@ -249,8 +274,12 @@ CONVERTERS: dict[str, Converter] = {
     "aten.__or__.Tensor": lambda cx, x, y: ops.logical_or(x, y),
     **{f"aten.{name}.default": _unary(name) for name in
        ("neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "erf", "sigmoid",
-        "relu", "silu")},
+        "relu", "silu", "expm1")},
+    "aten.softplus.default": lambda cx, x, beta=1.0, threshold=20.0: ops.softplus(x, beta=beta, threshold=threshold),
+    "aten.min.other": lambda cx, x, y: ops.minimum(*cx.promote(x, y)),
+    "aten.max.other": lambda cx, x, y: ops.maximum(*cx.promote(x, y)),
     "aten.gelu.default": _gelu,
+    "aten.square.default": lambda cx, x: ops.mul(x, x),
     "aten.pow.Tensor_Scalar": _pow,
     "aten.pow.Tensor_Tensor": _pow,
     "aten.clamp.default": _clamp,
@@ -306,6 +335,9 @@ CONVERTERS: dict[str, Converter] = {
     "aten.native_layer_norm.default": _native_layer_norm,
     "aten.scaled_dot_product_attention.default": _sdpa,
     "kiln.attention.default": _kiln_attention,
+    "kiln.experts.default": _kiln_experts,
+    "aten.topk.default": _topk,
+    "aten.cumsum.default": _cumsum,
     "aten.arange.default": _arange,
     "aten.arange.start": _arange,
     "aten.arange.start_step": _arange,

@@ -29,6 +29,14 @@ class TensorRef:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
+    @property
+    def where(self) -> str:
+        return self.file.name
+
+    @property
+    def describe(self) -> str:
+        return f"{self.file.name}:{self.key}"
+
     def load(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read this tensor (and cast it to ``dtype``)."""
         from safetensors import safe_open

@@ -10,7 +10,6 @@ its own tensors as the weights. Nothing here is architecture-specific.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,9 +22,11 @@ from torch.export import Dim
 
 from ..ir import ConstantData, Graph, LazyData, MissingData
 from .attention import register_with_transformers
-from .checkpoint import Checkpoint, TensorRef, read_checkpoint
+from .checkpoint import Checkpoint, read_checkpoint
 from .errors import FrontendError
+from .experts import register_with_transformers as register_experts
 from .torch_export import import_program
+from .weight_map import model_tensors
 
 PREFIX = "model."  # the attribute under which _Logits holds the model
 
@@ -84,7 +85,8 @@ def _build_model(config: Any, dtype: torch.dtype) -> nn.Module:
     try:
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                     attn_implementation=register_with_transformers())
+                                                     attn_implementation=register_with_transformers(),
+                                                     experts_implementation=register_experts())
     except (ValueError, KeyError) as exc:
         raise FrontendError(f"unsupported architecture {architectures or config.model_type!r}: "
                             f"transformers has no causal LM for it ({exc})") from None
@@ -99,30 +101,11 @@ def _export(model: nn.Module, max_batch_size: int, max_seq_len: int, device: str
         return torch.export.export(_Logits(model), (example,), dynamic_shapes=(dims,), strict=False)
 
 
-def _renamed_tensors(checkpoint: Checkpoint, model: nn.Module) -> dict[str, TensorRef]:
-    """Checkpoint tensors under the names the model uses: transformers' key renamings
-    (legacy names such as ``embed_out`` for ``lm_head``) applied to each key."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
-    renamings = [r for r in get_model_conversion_mapping(model) if isinstance(r, WeightRenaming)]
-    tensors = dict(checkpoint.tensors)
-    for key, ref in checkpoint.tensors.items():
-        renamed = key
-        for renaming in renamings:
-            targets = renaming.target_patterns * len(renaming.source_patterns) \
-                if len(renaming.target_patterns) == 1 else renaming.target_patterns
-            for source_pattern, target in zip(renaming.source_patterns, targets):
-                renamed = re.sub(source_pattern, target, renamed)
-        tensors.setdefault(renamed, ref)
-    return tensors
-
-
 def _weight_source(checkpoint: Checkpoint, model: nn.Module, problems: list[str]):
     """The constant source for ``import_program``: lazy checkpoint tensors, cast to the
     dtype the model was exported in; module buffers where the checkpoint has none.
     What does not fit is appended to ``problems``."""
-    tensors = _renamed_tensors(checkpoint, model)
+    tensors = model_tensors(checkpoint, model)
     tied = getattr(model, "_tied_weights_keys", None) or {}
     if not isinstance(tied, dict) or not getattr(model.config, "tie_word_embeddings", False):
         tied = {}
@@ -137,11 +120,11 @@ def _weight_source(checkpoint: Checkpoint, model: nn.Module, problems: list[str]
             problems.append(f"missing tensor {name} {list(fake.shape)}")
             return MissingData(name)
         if ref.shape != tuple(fake.shape):
-            problems.append(f"tensor {name} is {list(ref.shape)} in {ref.file.name}, the model needs {list(fake.shape)}")
+            problems.append(f"tensor {name} is {list(ref.shape)} in {ref.where}, the model needs {list(fake.shape)}")
         elif not (ref.dtype.is_floating_point or ref.dtype == fake.dtype):
             problems.append(f"tensor {name} has dtype {ref.dtype}, the model needs {fake.dtype}")
         target = fake.dtype
-        return LazyData(lambda: ref.load(target), f"{ref.file.name}:{ref.key}")
+        return LazyData(lambda: ref.load(target), ref.describe)
 
     return source
 
@@ -167,12 +150,14 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None, ma
 def import_model(model: nn.Module, tokenizer: Any = None, max_batch_size: int = 256,
                  max_seq_len: int = 8192) -> ImportedLM:
     """Import an in-memory ``transformers`` causal LM; its own tensors are the weights."""
-    implementation = model.config._attn_implementation
+    implementation, experts = model.config._attn_implementation, model.get_experts_implementation()
     model.set_attn_implementation(register_with_transformers())
+    model.set_experts_implementation(register_experts())
     try:
         program = _export(model.eval(), max_batch_size, max_seq_len, device=str(model.device))
     finally:
         model.set_attn_implementation(implementation)
+        model.set_experts_implementation(experts)
     graph = import_program(program, name=_graph_name(model.config), input_dims=[{0: "batch", 1: "seq"}],
                            prefix=PREFIX)
     return ImportedLM(graph, tokenizer, model.config, model.dtype)

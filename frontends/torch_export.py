@@ -133,7 +133,10 @@ class _Importer:
         if isinstance(fake, (torch.SymInt, int)) and not isinstance(fake, bool):
             self.env[node.name] = self.dim(fake)
             return
-        converter = CONVERTERS.get(name)
+        converter, mutated = CONVERTERS.get(name), None
+        in_place = node.args and isinstance(node.args[0], torch.fx.Node)
+        if converter is None and _functional(name) in CONVERTERS and in_place:
+            converter, mutated = CONVERTERS[_functional(name)], node.args[0]
         args, kwargs = self._arg(node.args), {k: self._arg(v) for k, v in node.kwargs.items()}
         if converter is None:
             self.unsupported.setdefault(name, []).append(self.location(node) or "")
@@ -152,6 +155,8 @@ class _Importer:
         for created in self.graph.nodes[before:]:
             created.location = created.location or cx.location
         self.env[node.name] = self._check(node, name, result, fake, cx)
+        if mutated is not None:
+            self.env[mutated.name] = self.env[node.name]
 
     def _check(self, node: torch.fx.Node, name: str, result: Any, fake: Any, cx: Conversion) -> Any:
         if isinstance(result, (tuple, list)):
@@ -166,6 +171,16 @@ class _Importer:
 
 
 _MISSING = object()
+
+
+def _functional(name: str) -> str:
+    """The out-of-place form of an in-place op's name: ``aten.div_.Tensor`` -> ``aten.div.Tensor``.
+    An in-place op is imported as its functional form, whose result then stands for the
+    mutated tensor in every later use (views taken before the mutation are not updated)."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[1].endswith("_") and not parts[1].startswith("_"):
+        return ".".join((parts[0], parts[1][:-1], parts[2]))
+    return name
 
 
 def _contains_missing(obj: Any) -> bool:

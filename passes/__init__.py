@@ -11,6 +11,7 @@ from .fusion import FUSION_RULES, RAISE_RULES, ROTARY_RULES, SELECTION_RULES
 from .profiles import EngineLimits, ProfilePlan, Workload, select_profiles
 from .kv_layout import linear_kv_cache, specialize
 from .paged import METADATA, PagedAttentionError, page_attention
+from .moe import MOE_RULES
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
 from .partition import PartitionError, partition, partition_tensor_parallel
 from .partition_pipeline import CostModel, PipelineStages, pipeline_schedule, run_stages, split_pipeline
@@ -24,7 +25,8 @@ canonicalize = rewrite_pass("canonicalize", CANONICAL_RULES,
 fold = Pass("fold_constants", fold_constants, "ops over constants become (lazy) constants")
 cse = Pass("cse", eliminate_common_subexpressions, "merge identical nodes and small constants")
 dce = Pass("dce", eliminate_dead_code, "drop unused nodes and constants")
-raise_ops = rewrite_pass("raise", RAISE_RULES, "recognize rms_norm among primitives")
+raise_ops = rewrite_pass("raise", RAISE_RULES + MOE_RULES,
+                         "recognize rms_norm, rotary and mixture-of-experts routing among primitives")
 fuse = rewrite_pass("fuse", FUSION_RULES, "residual+RMSNorm, QKV and gate/up GEMMs, gated activations")
 fuse_rotary = rewrite_pass("fuse_rotary", ROTARY_RULES + CANONICAL_RULES,
                            "the fused QKV split into heads, with rotary on q and k, becomes one qkv_rotary")
@@ -80,7 +82,7 @@ def run_pipeline(name: str, graph: Graph, tp: int = 1, **options) -> list[PassRe
 
 
 __all__ = [
-    "AttrVar", "CANONICAL_RULES", "EngineLimits", "ProfilePlan", "Workload", "select_profiles", "FUSION_RULES", "RAISE_RULES", "ROTARY_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
+    "AttrVar", "CANONICAL_RULES", "MOE_RULES", "EngineLimits", "ProfilePlan", "Workload", "select_profiles", "FUSION_RULES", "RAISE_RULES", "ROTARY_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
     "PassManager", "PassRecord", "Pattern", "RewriteLimitError", "Rewrites", "Rule",
     "canonicalize", "cse", "dce", "eliminate_common_subexpressions", "eliminate_dead_code",
     "fold", "fold_constants", "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache", "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite",

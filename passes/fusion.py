@@ -136,6 +136,20 @@ def _constant_weights(*names: str):
     return lambda m: all(m[n].is_constant for n in names)
 
 
+def _qkv_weights(*names: str):
+    """Constant weights, and no projection is the gate of a gated MLP (four projections of
+    one input, as in Qwen2-MoE's shared expert beside its router, are left to fuse_swiglu)."""
+    constant = _constant_weights(*names)
+    return lambda m: constant(m) and not any(_feeds_gated_mlp(v) for v in m.outputs)
+
+
+def _feeds_gated_mlp(value) -> bool:
+    """Whether ``value`` is a gate (activated) or an up projection (times an activated gate)."""
+    activated = ("silu", "gelu")
+    return any(u.op in activated or (u.op == "mul" and any(i.producer is not None and i.producer.op in activated
+                                                             for i in u.inputs)) for u in value.users)
+
+
 def _swiglu(x, gate, up):
     return ops.mul(ops.silu(ops.linear(x, gate)), ops.linear(x, up))
 
@@ -155,8 +169,8 @@ FUSION_RULES = [
     Rule(_residual_norm, _add_rms_norm, when=_same_type, name="add_rms_norm"),
     Rule(_residual_layer_norm, _add_layer_norm, when=_same_type, name="add_layer_norm"),
     Rule(_projections_with_bias, lambda x, wq, bq, wk, bk, wv, bv: _one_projection(x, wq, wk, wv, bq, bk, bv),
-         when=_constant_weights("wq", "wk", "wv", "bq", "bk", "bv"), name="fuse_qkv_bias"),
-    Rule(_projections, _one_projection, when=_constant_weights("wq", "wk", "wv"), name="fuse_qkv"),
+         when=_qkv_weights("wq", "wk", "wv", "bq", "bk", "bv"), name="fuse_qkv_bias"),
+    Rule(_projections, _one_projection, when=_qkv_weights("wq", "wk", "wv"), name="fuse_qkv"),
     Rule(_swiglu, _gated("silu"), when=_constant_weights("gate", "up"), name="fuse_swiglu"),
     Rule(_geglu, _gated("gelu"), when=_constant_weights("gate", "up"), name="fuse_geglu"),
 ]

@@ -311,9 +311,11 @@ def _math(b: GraphDraft):
     x = b.value()
     positive = ops.abs(x) + 0.5
     name = b.draw(st.sampled_from(["exp", "log", "sqrt", "rsqrt", "reciprocal", "pow", "clamp",
-                                   "argmax", "gather", "logical_and"]))
-    if name == "exp":
-        return ops.exp(-positive)
+                                   "argmax", "gather", "logical_and", "expm1", "softplus"]))
+    if name in ("exp", "expm1"):
+        return ops.call(name, -positive)
+    if name == "softplus":
+        return ops.softplus(x, beta=b.draw(st.sampled_from([1.0, 2.0])), threshold=b.draw(st.sampled_from([20.0, 0.5])))
     if name == "pow":
         return ops.pow(positive, b.draw(st.sampled_from([0.5, 2.0])))
     if name == "clamp":
@@ -344,12 +346,33 @@ def _redundant(b: GraphDraft):
     return ops.reshape(x, shape=x.shape)
 
 
+def _moe(b: GraphDraft):
+    """A routed mixture of experts over [tokens, hidden], whole or as topk + moe_experts."""
+    x = b.value(lambda v: v.type.rank == 2 and isinstance(v.shape[-1], int) and v.shape[-1] >= 1)
+    if x is None:
+        return None
+    hidden, experts, inter = x.shape[-1], b.draw(st.integers(2, 4)), b.draw(st.integers(1, 3))
+    top_k = b.draw(st.integers(1, experts))
+    logits = ops.linear(x, b.constant((experts, hidden)))
+    gate_up, down = b.constant((experts, 2 * inter, hidden)), b.constant((experts, hidden, inter))
+    activation = b.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]))
+    if b.draw(st.booleans()):
+        weights, indices = ops.topk(ops.softmax(logits, dim=-1), k=top_k)
+        return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
+    scoring = b.draw(st.sampled_from(["softmax", "sigmoid"]))
+    groups = b.draw(st.sampled_from([g for g in (1, 2) if experts % g == 0 and (g == 1 or experts // g >= 2)]))
+    bias = b.constant((experts,)) if scoring == "sigmoid" and b.draw(st.booleans()) else None
+    return ops.moe(x, logits, gate_up, down, bias, top_k=top_k, scoring=scoring, normalize=b.draw(st.booleans()),
+                   scale=b.draw(st.sampled_from([1.0, 2.5])), num_groups=groups, topk_groups=1 if groups == 1 else 2,
+                   activation=activation)
+
+
 GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {
     "math": _math, "redundant": _redundant,
     "unary": _unary, "binary": _binary, "select": _select, "linear": _linear, "reduce": _reduce,
     "norm": _norm, "movement": _movement, "cast": _cast, "duplicate": _duplicate,
     "attention": _attention, "rotary": _rotary, "lookup": _lookup, "creation": _creation, "paged": _paged,
-    "fused": _fused, "collective": _collective,
+    "fused": _fused, "collective": _collective, "moe": _moe,
 }
 
 

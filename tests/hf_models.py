@@ -37,6 +37,27 @@ ARCHITECTURES = {
     "glm": ("GlmConfig", "GlmForCausalLM", dict(head_dim=16, pad_token_id=0)),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4)),
+    # squared ReLU and xIELU MLPs, OPT's positions counted along the mask
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(partial_rotary_factor=0.5)),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(partial_rotary_factor=0.5)),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
+    "bitnet": ("BitNetConfig", "BitNetForCausalLM", dict(bos_token_id=1, eos_token_id=2)),
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", {}),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=256,
+                                               pad_token_id=1)),
+    # mixture of experts: 4 experts, 2 per token
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                              moe_intermediate_size=32,
+                                                              shared_expert_intermediate_size=64)),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                                              moe_intermediate_size=32, norm_topk_prob=True,
+                                                              mlp_only_layers=[0])),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, pad_token_id=0,
+                                                    eos_token_id=1)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                                     embedding_multiplier=2.0,
+                                                                     residual_multiplier=0.5)),
 }
 
 

@@ -22,7 +22,7 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_logits_match_transformers(name, tmp_path):
+def test_logits_and_greedy_tokens_match_transformers(name, tmp_path):
     model = random_model(name)
     engine = kiln.compile(write_checkpoint(model, tmp_path), dtype="float32", max_seq_len=64)
     for batch, seq in ((3, 17), (1, 1)):  # neither is the traced shape (2, 8)
@@ -30,6 +30,12 @@ def test_logits_match_transformers(name, tmp_path):
         diff = (engine.logits(ids) - _logits(model, ids)).abs().max().item()
         assert diff <= TOLERANCE, f"{name} at {batch}x{seq}: max abs diff {diff:.2e}"
     assert engine.info.architecture == type(model).__name__
+    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              pad_token_id=0)[0, 6:].tolist()
+    params = kiln.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert kiln.LLM(engine).generate([prompt[0].tolist()], params)[0].token_ids == want
 
 
 def test_sharded_checkpoint(tmp_path):

@@ -34,18 +34,34 @@ EXPECTED = {
     **{name: {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 9}
        for name in ("gpt-neox", "phi", "starcoder2")},  # layer norm, plain MLP; QKV fused
     "gpt2": {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 1},  # Conv1D as matmuls
+    # squared ReLU (ungated: nemotron, persimmon, arcee; gated: bitnet, with sub-norms) and xIELU (apertus)
+    **{name: {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 9}
+       for name in ("nemotron", "persimmon")},  # layer norm
+    "arcee": {"rms_norm": 1, "add_rms_norm": 4, "gated_activation": 0, "linear": 9},
+    "bitnet": {"rms_norm": 5, "add_rms_norm": 4, "gated_activation": 0, "linear": 11},
+    "apertus": {"rms_norm": 5, "add_rms_norm": 4, "gated_activation": 0, "linear": 9},  # + q/k norms
+    "opt": {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 9},  # learned positions
+    # mixture of experts: QKV, o_proj and the router per layer; experts in one moe op
+    **{name: {"rms_norm": 1, "add_rms_norm": 4, "gated_activation": 0, "linear": 7, "moe": 2}
+       for name in ("mixtral", "granitemoe")},
+    "olmoe": {"rms_norm": 5, "add_rms_norm": 4, "gated_activation": 0, "linear": 7, "moe": 2},  # q/k norms
+    "qwen3-moe": {"rms_norm": 5, "add_rms_norm": 4, "gated_activation": 1, "linear": 8, "moe": 1},  # layer 0 dense
+    # + a shared expert (gate/up fused) and its sigmoid gate per layer
+    "qwen2-moe": {"rms_norm": 1, "add_rms_norm": 4, "gated_activation": 2, "linear": 9, "moe": 2},
 }
 
 
-NO_HALF_ROTARY = {"cohere", "glm", "gpt2"}  # interleaved pairs (cohere, glm); learned positions (gpt2)
+NO_HALF_ROTARY = {"cohere", "glm", "gpt2", "opt"}  # interleaved pairs (cohere, glm); learned positions (gpt2)
 # Rotary stays apart from the QKV split where something sits between them: q/k norms
 # (gemma3, olmo2, qwen3), heads interleaved as [heads, 3, head_dim] (gpt-neox), a shipped
 # fused QKV cut with slices rather than a split (phi3).
-ROTARY_APART = {"gemma3", "olmo2", "qwen3", "gpt-neox", "phi3"}
-ADD_LAYER_NORMS = {"gpt2": 5, "stablelm": 4, "starcoder2": 4, "gpt-neox": 2, "phi": 2}  # parallel blocks: 2
+ROTARY_APART = {"gemma3", "olmo2", "qwen3", "gpt-neox", "phi3", "qwen3-moe", "olmoe", "persimmon", "apertus"}
+ADD_LAYER_NORMS = {"gpt2": 5, "stablelm": 4, "starcoder2": 4, "gpt-neox": 2, "phi": 2, "nemotron": 4,
+                   "persimmon": 4, "opt": 1}  # parallel blocks: 2
 for _name, _expected in EXPECTED.items():
     _fused = _name not in NO_HALF_ROTARY | ROTARY_APART
-    EXPECTED[_name] = {**_expected, "rotary": 4 if _name in ROTARY_APART else 0, "qkv_rotary": 2 if _fused else 0,
+    EXPECTED[_name] = {"moe": 0, **_expected, "rotary": 4 if _name in ROTARY_APART else 0,
+                       "qkv_rotary": 2 if _fused else 0,
                        "add_layer_norm": ADD_LAYER_NORMS.get(_name, 0)}
 
 

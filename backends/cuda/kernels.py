@@ -1,4 +1,5 @@
-"""The CUDA backend's kernel table: Triton kernels for the fused ops and paged attention,
+"""The CUDA backend's kernel table: Triton kernels for the fused ops, paged attention and
+mixtures of experts,
 cuBLAS GEMMs (``torch.nn.functional.linear``; a Triton GEMV for the one-row shapes where
 tuning measured it faster) and torch's own CUDA kernels
 for the remaining ops (views, casts, gathers), each called as the executor calls a
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from ..reference import Kernel, reference_kernels
-from . import activations, attention, gemv, norms, rotary
+from . import activations, attention, gemv, moe, norms, rotary
 
 # op -> (launcher, its configuration: a dataclass, or None where the stored dict is it)
 LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
@@ -26,6 +27,8 @@ LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
     "qkv_rotary": (rotary.qkv_rotary, rotary.RotaryConfig),
     "paged_attention": (attention.paged_attention, attention.AttentionConfig),
     "linear": (gemv.linear, None),  # weight shape -> GEMV parameters, where the GEMV beat cuBLAS
+    "moe": (moe.moe, moe.MoeConfig),
+    "moe_experts": (moe.moe_experts, moe.MoeConfig),
 }
 
 

@@ -1,0 +1,151 @@
+"""Mixture-of-experts: ``topk``, the experts of a routed MLP (``moe_experts``), and ``moe``,
+the whole routed MLP from the router's logits.
+
+Experts are stacked weights, as transformers holds them: ``gate_up [experts, 2 * inter,
+hidden]`` (gate rows first, then up rows) and ``down [experts, hidden, inter]``. Each token
+goes through its ``top_k`` experts' gated MLP, and the results are summed with the routing
+weights (in float32, then cast to the input's dtype).
+
+``moe`` routes too. ``scoring="softmax"`` (Mixtral, Qwen-MoE, OLMoE, GraniteMoE) takes the
+top-k of the softmax over all experts, renormalized when ``normalize``; GraniteMoE's softmax
+over the top-k logits is the same thing. ``scoring="sigmoid"`` (DeepSeek-V3) chooses by
+sigmoid scores plus ``correction_bias``, among the ``topk_groups`` best of ``num_groups``
+expert groups (a group scores the sum of its two best), and weighs by the unbiased scores.
+Every routing weight is then multiplied by ``scale``. Shared experts and dense layers are
+not part of the op: they stay ordinary MLPs, which the dense fusions already handle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import dtypes
+from ..registry import Attr, OpDef
+from ..shapes import ShapeError, dims_equal, normalize_axis
+from ..types import TensorType
+from .fused import ACTIVATIONS, _gated_reference
+
+
+def _topk(x: TensorType, k: int, dim: int) -> tuple[TensorType, TensorType]:
+    axis = normalize_axis(dim, x.rank)
+    size = x.shape[axis]
+    if x.dtype.kind == "bool" or k < 1 or (isinstance(size, int) and k > size):
+        raise ShapeError(f"topk of {k} along dim {dim} of {x}")
+    shape = [k if i == axis else d for i, d in enumerate(x.shape)]
+    return x.with_shape(shape), TensorType(dtypes.int64, shape)
+
+
+def _topk_reference(x: torch.Tensor, k: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, indices = torch.topk(x, k, dim=dim)
+    return values, indices
+
+
+def _experts_shapes(x: TensorType, gate_up: TensorType, down: TensorType) -> None:
+    if not x.dtype.is_float or x.rank != 2 or gate_up.dtype != x.dtype or down.dtype != x.dtype:
+        raise ShapeError(f"expects x [tokens, hidden] and expert weights of its dtype; got {x}, {gate_up}, {down}")
+    if gate_up.rank != 3 or down.rank != 3:
+        raise ShapeError(f"expert weights are stacked [experts, out, in]; got {gate_up} and {down}")
+    experts, double_inter, hidden = gate_up.shape
+    if not (isinstance(double_inter, int) and double_inter % 2 == 0 and dims_equal(hidden, x.shape[1])):
+        raise ShapeError(f"gate_up {gate_up} is not [experts, 2 * inter, {x.shape[1]}]")
+    if not (dims_equal(down.shape[0], experts) and dims_equal(down.shape[1], hidden)
+            and dims_equal(down.shape[2], double_inter // 2)):
+        raise ShapeError(f"down {down} is not [{experts}, {hidden}, {double_inter // 2}]")
+
+
+def _moe_experts(x: TensorType, weights: TensorType, indices: TensorType, gate_up: TensorType,
+                 down: TensorType, activation: str) -> TensorType:
+    _experts_shapes(x, gate_up, down)
+    routing = weights.rank == 2 and dims_equal(weights.shape[0], x.shape[0]) \
+        and weights.equivalent(indices.with_dtype(weights.dtype))
+    if not weights.dtype.is_float or indices.dtype != dtypes.int64 or not routing:
+        raise ShapeError(f"weights {weights} and indices {indices} must be float and int64 [tokens, top_k]")
+    return x
+
+
+def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
+                          down: torch.Tensor, activation: str) -> torch.Tensor:
+    """Each token through its experts' gated MLPs, summed with its routing weights: the
+    (token, choice) pairs are sorted by expert and each expert runs once on its rows (the
+    counts are read back to the host: an oracle, not a kernel; see backends/cuda/moe.py)."""
+    tokens, top_k = indices.shape
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    rows = x[order // top_k]
+    out = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            part = rows[start:start + count]
+            hidden = _gated_reference(part @ gate_up[expert].T, activation)
+            out[start:start + count] = (hidden @ down[expert].T).float()
+            start += count
+    weighted = torch.empty_like(out)
+    weighted[order] = out * weights.reshape(-1)[order, None].float()
+    return weighted.view(tokens, top_k, -1).sum(1).to(x.dtype)
+
+
+def route(logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, scoring: str, normalize: bool,
+          scale: float, num_groups: int, topk_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing weights (float32) and expert indices [tokens, top_k] from router logits."""
+    logits = logits.float()
+    if scoring == "softmax":
+        weights, indices = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+    else:
+        scores = torch.sigmoid(logits)
+        choice = scores if correction_bias is None else scores + correction_bias.float()
+        if num_groups > 1:
+            grouped = choice.view(choice.shape[0], num_groups, -1)
+            best = torch.topk(grouped.topk(2, dim=-1).values.sum(-1), topk_groups, dim=-1).indices
+            kept = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = grouped.masked_fill(~kept[..., None], float("-inf")).view_as(choice)
+        indices = torch.topk(choice, top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if scoring == "sigmoid" else 0.0))
+    return weights * scale, indices
+
+
+def _moe(x: TensorType, router_logits: TensorType, gate_up: TensorType, down: TensorType,
+         correction_bias: TensorType | None, top_k: int, scoring: str, normalize: bool, scale: float,
+         num_groups: int, topk_groups: int, activation: str) -> TensorType:
+    _experts_shapes(x, gate_up, down)
+    experts = gate_up.shape[0]
+    if not router_logits.dtype.is_float or router_logits.rank != 2 \
+            or not dims_equal(router_logits.shape[0], x.shape[0]) or not dims_equal(router_logits.shape[1], experts):
+        raise ShapeError(f"router logits {router_logits} are not [tokens, {experts}]")
+    if correction_bias is not None and (correction_bias.rank != 1 or not dims_equal(correction_bias.shape[0], experts)):
+        raise ShapeError(f"correction bias {correction_bias} is not [{experts}]")
+    if not isinstance(experts, int) or not 1 <= top_k <= experts:
+        raise ShapeError(f"top_k {top_k} must be between 1 and the number of experts, {experts}")
+    if num_groups < 1 or experts % num_groups or not 1 <= topk_groups <= num_groups:
+        raise ShapeError(f"{experts} experts do not split into {num_groups} groups of which {topk_groups} are kept")
+    return x
+
+
+def _moe_reference(x, router_logits, gate_up, down, correction_bias, top_k, scoring, normalize, scale, num_groups,
+                   topk_groups, activation):
+    weights, indices = route(router_logits, correction_bias, top_k, scoring, normalize, scale, num_groups,
+                             topk_groups)
+    return moe_experts_reference(x, weights, indices, gate_up, down, activation)
+
+
+_ACTIVATION = {"activation": Attr("str", "silu", choices=ACTIVATIONS)}
+
+OPS = [
+    OpDef("topk", ("x",), _topk, _topk_reference, attrs={"k": Attr("int"), "dim": Attr("int", -1)}, results=2,
+          doc="the k largest values along dim, in descending order, and their int64 indices"),
+    OpDef("moe_experts", ("x", "weights", "indices", "gate_up", "down"), _moe_experts, moe_experts_reference,
+          attrs=_ACTIVATION,
+          doc="sum over each token's chosen experts of weight * down(act(gate) * up), for x [tokens, hidden], "
+              "weights and int64 indices [tokens, top_k], stacked gate_up [experts, 2 inter, hidden] and "
+              "down [experts, hidden, inter]"),
+    OpDef("moe", ("x", "router_logits", "gate_up", "down", "correction_bias?"), _moe, _moe_reference,
+          attrs={"top_k": Attr("int"), "scoring": Attr("str", "softmax", choices=("softmax", "sigmoid")),
+                 "normalize": Attr("bool", False), "scale": Attr("float", 1.0), "num_groups": Attr("int", 1),
+                 "topk_groups": Attr("int", 1), **_ACTIVATION},
+          doc="a routed mixture-of-experts MLP: router_logits [tokens, experts] choose each token's top_k "
+              "experts and their weights (softmax, or DeepSeek's grouped, bias-corrected sigmoid), then "
+              "moe_experts"),
+]
