@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
 from .ir import Graph, verify
-from .passes import EngineLimits, Workload, pipeline_manager, select_profiles
+from .passes import EngineLimits, QuantConfig, Workload, pipeline_manager, select_profiles
 from .passes.workspace import plan_workspace
 from .runtime import CompiledModule, Engine, EngineInfo, load_engine
 
@@ -27,7 +27,7 @@ TARGETS = {"cpu": ("reference", "reference"), "cuda": ("cuda", "cuda"), "h100": 
 
 
 def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype: str | torch.dtype | None = None,
-            quantization: str | None = None, kv_cache_dtype: str = "auto", tp: int = 1, pp: int = 1,
+            quantization: str | QuantConfig | None = None, kv_cache_dtype: str = "auto", tp: int = 1, pp: int = 1,
             max_batch_size: int = 256, max_seq_len: int = 8192, max_num_tokens: int | None = None,
             workload: Workload | None = None, example_inputs: Sequence[torch.Tensor] | None = None,
             dynamic_shapes: Any = None, tokenizer: Any = None, progress: bool = False) -> Engine | CompiledModule:
@@ -39,15 +39,17 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     module's outputs. ``max_num_tokens`` (tokens per step, default ``max(max_seq_len,
     max_batch_size)``) and ``workload`` (expected decode batch sizes and prompt lengths)
     choose the engine's dynamic-shape profiles and CUDA-graph batch sizes. ``progress``
-    shows a progress bar over the build's stages.
+    shows a progress bar over the build's stages. ``quantization`` is a scheme name
+    (``int8``, ``int4``, ``fp8``) or a ``QuantConfig`` (skip list, LM head, INT4 groups).
     """
-    _check_options(target, quantization, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
+    _check_options(target, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
+    quant = QuantConfig.of(quantization) if quantization is not None else None
     limits = EngineLimits(max_batch_size, max_seq_len, max_num_tokens or max(max_seq_len, max_batch_size))
     if isinstance(model, (str, os.PathLike)):
         with _stages(progress) as stage:
             stage("importing")
             imported = load_checkpoint(model, dtype, max_batch_size, max_seq_len)
-            return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage)
+            return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, quant)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
@@ -55,9 +57,12 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             stage("importing")
             imported = import_model(model, tokenizer, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload,
-                           _ids(getattr(model.generation_config, "eos_token_id", None)), stage)
+                           _ids(getattr(model.generation_config, "eos_token_id", None)), stage, quant)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
+    if quant is not None:
+        raise ValueError("quantization applies to causal LMs (a checkpoint or a transformers model), "
+                         f"not to a plain {type(model).__name__}")
     imported = import_module(model, example_inputs, dynamic_shapes)
     return CompiledModule(_optimize(imported.graph), imported.unflatten)
 
@@ -97,16 +102,17 @@ BUILD_STAGES = ("importing", "optimizing", "generating the executor", "tuning ke
 
 
 def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
-            stop_token_ids: tuple[int, ...], stage) -> Engine:
+            stop_token_ids: tuple[int, ...], stage, quantization: QuantConfig | None = None) -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
     pipeline, backend = TARGETS[target]
     eos = getattr(imported.tokenizer, "eos_token_id", None)
     stops = stop_token_ids or _ids(getattr(imported.config, "eos_token_id", None)) or _ids(eos)
     info = EngineInfo(architecture, target, backend, imported.dtype, limits.max_batch_size, limits.max_seq_len,
-                      limits.max_num_tokens, select_profiles(limits, workload), stops)
+                      limits.max_num_tokens, select_profiles(limits, workload), stops,
+                      quantization=quantization.to_dict() if quantization else None)
     graph = imported.graph
     stage("optimizing")
-    pipeline_manager(pipeline).run(graph)
+    pipeline_manager(pipeline, quantization).run(graph)
     verify(graph)
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
@@ -136,12 +142,10 @@ def _stop_tokens_of_dir(path: str | os.PathLike) -> tuple[int, ...]:
         return _ids(json.load(f).get("eos_token_id"))
 
 
-def _check_options(target: str, quantization: str | None, kv_cache_dtype: str, tp: int, pp: int,
-                   max_batch_size: int, max_seq_len: int) -> None:
+def _check_options(target: str, kv_cache_dtype: str, tp: int, pp: int, max_batch_size: int,
+                   max_seq_len: int) -> None:
     if target not in TARGETS:
         raise ValueError(f"target {target!r} is not available yet: kiln builds for {', '.join(TARGETS)}")
-    if quantization is not None:
-        raise ValueError(f"quantization {quantization!r} is not available yet")
     if kv_cache_dtype != "auto":
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not available yet")
     if tp != 1 or pp != 1:

@@ -13,6 +13,7 @@ from .paged import METADATA, PagedAttentionError, page_attention
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
 from .pattern import AttrVar, Match, Pattern, is_splat, trace
 from .rewriter import RewriteLimitError, Rewrites, Rule, rewrite
+from .quantization import QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES, QuantConfig, quantize_pass
 
 canonicalize = rewrite_pass("canonicalize", CANONICAL_RULES,
                             "algebraic identities, data-movement chains and cast chains")
@@ -20,10 +21,11 @@ fold = Pass("fold_constants", fold_constants, "ops over constants become (lazy) 
 cse = Pass("cse", eliminate_common_subexpressions, "merge identical nodes and small constants")
 dce = Pass("dce", eliminate_dead_code, "drop unused nodes and constants")
 raise_ops = rewrite_pass("raise", RAISE_RULES, "recognize rms_norm among primitives")
-fuse = rewrite_pass("fuse", FUSION_RULES, "residual+RMSNorm, QKV and gate/up GEMMs, gated activations")
+fuse = rewrite_pass("fuse", FUSION_RULES + QUANTIZED_FUSION_RULES,
+                    "residual+RMSNorm, QKV and gate/up GEMMs (quantized too), gated activations")
 fuse_rotary = rewrite_pass("fuse_rotary", ROTARY_RULES + CANONICAL_RULES,
                            "the fused QKV split into heads, with rotary on q and k, becomes one qkv_rotary")
-select_logits = rewrite_pass("select_logits", SELECTION_RULES,
+select_logits = rewrite_pass("select_logits", SELECTION_RULES + QUANTIZED_SELECTION_RULES,
                              "compute the final layers only for the tokens whose logits are asked for")
 paged_attention = Pass("paged_attention", page_attention,
                        "a causal LM graph becomes the runtime's step graph over a paged KV cache",
@@ -47,23 +49,29 @@ PIPELINES["cuda"] = PIPELINES["reference"]
 PIPELINES["tensorrt"] = (*PIPELINES["reference"], "linear_kv_cache")
 
 
-def pipeline(name: str) -> list[Pass]:
-    """The passes of the named pipeline."""
+def pipeline(name: str, quantization: QuantConfig | None = None) -> list[Pass]:
+    """The passes of the named pipeline; with ``quantization``, its ``quantize`` stage
+    after ``raise`` (before partitioning and fusion)."""
     if name not in PIPELINES:
         raise KeyError(f"unknown pipeline {name!r}; pipelines are {', '.join(sorted(PIPELINES))}")
-    return [PASSES[p] for p in PIPELINES[name]]
+    passes = [PASSES[p] for p in PIPELINES[name]]
+    if quantization is not None:
+        if "raise" not in PIPELINES[name]:
+            raise ValueError(f"pipeline {name!r} has no raise stage to quantize after")
+        passes.insert(PIPELINES[name].index("raise") + 1, quantize_pass(quantization))
+    return passes
 
 
-def pipeline_manager(name: str, **options) -> PassManager:
-    """A ``PassManager`` that runs the named pipeline to a fixpoint; ``options`` are the
-    manager's (``debug``, ``dump_after``, ``dump``)."""
-    return PassManager(pipeline(name), until_stable=True, **options)
+def pipeline_manager(name: str, quantization: QuantConfig | None = None, **options) -> PassManager:
+    """A ``PassManager`` that runs the named pipeline (quantized with ``quantization``) to a
+    fixpoint; ``options`` are the manager's (``debug``, ``dump_after``, ``dump``)."""
+    return PassManager(pipeline(name, quantization), until_stable=True, **options)
 
 
 __all__ = [
     "AttrVar", "CANONICAL_RULES", "EngineLimits", "ProfilePlan", "Workload", "select_profiles", "FUSION_RULES", "RAISE_RULES", "ROTARY_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
-    "PassManager", "PassRecord", "Pattern", "RewriteLimitError", "Rewrites", "Rule",
+    "PassManager", "PassRecord", "Pattern", "QuantConfig", "RewriteLimitError", "Rewrites", "Rule",
     "canonicalize", "cse", "dce", "eliminate_common_subexpressions", "eliminate_dead_code",
-    "fold", "fold_constants", "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache", "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite",
+    "fold", "fold_constants", "quantize_pass", "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache", "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite",
     "rewrite_pass", "select_logits", "trace",
 ]
