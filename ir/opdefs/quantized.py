@@ -75,16 +75,15 @@ def _linear_fp8(x: TensorType, qweight: TensorType, weight_scale: TensorType, in
 
 
 def unpack_int4_codes(qweight: torch.Tensor) -> torch.Tensor:
-    """The 4-bit codes (0..15, int32) of a packed ``[out, in/2]`` byte weight, as ``[out, in]``."""
-    low, high = (qweight & 0xF).to(torch.int32), (qweight >> 4).to(torch.int32)
-    return torch.stack([low, high], dim=-1).flatten(-2)
+    """The 4-bit codes (0..15, uint8) of a packed ``[out, in/2]`` byte weight, as ``[out, in]``."""
+    return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).flatten(-2)
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """The float32 ``[out, in]`` weight that ``linear_int4``'s operands stand for."""
-    group = 2 * qweight.shape[1] // scales.shape[1]
-    codes = unpack_int4_codes(qweight) - zeros.to(torch.int32).repeat_interleave(group, dim=1)
-    return codes.float() * scales.float().repeat_interleave(group, dim=1)
+    out_features, groups = scales.shape
+    codes = unpack_int4_codes(qweight).view(out_features, groups, -1).float()
+    return ((codes - zeros.float()[..., None]) * scales.float()[..., None]).view(out_features, -1)
 
 
 def _linear_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The ``quantize`` stage: every ``linear`` over a constant weight becomes the scheme's
 quantized op, its weight replaced by lazily computed codes and scales.
 
-It runs after ``raise`` and before ``fuse`` (DESIGN.md's order), so the fusions then
-concatenate quantized projections (``fusion.py``). Weights stay lazy: quantizing an 8B
+It runs after ``raise`` and before ``fuse`` (DESIGN.md's order), once (fusions later
+merge the layers it names), so the fusions then concatenate quantized projections
+(``fusion.py``). Weights stay lazy: quantizing an 8B
 model's graph reads nothing until the engine materializes its constants. The LM head
 (the ``linear`` a graph output reaches through its first operands) is kept unless asked,
 and so is every layer that ``QuantConfig.skip`` names.
@@ -107,4 +108,4 @@ def _quantized_operands(graph: Graph, weight: Value, parts: list[tuple[str, Tens
 def quantize_pass(config: QuantConfig) -> Pass:
     """The ``quantize`` pass for ``config``."""
     return Pass("quantize", lambda graph: quantize_linears(graph, config),
-                f"linear layers to {config.scheme} ({', '.join(config.skip) or 'nothing'} skipped)")
+                f"linear layers to {config.scheme} ({', '.join(config.skip) or 'nothing'} skipped)", once=True)

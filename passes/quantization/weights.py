@@ -41,9 +41,16 @@ def quantize_int4(weight: torch.Tensor, group: int, symmetric: bool) -> tuple[to
         low, high = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
         scale = ((high - low) / 15).clamp(min=_TINY)
         zero = (-low / scale).round().clamp(0, 15)
-    scale = scale.to(weight.dtype)  # the codes are fitted to the scale as stored
+    scale = _round_up(scale, weight.dtype)  # as stored; never below the range's need, so nothing clips
     codes = (w / scale.float()[..., None] + zero[..., None]).round().clamp(0, 15).to(torch.uint8)
     return pack_int4_codes(codes.reshape(out_features, in_features)), scale, zero.to(torch.uint8)
+
+
+def _round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in ``dtype``, rounded up where rounding to nearest went down."""
+    rounded = values.to(dtype)
+    return torch.where(rounded.float() < values, torch.nextafter(rounded, torch.full_like(rounded, torch.inf)),
+                       rounded)
 
 
 def pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
