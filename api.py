@@ -40,7 +40,8 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     max_batch_size)``) and ``workload`` (expected decode batch sizes and prompt lengths)
     choose the engine's dynamic-shape profiles and CUDA-graph batch sizes. ``progress``
     shows a progress bar over the build's stages. ``quantization`` is a scheme name
-    (``int8``, ``int4``, ``fp8``) or a ``QuantConfig`` (skip list, LM head, INT4 groups).
+    (``int8``, ``int4``, ``fp8``) or a ``QuantConfig`` (skip list, LM head, INT4 groups);
+    ``kv_cache_dtype="fp8"`` stores the KV cache in E4M3.
     """
     _check_options(target, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
     quant = QuantConfig.of(quantization) if quantization is not None else None
@@ -49,7 +50,8 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
         with _stages(progress) as stage:
             stage("importing")
             imported = load_checkpoint(model, dtype, max_batch_size, max_seq_len)
-            return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, quant)
+            return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, quant,
+                           kv_cache_dtype)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
@@ -57,12 +59,13 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             stage("importing")
             imported = import_model(model, tokenizer, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload,
-                           _ids(getattr(model.generation_config, "eos_token_id", None)), stage, quant)
+                           _ids(getattr(model.generation_config, "eos_token_id", None)), stage, quant,
+                           kv_cache_dtype)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
-    if quant is not None:
-        raise ValueError("quantization applies to causal LMs (a checkpoint or a transformers model), "
-                         f"not to a plain {type(model).__name__}")
+    if quant is not None or kv_cache_dtype != "auto":
+        raise ValueError("quantization and kv_cache_dtype apply to causal LMs (a checkpoint or a transformers "
+                         f"model), not to a plain {type(model).__name__}")
     imported = import_module(model, example_inputs, dynamic_shapes)
     return CompiledModule(_optimize(imported.graph), imported.unflatten)
 
@@ -102,17 +105,18 @@ BUILD_STAGES = ("importing", "optimizing", "generating the executor", "tuning ke
 
 
 def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
-            stop_token_ids: tuple[int, ...], stage, quantization: QuantConfig | None = None) -> Engine:
+            stop_token_ids: tuple[int, ...], stage, quantization: QuantConfig | None = None,
+            kv_cache_dtype: str = "auto") -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
     pipeline, backend = TARGETS[target]
     eos = getattr(imported.tokenizer, "eos_token_id", None)
     stops = stop_token_ids or _ids(getattr(imported.config, "eos_token_id", None)) or _ids(eos)
     info = EngineInfo(architecture, target, backend, imported.dtype, limits.max_batch_size, limits.max_seq_len,
                       limits.max_num_tokens, select_profiles(limits, workload), stops,
-                      quantization=quantization.to_dict() if quantization else None)
+                      quantization=quantization.to_dict() if quantization else None, kv_cache_dtype=kv_cache_dtype)
     graph = imported.graph
     stage("optimizing")
-    pipeline_manager(pipeline, quantization).run(graph)
+    pipeline_manager(pipeline, quantization, kv_cache_dtype).run(graph)
     verify(graph)
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
@@ -146,8 +150,11 @@ def _check_options(target: str, kv_cache_dtype: str, tp: int, pp: int, max_batch
                    max_seq_len: int) -> None:
     if target not in TARGETS:
         raise ValueError(f"target {target!r} is not available yet: kiln builds for {', '.join(TARGETS)}")
-    if kv_cache_dtype != "auto":
-        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not available yet")
+    if kv_cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of 'auto' (the model's dtype) and 'fp8'")
+    if kv_cache_dtype == "fp8" and TARGETS[target][1] == "cuda":
+        raise ValueError(f"kv_cache_dtype 'fp8' is not available for target {target!r} yet: the CUDA attention "
+                         "kernels do not read E4M3 caches (target 'cpu' serves it)")
     if tp != 1 or pp != 1:
         raise ValueError("tensor and pipeline parallelism are not available yet (tp=1, pp=1)")
     if max_batch_size < 1 or max_seq_len < 2:

@@ -70,7 +70,7 @@ def _build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     engine = compile(args.model, target=args.target, dtype=args.dtype, max_batch_size=args.max_batch_size,
                      max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
-                     quantization=_quantization(args), progress=True)
+                     quantization=_quantization(args), kv_cache_dtype=args.kv_cache_dtype, progress=True)
     built = time.perf_counter()
     engine.save(args.output)
     print(f"built {engine.info.architecture} for {engine.info.target} in {built - start:.1f} s; "
@@ -120,7 +120,7 @@ def _bench(args: argparse.Namespace) -> int:
     options["max_seq_len"] = args.max_seq_len or options["max_seq_len"]
     target = args.target or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = as_engine(args.model, target=target, dtype=args.dtype, quantization=_quantization(args),
-                       progress=not args.json, **options)
+                       kv_cache_dtype=args.kv_cache_dtype, progress=not args.json, **options)
     info = engine.info
     if info.max_batch_size < most or info.max_seq_len < length:
         raise ValueError(f"the engine serves {info.max_batch_size} sequences of {info.max_seq_len} tokens; the runs "
@@ -133,7 +133,8 @@ def _bench(args: argparse.Namespace) -> int:
     dtype, step_bytes = str(info.dtype).removeprefix("torch."), decode_bytes(engine)
     if args.json:
         print(json.dumps({"model": str(args.model), "architecture": info.architecture, "target": info.target,
-                          "dtype": dtype, "quantization": info.quantization, "device": str(llm_engine.device), "max_batch_size": info.max_batch_size,
+                          "dtype": dtype, "quantization": info.quantization, "kv_cache_dtype": info.kv_cache_dtype,
+                          "device": str(llm_engine.device), "max_batch_size": info.max_batch_size,
                           "max_seq_len": info.max_seq_len, "max_num_tokens": info.max_num_tokens,
                           "num_blocks": num_blocks, "decode_bytes": step_bytes, "hardware": asdict(limits),
                           "runs": [r.to_dict() for r in results]}, indent=2))
@@ -162,7 +163,8 @@ def _ir(args: argparse.Namespace) -> int:
         raise ValueError("--quantization needs --pipeline")
     if args.pipeline:
         dumps: list[str] = []
-        manager = pipeline_manager(args.pipeline, _quantization(args), debug=True, dump_after=args.after or (),
+        manager = pipeline_manager(args.pipeline, _quantization(args), args.kv_cache_dtype, debug=True,
+                                   dump_after=args.after or (),
                                    dump=lambda name, g: dumps.append(_render(g, args.format, f"after {name}")))
         records = manager.run(graph)
         if args.timing:
@@ -189,6 +191,8 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-lm-head", action="store_true", help="quantize the LM head too")
     parser.add_argument("--group-size", type=int, default=128, help="input features per INT4 scale")
     parser.add_argument("--symmetric", action="store_true", help="INT4 with zero point 8 (default: asymmetric)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="the KV cache's dtype: the model's (auto) or E4M3 (fp8)")
 
 
 def _render(graph: Graph, fmt: str, title: str | None) -> str:
@@ -236,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "optionally after a pipeline")
     ir.add_argument("source", help="a .kiln text file, - for standard input, or a Hugging Face checkpoint directory")
     ir.add_argument("--pipeline", choices=sorted(PIPELINES), help="run this pipeline first")
-    ir.add_argument("--after", action="append", choices=sorted({*PASSES, "quantize"}), metavar="PASS",
+    ir.add_argument("--after", action="append", choices=sorted({*PASSES, "quantize", "fp8_kv_cache"}), metavar="PASS",
                     help="print the graph after this pass of the pipeline (repeatable)")
     ir.add_argument("--format", choices=("text", "dot"), default="text")
     ir.add_argument("--timing", action="store_true", help="print per-pass changes and times to stderr")

@@ -13,7 +13,8 @@ from .paged import METADATA, PagedAttentionError, page_attention
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
 from .pattern import AttrVar, Match, Pattern, is_splat, trace
 from .rewriter import RewriteLimitError, Rewrites, Rule, rewrite
-from .quantization import QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES, QuantConfig, quantize_pass
+from .quantization import (QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES, QuantConfig, fp8_kv_cache,
+                           quantize_pass)
 
 canonicalize = rewrite_pass("canonicalize", CANONICAL_RULES,
                             "algebraic identities, data-movement chains and cast chains")
@@ -31,6 +32,8 @@ paged_attention = Pass("paged_attention", page_attention,
                        "a causal LM graph becomes the runtime's step graph over a paged KV cache",
                        changes_signature=True)
 
+kv_cache_fp8 = Pass("fp8_kv_cache", fp8_kv_cache, "the paged KV caches hold E4M3 (kv_cache_dtype='fp8')",
+                    changes_signature=True)
 linear_kv = Pass("linear_kv_cache", linear_kv_cache,
                  "paged caches become linear per-slot caches (one block of max_seq_len per sequence)",
                  changes_signature=True)
@@ -49,9 +52,10 @@ PIPELINES["cuda"] = PIPELINES["reference"]
 PIPELINES["tensorrt"] = (*PIPELINES["reference"], "linear_kv_cache")
 
 
-def pipeline(name: str, quantization: QuantConfig | None = None) -> list[Pass]:
+def pipeline(name: str, quantization: QuantConfig | None = None, kv_cache_dtype: str = "auto") -> list[Pass]:
     """The passes of the named pipeline; with ``quantization``, its ``quantize`` stage
-    after ``raise`` (before partitioning and fusion)."""
+    after ``raise`` (before partitioning and fusion); with ``kv_cache_dtype="fp8"``,
+    ``fp8_kv_cache`` after ``paged_attention``."""
     if name not in PIPELINES:
         raise KeyError(f"unknown pipeline {name!r}; pipelines are {', '.join(sorted(PIPELINES))}")
     passes = [PASSES[p] for p in PIPELINES[name]]
@@ -59,19 +63,25 @@ def pipeline(name: str, quantization: QuantConfig | None = None) -> list[Pass]:
         if "raise" not in PIPELINES[name]:
             raise ValueError(f"pipeline {name!r} has no raise stage to quantize after")
         passes.insert(PIPELINES[name].index("raise") + 1, quantize_pass(quantization))
+    if kv_cache_dtype == "fp8":
+        passes.insert(passes.index(PASSES["paged_attention"]) + 1, kv_cache_fp8)
+    elif kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of 'auto' (the model's dtype) and 'fp8'")
     return passes
 
 
-def pipeline_manager(name: str, quantization: QuantConfig | None = None, **options) -> PassManager:
-    """A ``PassManager`` that runs the named pipeline (quantized with ``quantization``) to a
-    fixpoint; ``options`` are the manager's (``debug``, ``dump_after``, ``dump``)."""
-    return PassManager(pipeline(name, quantization), until_stable=True, **options)
+def pipeline_manager(name: str, quantization: QuantConfig | None = None, kv_cache_dtype: str = "auto",
+                     **options) -> PassManager:
+    """A ``PassManager`` that runs the named pipeline (quantized with ``quantization``, its
+    KV cache in ``kv_cache_dtype``) to a fixpoint; ``options`` are the manager's
+    (``debug``, ``dump_after``, ``dump``)."""
+    return PassManager(pipeline(name, quantization, kv_cache_dtype), until_stable=True, **options)
 
 
 __all__ = [
     "AttrVar", "CANONICAL_RULES", "EngineLimits", "ProfilePlan", "Workload", "select_profiles", "FUSION_RULES", "RAISE_RULES", "ROTARY_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
     "PassManager", "PassRecord", "Pattern", "QuantConfig", "RewriteLimitError", "Rewrites", "Rule",
     "canonicalize", "cse", "dce", "eliminate_common_subexpressions", "eliminate_dead_code",
-    "fold", "fold_constants", "quantize_pass", "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache", "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite",
+    "fold", "fold_constants", "fp8_kv_cache", "kv_cache_fp8", "quantize_pass", "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache", "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite",
     "rewrite_pass", "select_logits", "trace",
 ]

@@ -3,7 +3,8 @@
 - ``config``: ``QuantConfig``, a scheme and its options (skip list, LM head, INT4 groups);
 - ``weights``: round-to-nearest weight quantizers (INT8, INT4, FP8);
 - ``stage``: the pass that rewrites ``linear`` into the scheme's quantized op;
-- ``fusion``: the QKV, gate/up and logits-selection rewrites for quantized linears.
+- ``fusion``: the QKV, gate/up and logits-selection rewrites for quantized linears;
+- ``kv_cache``: the pass that gives the paged step graph E4M3 key and value caches.
 
 The quantized ops themselves, with their reference implementations, are declared in
 ``ir/opdefs/quantized.py``. Like every pass module, this imports only ``ir`` and ``passes``.
@@ -11,7 +12,8 @@ The quantized ops themselves, with their reference implementations, are declared
 
 from .config import SCHEMES, QuantConfig
 from .fusion import QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES
+from .kv_cache import fp8_kv_cache
 from .stage import lm_heads, quantize_linears, quantize_pass
 
-__all__ = ["QUANTIZED_FUSION_RULES", "QUANTIZED_SELECTION_RULES", "QuantConfig", "SCHEMES", "lm_heads",
+__all__ = ["QUANTIZED_FUSION_RULES", "QUANTIZED_SELECTION_RULES", "QuantConfig", "SCHEMES", "fp8_kv_cache", "lm_heads",
            "quantize_linears", "quantize_pass"]
