@@ -30,7 +30,8 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             quantization: str | QuantConfig | None = None, kv_cache_dtype: str = "auto", tp: int = 1, pp: int = 1,
             max_batch_size: int = 256, max_seq_len: int = 8192, max_num_tokens: int | None = None,
             workload: Workload | None = None, example_inputs: Sequence[torch.Tensor] | None = None,
-            dynamic_shapes: Any = None, tokenizer: Any = None, progress: bool = False) -> Engine | CompiledModule:
+            dynamic_shapes: Any = None, tokenizer: Any = None, progress: bool = False,
+            calibration: Sequence[str] | None = None) -> Engine | CompiledModule:
     """Compile a model for ``target``.
 
     ``model`` is a Hugging Face checkpoint directory or an in-memory ``transformers``
@@ -41,17 +42,21 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     choose the engine's dynamic-shape profiles and CUDA-graph batch sizes. ``progress``
     shows a progress bar over the build's stages. ``quantization`` is a scheme name
     (``int8``, ``int4``, ``fp8``) or a ``QuantConfig`` (skip list, LM head, INT4 groups);
-    ``kv_cache_dtype="fp8"`` stores the KV cache in E4M3.
+    ``kv_cache_dtype="fp8"`` stores the KV cache in E4M3. ``calibration`` is the text that
+    schemes with static activation scales calibrate on (default: Python's documentation).
     """
     _check_options(target, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
     quant = QuantConfig.of(quantization) if quantization is not None else None
+    if calibration is not None and (quant is None or quant.activations != "static"):
+        raise ValueError("calibration text is used by static activation scales only "
+                         "(QuantConfig('fp8', activations='static'))")
     limits = EngineLimits(max_batch_size, max_seq_len, max_num_tokens or max(max_seq_len, max_batch_size))
     if isinstance(model, (str, os.PathLike)):
         with _stages(progress) as stage:
             stage("importing")
             imported = load_checkpoint(model, dtype, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, quant,
-                           kv_cache_dtype)
+                           kv_cache_dtype, calibration)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
@@ -60,7 +65,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             imported = import_model(model, tokenizer, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload,
                            _ids(getattr(model.generation_config, "eos_token_id", None)), stage, quant,
-                           kv_cache_dtype)
+                           kv_cache_dtype, calibration)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
     if quant is not None or kv_cache_dtype != "auto":
@@ -106,7 +111,7 @@ BUILD_STAGES = ("importing", "optimizing", "generating the executor", "tuning ke
 
 def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
             stop_token_ids: tuple[int, ...], stage, quantization: QuantConfig | None = None,
-            kv_cache_dtype: str = "auto") -> Engine:
+            kv_cache_dtype: str = "auto", calibration: Sequence[str] | None = None) -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
     pipeline, backend = TARGETS[target]
     eos = getattr(imported.tokenizer, "eos_token_id", None)
@@ -116,7 +121,9 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
                       quantization=quantization.to_dict() if quantization else None, kv_cache_dtype=kv_cache_dtype)
     graph = imported.graph
     stage("optimizing")
-    pipeline_manager(pipeline, quantization, kv_cache_dtype).run(graph)
+    batches = _calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
+        if quantization and quantization.activations == "static" else ()
+    pipeline_manager(pipeline, quantization, kv_cache_dtype, batches).run(graph)
     verify(graph)
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
@@ -129,6 +136,22 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
         engine.info = dataclasses.replace(info, tuned_on=tuned_on)
         engine.kernel_configs = configs
     return engine
+
+
+def _calibration_batches(tokenizer: Any, texts: Sequence[str] | None, max_seq_len: int,
+                         max_tokens: int = 512) -> list[torch.Tensor]:
+    """Token ids ``[1, n]`` of each calibration text (Python's documentation by default),
+    cut to ``max_tokens`` and the engine's length."""
+    from .passes.quantization import default_corpus
+
+    if tokenizer is None:
+        raise ValueError("calibration needs the model's tokenizer: pass tokenizer= with an in-memory model")
+    texts = default_corpus() if texts is None else texts
+    batches = [torch.tensor([tokenizer(t)["input_ids"][:min(max_tokens, max_seq_len)]]) for t in texts]
+    batches = [b for b in batches if b.shape[1] >= 2]
+    if not batches:
+        raise ValueError("the calibration texts hold no sample of two tokens or more")
+    return batches
 
 
 def _ids(value: Any) -> tuple[int, ...]:

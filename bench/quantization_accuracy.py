@@ -5,8 +5,10 @@ most likely next token is the unquantized model's), plus the largest logit diffe
     python bench/quantization_accuracy.py                        # the bundled model
     python bench/quantization_accuracy.py --model DIR --json out.json
 
-Held-out text: the Python documentation topics the bundled model was not trained on
-(``tools/train_tiny_model.py``'s split), cut into windows of ``--window`` tokens.
+Text: the Python documentation topics the bundled model was not trained on
+(``tools/train_tiny_model.py``'s split), cut into windows of ``--window`` tokens; with
+``--split train``, the topics it was trained on (the 2M-parameter bundled model has
+memorized those: perplexity about 1.4, against about 1,900 on held-out topics).
 """
 
 from __future__ import annotations
@@ -36,15 +38,16 @@ VARIANTS = {  # name -> compile options
 }
 
 
-def held_out_windows(tokenizer, window: int, count: int) -> torch.Tensor:
-    """``count`` windows of ``window`` tokens of held-out documentation, ``[count, window]``."""
+def text_windows(tokenizer, window: int, count: int, split: str = "held-out") -> torch.Tensor:
+    """``count`` windows of ``window`` tokens of documentation, ``[count, window]``."""
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    text = "\n\n".join(topics[n] for n in names[::20])
+    held_out = set(names[::20])
+    text = "\n\n".join(topics[n] for n in names if (n in held_out) == (split == "held-out"))
     ids = tokenizer(text)["input_ids"]
     if len(ids) < window * count:
-        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than {count} x {window}")
+        raise ValueError(f"the {split} text has {len(ids)} tokens, fewer than {count} x {window}")
     return torch.tensor(ids[: window * count]).view(count, window)
 
 
@@ -63,11 +66,12 @@ def main() -> None:
     parser.add_argument("--model", default=str(Path(kiln.__file__).parent / "models"))
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--count", type=int, default=16)
+    parser.add_argument("--split", choices=("held-out", "train"), default="held-out")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     options = dict(max_batch_size=4, max_seq_len=args.window + 1, max_num_tokens=4 * args.window)
     base = kiln.compile(args.model, **options)
-    windows = held_out_windows(base.tokenizer, args.window, args.count)
+    windows = text_windows(base.tokenizer, args.window, args.count, args.split)
     reference = evaluate(base, windows)
     rows = [{"variant": "unquantized", "perplexity": perplexity(reference, windows), "agreement": 1.0,
              "max_logit_error": 0.0}]
@@ -78,7 +82,7 @@ def main() -> None:
                      "agreement": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
                      "max_logit_error": (logits - reference).abs().max().item()})
         print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    print(f"{args.model}: {args.count} held-out windows of {args.window} tokens")
+    print(f"{args.model}: {args.count} {args.split} windows of {args.window} tokens")
     print(f"| variant | perplexity | vs unquantized | next-token agreement | max logit error |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -86,8 +90,8 @@ def main() -> None:
         print(f"| {r['variant']} | {r['perplexity']:.3f} | {change:+.2%} | {r['agreement']:.2%} | "
               f"{r['max_logit_error']:.3f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "window": args.window, "count": args.count,
-                                               "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"model": args.model, "split": args.split, "window": args.window,
+                                               "count": args.count, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ built-in passes, each registered by name, with named pipelines of them.
 ``passes`` imports ``ir`` and nothing else of kiln.
 """
 
+from collections.abc import Sequence
+
 from .canonicalize import CANONICAL_RULES
 from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
 from .fusion import FUSION_RULES, RAISE_RULES, ROTARY_RULES, SELECTION_RULES
@@ -52,9 +54,11 @@ PIPELINES["cuda"] = PIPELINES["reference"]
 PIPELINES["tensorrt"] = (*PIPELINES["reference"], "linear_kv_cache")
 
 
-def pipeline(name: str, quantization: QuantConfig | None = None, kv_cache_dtype: str = "auto") -> list[Pass]:
+def pipeline(name: str, quantization: QuantConfig | None = None, kv_cache_dtype: str = "auto",
+             calibration: Sequence = ()) -> list[Pass]:
     """The passes of the named pipeline; with ``quantization``, its ``quantize`` stage
-    after ``raise`` (before partitioning and fusion); with ``kv_cache_dtype="fp8"``,
+    after ``raise`` (before partitioning and fusion), calibrated on ``calibration`` (token
+    id batches) where the scheme needs it; with ``kv_cache_dtype="fp8"``,
     ``fp8_kv_cache`` after ``paged_attention``."""
     if name not in PIPELINES:
         raise KeyError(f"unknown pipeline {name!r}; pipelines are {', '.join(sorted(PIPELINES))}")
@@ -62,7 +66,7 @@ def pipeline(name: str, quantization: QuantConfig | None = None, kv_cache_dtype:
     if quantization is not None:
         if "raise" not in PIPELINES[name]:
             raise ValueError(f"pipeline {name!r} has no raise stage to quantize after")
-        passes.insert(PIPELINES[name].index("raise") + 1, quantize_pass(quantization))
+        passes.insert(PIPELINES[name].index("raise") + 1, quantize_pass(quantization, calibration))
     if kv_cache_dtype == "fp8":
         passes.insert(passes.index(PASSES["paged_attention"]) + 1, kv_cache_fp8)
     elif kv_cache_dtype != "auto":
@@ -71,11 +75,11 @@ def pipeline(name: str, quantization: QuantConfig | None = None, kv_cache_dtype:
 
 
 def pipeline_manager(name: str, quantization: QuantConfig | None = None, kv_cache_dtype: str = "auto",
-                     **options) -> PassManager:
-    """A ``PassManager`` that runs the named pipeline (quantized with ``quantization``, its
-    KV cache in ``kv_cache_dtype``) to a fixpoint; ``options`` are the manager's
-    (``debug``, ``dump_after``, ``dump``)."""
-    return PassManager(pipeline(name, quantization, kv_cache_dtype), until_stable=True, **options)
+                     calibration: Sequence = (), **options) -> PassManager:
+    """A ``PassManager`` that runs the named pipeline (quantized with ``quantization`` and
+    ``calibration``, its KV cache in ``kv_cache_dtype``) to a fixpoint; ``options`` are
+    the manager's (``debug``, ``dump_after``, ``dump``)."""
+    return PassManager(pipeline(name, quantization, kv_cache_dtype, calibration), until_stable=True, **options)
 
 
 __all__ = [

@@ -236,3 +236,38 @@ def test_cli_shows_the_quantized_graph_and_builds_quantized_engines(tmp_path, ca
     assert manifest["quantization"] == {"scheme": "int4", "group_size": 64, "symmetric": True, "lm_head": False,
                                         "skip": []}
     assert "u8[1024, 96]" in (tmp_path / "e" / "graph.kiln").read_text()  # fused gate/up, codes two a byte
+
+
+def test_static_fp8_scales_come_from_calibration(bundled_graph):
+    from kiln.passes.quantization import calibrate_fp8_inputs
+    from kiln.passes.quantization.calibration import input_absmax
+
+    graph = bundled_graph.clone()
+    quantize_linears(graph, QuantConfig("fp8"))
+    batches = [torch.tensor([[5, 17, 300, 42, 9]]), torch.tensor([[1000, 7, 8, 2, 3, 4, 99]])]
+    first = next(n for n in graph.nodes if n.op == "linear_fp8")
+    (amax,) = input_absmax(graph, [first.inputs[0]], batches)
+    assert calibrate_fp8_inputs(graph, batches) == 28 and calibrate_fp8_inputs(graph, batches) == 0
+    layers = [n for n in graph.nodes if n.op == "linear_fp8"]
+    assert layers[0].inputs[3].tensor().item() == pytest.approx(amax / 448)
+    assert len({id(n.inputs[3]) for n in layers}) == 4 * 4  # q/k/v and gate/up share their input's scale
+    pipeline_manager("reference").run(graph)
+    assert graph.op_counts()["linear_fp8"] == 16  # and still fuse
+
+
+def test_engines_with_static_fp8_scales_generate(bundled_engine):
+    config = QuantConfig("fp8", activations="static")
+    engine = kiln.compile(str(BUNDLED), max_batch_size=2, max_seq_len=64, quantization=config,
+                          calibration=["The for statement executes a suite for each item.", "x = [1, 2, 3]"])
+    assert engine.info.quantization["activations"] == "static"
+    assert all(len(n.inputs) > 3 and n.inputs[3] is not None for n in engine.graph.nodes if n.op == "linear_fp8")
+    params = kiln.SamplingParams(max_tokens=8, temperature=0)
+    static = kiln.LLM(engine).generate(["The for statement"], params)[0].token_ids
+    assert static == kiln.LLM(bundled_engine).generate(["The for statement"], params)[0].token_ids
+
+
+def test_calibration_options_are_checked():
+    with pytest.raises(ValueError, match="fp8 only"):
+        QuantConfig("int8", activations="static")
+    with pytest.raises(ValueError, match="static activation scales only"):
+        kiln.compile(str(BUNDLED), quantization="int8", calibration=["text"])

@@ -22,7 +22,9 @@ class QuantConfig:
     ``skip`` holds glob patterns over the layers' module paths (``"model.layers.0.*"``,
     ``"*.down_proj"``): a ``linear`` whose location matches stays in high precision.
     The LM head is quantized only with ``lm_head=True``; embedding tables never are.
-    ``group_size`` and ``symmetric`` apply to ``int4``.
+    ``group_size`` and ``symmetric`` apply to ``int4``; ``activations`` to ``fp8``: scales
+    computed per token at run time (``dynamic``) or one per layer from calibration
+    (``static``).
     """
 
     scheme: str
@@ -30,6 +32,7 @@ class QuantConfig:
     symmetric: bool = False
     lm_head: bool = False
     skip: tuple[str, ...] = field(default=())
+    activations: str = "dynamic"
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -40,6 +43,10 @@ class QuantConfig:
         if isinstance(self.skip, str):
             raise ValueError(f"skip takes a list of layer patterns, got the string {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
+        if self.activations not in ("dynamic", "static"):
+            raise ValueError(f"activations must be 'dynamic' or 'static', got {self.activations!r}")
+        if self.activations == "static" and self.scheme != "fp8":
+            raise ValueError(f"static activation scales are calibrated for fp8 only, not {self.scheme}")
 
     @classmethod
     def of(cls, spec: str | QuantConfig | Mapping[str, Any]) -> QuantConfig:

@@ -2,96 +2,110 @@
 Q, K and V projections into one GEMM and a ``split``; gate and up projections into one
 GEMM and a ``gated_activation``; and the selection of logits rows above a quantized LM
 head. A quantized weight's operands (codes, scales, zero points) all run along the
-output dim, so fusing concatenates each of them; fused constants stay lazy."""
+output dim, so fusing concatenates each of them; fused constants stay lazy. Layers fuse
+only when what they share beside the input (FP8's static input scale) is one value."""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 from ...ir import ops
 from ..pattern import Match
 from ..rewriter import Rule
 
-# op -> its weight operands, between the input and the bias
-WEIGHT_OPERANDS = {"linear_int8": ("qweight", "scale"), "linear_int4": ("qweight", "scales", "zeros"),
-                   "linear_fp8": ("qweight", "weight_scale")}
-_GATED = {"silu": lambda t: ops.silu(t), "gelu": lambda t: ops.gelu(t), "gelu_tanh": lambda t: ops.gelu(t, approximate="tanh")}
+
+@dataclass(frozen=True)
+class Variant:
+    """A quantized linear as the rules see it: the op, its per-layer weight operands
+    (between the input and the bias) and the operands the fused layers must share."""
+
+    op: str
+    parts: tuple[str, ...]
+    shared: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.op + ("_static" if self.shared else "")
+
+    def call(self, x, values: dict, prefix: str = ""):
+        return ops.call(self.op, x, *(values[prefix + p] for p in self.parts), *(values[s] for s in self.shared))
 
 
-def _with_signature(fn, names):
-    fn.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                                          for n in names])
+VARIANTS = (Variant("linear_int8", ("qweight", "scale")), Variant("linear_int4", ("qweight", "scales", "zeros")),
+            Variant("linear_fp8", ("qweight", "weight_scale")),
+            Variant("linear_fp8", ("qweight", "weight_scale"), ("input_scale",)))
+_GATED = {"silu": lambda t: ops.silu(t), "gelu": lambda t: ops.gelu(t),
+          "gelu_tanh": lambda t: ops.gelu(t, approximate="tanh")}
+
+
+def _signature(fn, names, attrs=()):
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+        + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int) for n in attrs])
     return fn
 
 
-def _parts(layer: str, op: str) -> list[str]:
-    return [f"{layer}_{p}" for p in WEIGHT_OPERANDS[op]]
+def _names(variant: Variant, layers: tuple[str, ...]) -> list[str]:
+    return ["x", *(f"{layer}_{p}" for layer in layers for p in variant.parts), *variant.shared]
 
 
-def _call(op: str, x, parts):
-    return ops.call(op, x, *parts)
+def _fused(variant: Variant, v: dict, layers: tuple[str, ...]):
+    parts = {p: ops.concat([v[f"{layer}_{p}"] for layer in layers], dim=0) for p in variant.parts}
+    return variant.call(v["x"], {**parts, **{s: v[s] for s in variant.shared}})
 
 
-def _fused_parts(op: str, values: dict, layers: tuple[str, ...]) -> list:
-    return [ops.concat([values[f"{layer}_{p}"] for layer in layers], dim=0) for p in WEIGHT_OPERANDS[op]]
-
-
-def _all_constant(op: str, layers: tuple[str, ...]):
-    names = [n for layer in layers for n in _parts(layer, op)]
-
+def _fusable(variant: Variant, layers: tuple[str, ...]):
+    """Every weight operand constant, and one group count (INT4) for all layers."""
     def check(m: Match) -> bool:
-        groups = {m[f"{layer}_{WEIGHT_OPERANDS[op][1]}"].type.shape[1:] for layer in layers}
-        return all(m[n].is_constant for n in names) and len(groups) == 1
+        groups = {m[f"{layer}_{variant.parts[1]}"].type.shape[1:] for layer in layers}
+        return all(m[f"{layer}_{p}"].is_constant for layer in layers for p in variant.parts) and len(groups) == 1
     return check
 
 
-def _qkv_rule(op: str) -> Rule:
+def _qkv_rule(variant: Variant) -> Rule:
     layers = ("q", "k", "v")
-    names = ["x", *(n for layer in layers for n in _parts(layer, op))]
 
     def pattern(**v):
-        return tuple(_call(op, v["x"], [v[n] for n in _parts(layer, op)]) for layer in layers)
+        return tuple(variant.call(v["x"], v, f"{layer}_") for layer in layers)
 
     def replacement(**v):
         sizes = tuple(v[f"{layer}_qweight"].shape[0] for layer in layers)
-        return ops.split(_call(op, v["x"], _fused_parts(op, v, layers)), dim=-1, sizes=sizes)
+        return ops.split(_fused(variant, v, layers), dim=-1, sizes=sizes)
 
-    return Rule(_with_signature(pattern, names), _with_signature(replacement, names), when=_all_constant(op, layers),
-                name=f"fuse_qkv_{op}")
+    names = _names(variant, layers)
+    return Rule(_signature(pattern, names), _signature(replacement, names), when=_fusable(variant, layers),
+                name=f"fuse_qkv_{variant.label}")
 
 
-def _gated_rule(op: str, activation: str) -> Rule:
+def _gated_rule(variant: Variant, activation: str) -> Rule:
     layers = ("gate", "up")
-    names = ["x", *(n for layer in layers for n in _parts(layer, op))]
 
     def pattern(**v):
-        gate, up = (_call(op, v["x"], [v[n] for n in _parts(layer, op)]) for layer in layers)
+        gate, up = (variant.call(v["x"], v, f"{layer}_") for layer in layers)
         return ops.mul(_GATED[activation](gate), up)
 
     def replacement(**v):
-        return ops.gated_activation(_call(op, v["x"], _fused_parts(op, v, layers)), activation=activation)
+        return ops.gated_activation(_fused(variant, v, layers), activation=activation)
 
-    return Rule(_with_signature(pattern, names), _with_signature(replacement, names), when=_all_constant(op, layers),
-                name=f"fuse_{activation}_{op}")
-
-
-def _selection_rule(op: str) -> Rule:
-    names = ["x", *WEIGHT_OPERANDS[op], "index"]
-
-    def pattern(x, index, dim: int, **parts):
-        return ops.index_select(_call(op, x, [parts[p] for p in WEIGHT_OPERANDS[op]]), index, dim=dim)
-
-    def replacement(x, index, dim: int, **parts):
-        return _call(op, ops.index_select(x, index, dim=dim), [parts[p] for p in WEIGHT_OPERANDS[op]])
-
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
-    params.append(inspect.Parameter("dim", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int))
-    for fn in (pattern, replacement):
-        fn.__signature__ = inspect.Signature(params)
-    return Rule(pattern, replacement, when=lambda m: m["dim"] % m["x"].type.rank != m["x"].type.rank - 1,
-                name=f"select_before_{op}")
+    names = _names(variant, layers)
+    return Rule(_signature(pattern, names), _signature(replacement, names), when=_fusable(variant, layers),
+                name=f"fuse_{activation}_{variant.label}")
 
 
-QUANTIZED_FUSION_RULES = [rule for op in WEIGHT_OPERANDS for rule in
-                          (_qkv_rule(op), *(_gated_rule(op, a) for a in _GATED))]
-QUANTIZED_SELECTION_RULES = [_selection_rule(op) for op in WEIGHT_OPERANDS]
+def _selection_rule(variant: Variant) -> Rule:
+    def pattern(x, index, dim, **v):
+        return ops.index_select(variant.call(x, v), index, dim=dim)
+
+    def replacement(x, index, dim, **v):
+        return variant.call(ops.index_select(x, index, dim=dim), v)
+
+    names = ["x", *variant.parts, *variant.shared, "index"]
+    return Rule(_signature(pattern, names, ("dim",)), _signature(replacement, names, ("dim",)),
+                when=lambda m: m["dim"] % m["x"].type.rank != m["x"].type.rank - 1,
+                name=f"select_before_{variant.label}")
+
+
+QUANTIZED_FUSION_RULES = [rule for variant in VARIANTS for rule in
+                          (_qkv_rule(variant), *(_gated_rule(variant, a) for a in _GATED))]
+QUANTIZED_SELECTION_RULES = [_selection_rule(variant) for variant in VARIANTS]

@@ -6,19 +6,21 @@ merge the layers it names), so the fusions then concatenate quantized projection
 (``fusion.py``). Weights stay lazy: quantizing an 8B
 model's graph reads nothing until the engine materializes its constants. The LM head
 (the ``linear`` a graph output reaches through its first operands) is kept unless asked,
-and so is every layer that ``QuantConfig.skip`` names.
+and so is every layer that ``QuantConfig.skip`` names. FP8 with static activation scales
+then calibrates them (``calibration.py``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ...ir import Graph, LazyData, Node, TensorType, Value, dtypes
 from ...ir.opdefs.quantized import QUANTIZED_LINEARS
 from ..manager import Pass
+from .calibration import calibrate_fp8_inputs
 from .config import QuantConfig
 from .weights import int4_group_size, quantize_fp8_weight, quantize_int4, quantize_int8
 
@@ -105,7 +107,17 @@ def _quantized_operands(graph: Graph, weight: Value, parts: list[tuple[str, Tens
             for i, (suffix, type) in enumerate(parts)]
 
 
-def quantize_pass(config: QuantConfig) -> Pass:
-    """The ``quantize`` pass for ``config``."""
-    return Pass("quantize", lambda graph: quantize_linears(graph, config),
+def quantize_pass(config: QuantConfig, calibration: Sequence[torch.Tensor] = ()) -> Pass:
+    """The ``quantize`` pass for ``config``; static activation scales are calibrated on
+    ``calibration``, batches of token ids the graph takes."""
+    if config.activations == "static" and not calibration:
+        raise ValueError("static activation scales need calibration text")
+
+    def run(graph: Graph) -> int:
+        rewritten = quantize_linears(graph, config)
+        if config.activations == "static":
+            calibrate_fp8_inputs(graph, calibration)
+        return rewritten
+
+    return Pass("quantize", run,
                 f"linear layers to {config.scheme} ({', '.join(config.skip) or 'nothing'} skipped)", once=True)
