@@ -180,7 +180,8 @@ def _quantization(args: argparse.Namespace) -> QuantConfig | None:
     if not args.quantization:
         return None
     return QuantConfig(args.quantization, group_size=args.group_size, symmetric=args.symmetric,
-                       lm_head=args.quantize_lm_head, skip=tuple(args.quantize_skip or ()))
+                       lm_head=args.quantize_lm_head, skip=tuple(args.quantize_skip or ()),
+                       activations=args.activations)
 
 
 def _quantization_options(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +192,8 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize-lm-head", action="store_true", help="quantize the LM head too")
     parser.add_argument("--group-size", type=int, default=128, help="input features per INT4 scale")
     parser.add_argument("--symmetric", action="store_true", help="INT4 with zero point 8 (default: asymmetric)")
+    parser.add_argument("--activations", choices=("dynamic", "static"), default="dynamic",
+                        help="FP8 input scales: per token at run time, or per layer calibrated on Python's docs")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="the KV cache's dtype: the model's (auto) or E4M3 (fp8)")
 

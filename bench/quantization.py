@@ -41,8 +41,8 @@ def bench_scheme(model, scheme: str, args: argparse.Namespace, limits, record) -
         runs += [(args.input_len, 2048, args.concurrency[-1]), (2048, args.output_len, args.concurrency[-1])]
     options = {key: max(engine_options(*run)[key] for run in runs) for key in engine_options(1, 1, 1)}
     start = time.perf_counter()
-    engine = kiln.compile(model, target=args.target, dtype=args.dtype, quantization=None if scheme == "none" else scheme,
-                          **options)
+    engine = kiln.compile(model, target=args.target, dtype=args.dtype,
+                          quantization=None if scheme == "none" else scheme, **options)
     record({"scheme": scheme, "what": "build", "seconds": time.perf_counter() - start,
             "decode_bytes": decode_bytes(engine), "ops": engine.graph.op_counts()})
     llm_engine = LLMEngine(engine, RuntimeConfig(num_blocks=max(cache_blocks(*run) for run in runs)))
