@@ -202,5 +202,7 @@ def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tenso
     x2 = _rows(x)
     scale = fp8_token_scales(x2) if input_scale is None else input_scale.float().expand(x2.shape[0], 1)
     out = torch._scaled_mm(quantize_fp8(x2, scale), qweight.t(), scale_a=scale.contiguous(),
-                           scale_b=weight_scale.float()[None, :], bias=bias, out_dtype=x.dtype)
+                           scale_b=weight_scale.float()[None, :], out_dtype=x.dtype)
+    if bias is not None:
+        out += bias
     return out.view(*x.shape[:-1], qweight.shape[0])

@@ -41,9 +41,10 @@ def input_absmax(graph: Graph, values: Sequence[Value], batches: Iterable[torch.
     graph.outputs = list(values)
     amax = [0.0] * len(values)
     try:
+        constants = {name: v.tensor() for name, v in graph.constants.items() if v.uses or v in graph.outputs}
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibrating", unit="text", disable=None, leave=False):
-                for i, x in enumerate(interpret(graph, [batch])):
+                for i, x in enumerate(interpret(graph, [batch], constants=constants)):
                     amax[i] = max(amax[i], x.abs().max().item())
     finally:
         graph.outputs = outputs

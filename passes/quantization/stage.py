@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ...ir import Graph, LazyData, Node, TensorType, Value, dtypes
+from ...ir import ConstantData, Graph, LazyData, Node, TensorType, Value, dtypes
 from ...ir.opdefs.quantized import QUANTIZED_LINEARS
 from ..manager import Pass
 from .calibration import calibrate_fp8_inputs
@@ -92,18 +92,29 @@ def quantize_linears(graph: Graph, config: QuantConfig) -> int:
     return rewritten
 
 
+class _QuantizedWeight:
+    """The parts of one quantized weight (codes, scales, zero points), computed together
+    when the first is asked for and each handed out once: nothing keeps them but their
+    users (an engine's weights, a fused concatenation), and asked again they are computed
+    again."""
+
+    def __init__(self, source: ConstantData, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]):
+        self.source, self.quantize = source, quantize
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def part(self, index: int) -> torch.Tensor:
+        if index not in self.pending:
+            self.pending = dict(enumerate(self.quantize(self.source.materialize())))
+        return self.pending.pop(index)
+
+
 def _quantized_operands(graph: Graph, weight: Value, parts: list[tuple[str, TensorType]],
                         quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> list[Value]:
-    """Constants for the quantized weight's parts, computed together on first use."""
-    source = weight.data
-
-    @functools.cache
-    def quantized() -> tuple[torch.Tensor, ...]:
-        return quantize(source.materialize())
-
+    """Lazy constants for the quantized weight's parts."""
+    quantized = _QuantizedWeight(weight.data, quantize)
     base = weight.name.removesuffix(".weight")
-    return [graph.add_constant(LazyData(functools.partial(lambda i: quantized()[i], i), f"{suffix} of {weight.name}"),
-                               type, f"{base}.{suffix}")
+    return [graph.add_constant(LazyData(functools.partial(quantized.part, i), f"{suffix} of {weight.name}"), type,
+                               f"{base}.{suffix}")
             for i, (suffix, type) in enumerate(parts)]
 
 
