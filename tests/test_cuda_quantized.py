@@ -116,6 +116,6 @@ def test_quantized_engines_step_with_the_cuda_kernels(scheme):
     for _ in range(2):
         inputs = {k: v.to(device) for k, v in step_inputs(steps, 16).items()}
         got, want = (step(**inputs, **c)[0] for step, c in zip((fast, reference), caches))
-        assert _relative(got, want) < 1e-4
+        assert _relative(got, want) < (1e-4 if device == "cpu" else 1e-2)  # the GPU's float32 tl.dot is TF32
         tokens = want.argmax(-1).tolist()
         steps = [SequenceStep([t], s.cached + len(s.token_ids), s.blocks) for s, t in zip(steps, tokens)]
