@@ -30,9 +30,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     sequences in one batched call."""
     block_size = k_cache.shape[1]
     for cache, new in ((k_cache, k), (v_cache, v)):
-        # as bytes: torch has no index_copy_ for float8 on the CPU
-        cache.view(-1, *cache.shape[2:]).view(torch.uint8 if cache.element_size() == 1 else cache.dtype).index_copy_(
-            0, slot_mapping, to_cache(new, cache.dtype).view(torch.uint8 if cache.element_size() == 1 else cache.dtype))
+        rows, fresh = cache.view(-1, *cache.shape[2:]), to_cache(new, cache.dtype)
+        if cache.dtype == torch.float8_e4m3fn:  # torch has no index_copy_ for float8 on the CPU: copy bytes
+            rows, fresh = rows.view(torch.uint8), fresh.view(torch.uint8)
+        rows.index_copy_(0, slot_mapping, fresh)
     device = q.device
     q_lens = (query_start[1:] - query_start[:-1]).long()
     lengths = context_lens.long()
