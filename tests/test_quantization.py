@@ -270,3 +270,10 @@ def test_calibration_options_are_checked():
         QuantConfig("int8", activations="static")
     with pytest.raises(ValueError, match="static activation scales only"):
         kiln.compile(str(BUNDLED), quantization="int8", calibration=["text"])
+
+
+def test_a_layer_int4_cannot_hold_is_named():
+    graph = graph_from_text(MLP.replace("f32[128, 64]", "f32[128, 63]").replace("f32[batch, 64]", "f32[batch, 63]"))
+    with pytest.raises(ValueError, match="cannot quantize mlp.up to int4: .*63 input features is odd.*skip"):
+        quantize_linears(graph, QuantConfig("int4"))
+    assert quantize_linears(graph, QuantConfig("int4", skip=("mlp.up",))) == 0

@@ -30,8 +30,7 @@ Quantizer = Callable[[torch.Tensor, QuantConfig], tuple[torch.Tensor, ...]]
 
 
 def _int8_layout(w: TensorType, config: QuantConfig):
-    out_features, in_features = w.shape
-    return [("qweight", TensorType(dtypes.int8, w.shape)), ("scale", TensorType(dtypes.float32, (out_features,)))]
+    return [("qweight", TensorType(dtypes.int8, w.shape)), ("scale", TensorType(dtypes.float32, (w.shape[0],)))]
 
 
 def _int4_layout(w: TensorType, config: QuantConfig):
@@ -81,7 +80,12 @@ def quantize_linears(graph: Graph, config: QuantConfig) -> int:
         weight = node.inputs[1] if node.op == "linear" else None
         if weight is None or not weight.is_constant or id(node) in kept or config.skips(node.location):
             continue
-        operands = _quantized_operands(graph, weight, layout(weight.type, config), lambda w: quantizer(w, config))
+        try:
+            parts = layout(weight.type, config)
+        except ValueError as exc:
+            raise ValueError(f"cannot quantize {node.location or weight.name} to {config.scheme}: {exc}; "
+                             "skip it with QuantConfig(skip=[...])") from None
+        operands = _quantized_operands(graph, weight, parts, lambda w: quantizer(w, config))
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         extra = [None] if op == "linear_fp8" else []  # no static input scale without calibration
         with graph.inserting_before(node):
