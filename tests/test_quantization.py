@@ -233,7 +233,7 @@ def test_cli_shows_the_quantized_graph_and_builds_quantized_engines(tmp_path, ca
                  "--quantization", "int4", "--group-size", "64", "--symmetric"]) == 0
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["quantization"] == {"scheme": "int4", "group_size": 64, "symmetric": True, "lm_head": False,
-                                        "skip": []}
+                                        "skip": [], "activations": "dynamic"}
     assert "u8[1024, 96]" in (tmp_path / "e" / "graph.kiln").read_text()  # fused gate/up, codes two a byte
 
 
