@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
 from .ir import Graph, verify
-from .passes import EngineLimits, Workload, pipeline_manager, run_pipeline, select_profiles
+from .passes import EngineLimits, QuantConfig, Workload, pipeline_manager, run_pipeline, select_profiles
 from .passes.workspace import plan_workspace
 from .runtime import CompiledModule, Engine, EngineInfo, RuntimeConfig, load_engine
 from .runtime import LLM as EngineLLM
@@ -30,10 +30,11 @@ TARGETS = {"cpu": ("reference", "reference"), "cuda": ("cuda", "cuda"), "h100": 
 
 
 def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype: str | torch.dtype | None = None,
-            quantization: str | None = None, kv_cache_dtype: str = "auto", tp: int = 1, pp: int = 1,
+            quantization: str | QuantConfig | None = None, kv_cache_dtype: str = "auto", tp: int = 1, pp: int = 1,
             max_batch_size: int = 256, max_seq_len: int = 8192, max_num_tokens: int | None = None,
             workload: Workload | None = None, example_inputs: Sequence[torch.Tensor] | None = None,
-            dynamic_shapes: Any = None, tokenizer: Any = None, progress: bool = False) -> Engine | CompiledModule:
+            dynamic_shapes: Any = None, tokenizer: Any = None, progress: bool = False,
+            calibration: Sequence[str] | None = None) -> Engine | CompiledModule:
     """Compile a model for ``target``.
 
     ``model`` is a Hugging Face checkpoint directory or an in-memory ``transformers``
@@ -42,15 +43,23 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     module's outputs. ``max_num_tokens`` (tokens per step, default ``max(max_seq_len,
     max_batch_size)``) and ``workload`` (expected decode batch sizes and prompt lengths)
     choose the engine's dynamic-shape profiles and CUDA-graph batch sizes. ``progress``
-    shows a progress bar over the build's stages.
+    shows a progress bar over the build's stages. ``quantization`` is a scheme name
+    (``int8``, ``int4``, ``fp8``) or a ``QuantConfig`` (skip list, LM head, INT4 groups);
+    ``kv_cache_dtype="fp8"`` stores the KV cache in E4M3. ``calibration`` is the text that
+    schemes with static activation scales calibrate on (default: Python's documentation).
     """
-    _check_options(target, quantization, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
+    _check_options(target, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
+    quant = QuantConfig.of(quantization) if quantization is not None else None
+    if calibration is not None and (quant is None or quant.activations != "static"):
+        raise ValueError("calibration text is used by static activation scales only "
+                         "(QuantConfig('fp8', activations='static'))")
     limits = EngineLimits(max_batch_size, max_seq_len, max_num_tokens or max(max_seq_len, max_batch_size))
     if isinstance(model, (str, os.PathLike)):
         with _stages(progress) as stage:
             stage("importing")
             imported = load_checkpoint(model, dtype, max_batch_size, max_seq_len)
-            return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, tp)
+            return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, tp, quant,
+                           kv_cache_dtype, calibration)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
@@ -58,9 +67,13 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             stage("importing")
             imported = import_model(model, tokenizer, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload,
-                           _ids(getattr(model.generation_config, "eos_token_id", None)), stage, tp)
+                           _ids(getattr(model.generation_config, "eos_token_id", None)), stage, tp, quant,
+                           kv_cache_dtype, calibration)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
+    if quant is not None or kv_cache_dtype != "auto":
+        raise ValueError("quantization and kv_cache_dtype apply to causal LMs (a checkpoint or a transformers "
+                         f"model), not to a plain {type(model).__name__}")
     imported = import_module(model, example_inputs, dynamic_shapes)
     return CompiledModule(_optimize(imported.graph), imported.unflatten)
 
@@ -100,16 +113,20 @@ BUILD_STAGES = ("importing", "optimizing", "generating the executor", "tuning ke
 
 
 def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
-            stop_token_ids: tuple[int, ...], stage, tp: int = 1) -> Engine:
+            stop_token_ids: tuple[int, ...], stage, tp: int = 1, quantization: QuantConfig | None = None,
+            kv_cache_dtype: str = "auto", calibration: Sequence[str] | None = None) -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
     pipeline, backend = TARGETS[target]
     eos = getattr(imported.tokenizer, "eos_token_id", None)
     stops = stop_token_ids or _ids(getattr(imported.config, "eos_token_id", None)) or _ids(eos)
     info = EngineInfo(architecture, target, backend, imported.dtype, limits.max_batch_size, limits.max_seq_len,
-                      limits.max_num_tokens, select_profiles(limits, workload), stops, tp=tp)
+                      limits.max_num_tokens, select_profiles(limits, workload), stops, tp=tp,
+                      quantization=quantization.to_dict() if quantization else None, kv_cache_dtype=kv_cache_dtype)
     graph = imported.graph
     stage("optimizing")
-    run_pipeline(pipeline, graph, tp)
+    batches = _calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
+        if quantization and quantization.activations == "static" else ()
+    run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches)
     verify(graph)
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
@@ -122,6 +139,22 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
         engine.info = dataclasses.replace(info, tuned_on=tuned_on)
         engine.kernel_configs = configs
     return engine
+
+
+def _calibration_batches(tokenizer: Any, texts: Sequence[str] | None, max_seq_len: int,
+                         max_tokens: int = 512) -> list[torch.Tensor]:
+    """Token ids ``[1, n]`` of each calibration text (Python's documentation by default),
+    cut to ``max_tokens`` and the engine's length."""
+    from .passes.quantization import default_corpus
+
+    if tokenizer is None:
+        raise ValueError("calibration needs the model's tokenizer: pass tokenizer= with an in-memory model")
+    texts = default_corpus() if texts is None else texts
+    batches = [torch.tensor([tokenizer(t)["input_ids"][:min(max_tokens, max_seq_len)]]) for t in texts]
+    batches = [b for b in batches if b.shape[1] >= 2]
+    if not batches:
+        raise ValueError("the calibration texts hold no sample of two tokens or more")
+    return batches
 
 
 def _ids(value: Any) -> tuple[int, ...]:
@@ -139,14 +172,15 @@ def _stop_tokens_of_dir(path: str | os.PathLike) -> tuple[int, ...]:
         return _ids(json.load(f).get("eos_token_id"))
 
 
-def _check_options(target: str, quantization: str | None, kv_cache_dtype: str, tp: int, pp: int,
-                   max_batch_size: int, max_seq_len: int) -> None:
+def _check_options(target: str, kv_cache_dtype: str, tp: int, pp: int, max_batch_size: int,
+                   max_seq_len: int) -> None:
     if target not in TARGETS:
         raise ValueError(f"target {target!r} is not available yet: kiln builds for {', '.join(TARGETS)}")
-    if quantization is not None:
-        raise ValueError(f"quantization {quantization!r} is not available yet")
-    if kv_cache_dtype != "auto":
-        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not available yet")
+    if kv_cache_dtype not in ("auto", "fp8"):
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of 'auto' (the model's dtype) and 'fp8'")
+    if kv_cache_dtype == "fp8" and TARGETS[target][1] == "cuda":
+        raise ValueError(f"kv_cache_dtype 'fp8' is not available for target {target!r} yet: the CUDA attention "
+                         "kernels do not read E4M3 caches (target 'cpu' serves it)")
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be at least 1, got tp={tp}, pp={pp}")
     if pp != 1:

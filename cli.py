@@ -20,7 +20,8 @@ from pathlib import Path
 from .api import TARGETS
 from .frontends import FrontendError
 from .ir import Graph, ParseError, VerificationError, parse, to_dot, verify
-from .passes import PASSES, PIPELINES, PassError, format_records, pipeline_manager
+from .passes import PASSES, PIPELINES, PassError, QuantConfig, format_records, pipeline_manager
+from .passes.quantization import SCHEMES
 from .runtime import EngineLoadError
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models"
@@ -69,7 +70,7 @@ def _build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     engine = compile(args.model, target=args.target, dtype=args.dtype, max_batch_size=args.max_batch_size,
                      max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, tp=args.tp, pp=args.pp,
-                     progress=True)
+                     quantization=_quantization(args), kv_cache_dtype=args.kv_cache_dtype, progress=True)
     built = time.perf_counter()
     engine.save(args.output)
     print(f"built {engine.info.architecture} for {engine.info.target} in {built - start:.1f} s; "
@@ -122,7 +123,8 @@ def _bench(args: argparse.Namespace) -> int:
     options = engine_options(args.input_len, args.output_len, most)
     options["max_seq_len"] = args.max_seq_len or options["max_seq_len"]
     target = args.target or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = as_engine(args.model, target=target, dtype=args.dtype, progress=not args.json, **options)
+    engine = as_engine(args.model, target=target, dtype=args.dtype, quantization=_quantization(args),
+                       kv_cache_dtype=args.kv_cache_dtype, progress=not args.json, **options)
     info = engine.info
     if info.max_batch_size < most or info.max_seq_len < length:
         raise ValueError(f"the engine serves {info.max_batch_size} sequences of {info.max_seq_len} tokens; the runs "
@@ -135,7 +137,8 @@ def _bench(args: argparse.Namespace) -> int:
     dtype, step_bytes = str(info.dtype).removeprefix("torch."), decode_bytes(engine)
     if args.json:
         print(json.dumps({"model": str(args.model), "architecture": info.architecture, "target": info.target,
-                          "dtype": dtype, "device": str(llm_engine.device), "max_batch_size": info.max_batch_size,
+                          "dtype": dtype, "quantization": info.quantization, "kv_cache_dtype": info.kv_cache_dtype,
+                          "device": str(llm_engine.device), "max_batch_size": info.max_batch_size,
                           "max_seq_len": info.max_seq_len, "max_num_tokens": info.max_num_tokens,
                           "num_blocks": num_blocks, "decode_bytes": step_bytes, "hardware": asdict(limits),
                           "runs": [r.to_dict() for r in results]}, indent=2))
@@ -160,9 +163,12 @@ def _ir(args: argparse.Namespace) -> int:
     graph = _load_graph(args.source)
     if args.after and not args.pipeline:
         raise ValueError("--after needs --pipeline")
+    if args.quantization and not args.pipeline:
+        raise ValueError("--quantization needs --pipeline")
     if args.pipeline:
         dumps: list[str] = []
-        manager = pipeline_manager(args.pipeline, debug=True, dump_after=args.after or (),
+        manager = pipeline_manager(args.pipeline, _quantization(args), args.kv_cache_dtype, debug=True,
+                                   dump_after=args.after or (),
                                    dump=lambda name, g: dumps.append(_render(g, args.format, f"after {name}")))
         records = manager.run(graph)
         if args.timing:
@@ -172,6 +178,28 @@ def _ir(args: argparse.Namespace) -> int:
             return 0
     print(_render(graph, args.format, None), end="")
     return 0
+
+
+def _quantization(args: argparse.Namespace) -> QuantConfig | None:
+    if not args.quantization:
+        return None
+    return QuantConfig(args.quantization, group_size=args.group_size, symmetric=args.symmetric,
+                       lm_head=args.quantize_lm_head, skip=tuple(args.quantize_skip or ()),
+                       activations=args.activations)
+
+
+def _quantization_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantization", choices=sorted(SCHEMES), default=None,
+                        help="quantize the linear layers: " + "; ".join(f"{k}: {v}" for k, v in SCHEMES.items()))
+    parser.add_argument("--quantize-skip", action="append", metavar="PATTERN",
+                        help="keep the layers whose module path matches this glob in high precision (repeatable)")
+    parser.add_argument("--quantize-lm-head", action="store_true", help="quantize the LM head too")
+    parser.add_argument("--group-size", type=int, default=128, help="input features per INT4 scale")
+    parser.add_argument("--symmetric", action="store_true", help="INT4 with zero point 8 (default: asymmetric)")
+    parser.add_argument("--activations", choices=("dynamic", "static"), default="dynamic",
+                        help="FP8 input scales: per token at run time, or per layer calibrated on Python's docs")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="the KV cache's dtype: the model's (auto) or E4M3 (fp8)")
 
 
 def _render(graph: Graph, fmt: str, title: str | None) -> str:
@@ -195,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-num-tokens", type=int, default=None, help="tokens per step (default: max-seq-len)")
     build.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one weights file each)")
     build.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
+    _quantization_options(build)
     build.set_defaults(run=_build)
     generate = commands.add_parser("generate", help="generate text from an engine or checkpoint directory")
     generate.add_argument("model", help="an engine directory or a checkpoint directory")
@@ -230,10 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "optionally after a pipeline")
     ir.add_argument("source", help="a .kiln text file, - for standard input, or a Hugging Face checkpoint directory")
     ir.add_argument("--pipeline", choices=sorted(PIPELINES), help="run this pipeline first")
-    ir.add_argument("--after", action="append", choices=sorted(PASSES), metavar="PASS",
+    ir.add_argument("--after", action="append", choices=sorted({*PASSES, "quantize", "fp8_kv_cache"}), metavar="PASS",
                     help="print the graph after this pass of the pipeline (repeatable)")
     ir.add_argument("--format", choices=("text", "dot"), default="text")
     ir.add_argument("--timing", action="store_true", help="print per-pass changes and times to stderr")
+    _quantization_options(ir)
     ir.set_defaults(run=_ir)
     bench = commands.add_parser(
         "bench", help="measure serving throughput and latency against the device's limits",
@@ -256,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run each workload once untimed first, so the timed pass meets no new shape")
     bench.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _quantization_options(bench)
     bench.set_defaults(run=_bench)
     parser.set_defaults(run=_main_job)
     return parser

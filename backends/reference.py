@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir import REGISTRY
+from ..ir.opdefs.paged import to_cache
 
 Kernel = Callable[..., Any]
 
@@ -24,11 +25,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, query_start: torch.Tensor,
                     context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float | None,
                     sliding_window: int | None, softcap: float | None):
-    """Write k and v at ``slot_mapping`` (in place), then run causal attention of every
-    sequence's queries over its whole context, all sequences in one batched call."""
+    """Write k and v at ``slot_mapping`` (in place; saturated to E4M3 in an FP8 cache), then
+    run causal attention of every sequence's queries over its whole context, all
+    sequences in one batched call."""
     block_size = k_cache.shape[1]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        rows, fresh = cache.view(-1, *cache.shape[2:]), to_cache(new, cache.dtype)
+        if cache.dtype == torch.float8_e4m3fn:  # torch has no index_copy_ for float8 on the CPU: copy bytes
+            rows, fresh = rows.view(torch.uint8), fresh.view(torch.uint8)
+        rows.index_copy_(0, slot_mapping, fresh)
     device = q.device
     q_lens = (query_start[1:] - query_start[:-1]).long()
     lengths = context_lens.long()
@@ -39,8 +44,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     padded[seqs, offsets] = q
     keys_at = torch.arange(max_ctx, device=device)
     slots = block_tables[:, keys_at // block_size].long() * block_size + keys_at % block_size
-    keys = k_cache.view(-1, *k_cache.shape[2:])[slots]
-    values = v_cache.view(-1, *v_cache.shape[2:])[slots]
+    keys = k_cache.view(-1, *k_cache.shape[2:])[slots].to(q.dtype)
+    values = v_cache.view(-1, *v_cache.shape[2:])[slots].to(q.dtype)
     query_pos = (lengths - q_lens)[:, None] + torch.arange(max_q, device=device)
     allowed = (keys_at <= query_pos[..., None]) & (keys_at < lengths[:, None, None])
     if sliding_window is not None:

@@ -21,6 +21,7 @@ class DType:
     bits: int
     kind: str  # "float", "int" or "bool"
     torch_dtype: torch.dtype
+    signed: bool = True
 
     @property
     def is_float(self) -> bool:
@@ -50,17 +51,18 @@ float8_e4m3fn = DType("f8e4m3", 8, "float", torch.float8_e4m3fn)
 int64 = DType("i64", 64, "int", torch.int64)
 int32 = DType("i32", 32, "int", torch.int32)
 int8 = DType("i8", 8, "int", torch.int8)
+uint8 = DType("u8", 8, "int", torch.uint8, signed=False)  # raw bytes: packed int4 weights, zero points
 int4 = DType("i4", 4, "int", torch.int8)
 bool_ = DType("bool", 1, "bool", torch.bool)
 
 ALL_DTYPES: tuple[DType, ...] = (
-    float64, float32, float16, bfloat16, float8_e4m3fn, int64, int32, int8, int4, bool_,
+    float64, float32, float16, bfloat16, float8_e4m3fn, int64, int32, int8, uint8, int4, bool_,
 )
 _BY_NAME = {d.name: d for d in ALL_DTYPES}
 _ALIASES = {
     "float64": float64, "float32": float32, "float16": float16, "bfloat16": bfloat16,
     "float8_e4m3fn": float8_e4m3fn, "fp8": float8_e4m3fn, "int64": int64,
-    "int32": int32, "int8": int8, "int4": int4, "half": float16, "float": float32,
+    "int32": int32, "int8": int8, "uint8": uint8, "int4": int4, "half": float16, "float": float32,
 }
 _BY_TORCH = {d.torch_dtype: d for d in ALL_DTYPES if d is not int4}
 
@@ -89,7 +91,9 @@ def can_represent(wide: DType, narrow: DType) -> bool:
     if wide.kind == "bool":
         return False
     if narrow.kind == "int" and wide.kind == "int":
-        return wide.bits >= narrow.bits
+        if narrow.signed and not wide.signed:
+            return False
+        return wide.bits > narrow.bits if wide.signed and not narrow.signed else wide.bits >= narrow.bits
     if narrow.kind == "int" and wide.kind == "float":
         mantissa = {64: 53, 32: 24, 16: 11 if wide is float16 else 8, 8: 4}[wide.bits]
         return narrow.bits <= mantissa

@@ -4,6 +4,8 @@ built-in passes, each registered by name, with named pipelines of them.
 ``passes`` imports ``ir`` and nothing else of kiln.
 """
 
+from collections.abc import Sequence
+
 from ..ir import Graph
 from .canonicalize import CANONICAL_RULES
 from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
@@ -19,6 +21,8 @@ from .partition_rules import SELECTION_THROUGH_COLLECTIVES
 from .partition_simulator import simulate_ranks
 from .pattern import AttrVar, Match, Pattern, is_splat, trace
 from .rewriter import RewriteLimitError, Rewrites, Rule, rewrite
+from .quantization import (QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES, QuantConfig, fp8_kv_cache,
+                           quantize_pass)
 
 canonicalize = rewrite_pass("canonicalize", CANONICAL_RULES,
                             "algebraic identities, data-movement chains and cast chains")
@@ -27,15 +31,19 @@ cse = Pass("cse", eliminate_common_subexpressions, "merge identical nodes and sm
 dce = Pass("dce", eliminate_dead_code, "drop unused nodes and constants")
 raise_ops = rewrite_pass("raise", RAISE_RULES + MOE_RULES,
                          "recognize rms_norm, rotary and mixture-of-experts routing among primitives")
-fuse = rewrite_pass("fuse", FUSION_RULES, "residual+RMSNorm, QKV and gate/up GEMMs, gated activations")
+fuse = rewrite_pass("fuse", FUSION_RULES + QUANTIZED_FUSION_RULES,
+                    "residual+RMSNorm, QKV and gate/up GEMMs (quantized too), gated activations")
 fuse_rotary = rewrite_pass("fuse_rotary", ROTARY_RULES + CANONICAL_RULES,
                            "the fused QKV split into heads, with rotary on q and k, becomes one qkv_rotary")
-select_logits = rewrite_pass("select_logits", SELECTION_RULES + SELECTION_THROUGH_COLLECTIVES,
+select_logits = rewrite_pass("select_logits",
+                             SELECTION_RULES + SELECTION_THROUGH_COLLECTIVES + QUANTIZED_SELECTION_RULES,
                              "compute the final layers only for the tokens whose logits are asked for")
 paged_attention = Pass("paged_attention", page_attention,
                        "a causal LM graph becomes the runtime's step graph over a paged KV cache",
                        changes_signature=True)
 
+kv_cache_fp8 = Pass("fp8_kv_cache", fp8_kv_cache, "the paged KV caches hold E4M3 (kv_cache_dtype='fp8')",
+                    changes_signature=True)
 linear_kv = Pass("linear_kv_cache", linear_kv_cache,
                  "paged caches become linear per-slot caches (one block of max_seq_len per sequence)",
                  changes_signature=True)
@@ -54,39 +62,58 @@ PIPELINES["cuda"] = PIPELINES["reference"]
 PIPELINES["tensorrt"] = (*PIPELINES["reference"], "linear_kv_cache")
 
 
-def pipeline(name: str) -> list[Pass]:
-    """The passes of the named pipeline."""
+def pipeline(name: str, quantization: QuantConfig | None = None, kv_cache_dtype: str = "auto",
+             calibration: Sequence = ()) -> list[Pass]:
+    """The passes of the named pipeline; with ``quantization``, its ``quantize`` stage
+    after ``raise`` (before partitioning and fusion), calibrated on ``calibration`` (token
+    id batches) where the scheme needs it; with ``kv_cache_dtype="fp8"``,
+    ``fp8_kv_cache`` after ``paged_attention``."""
     if name not in PIPELINES:
         raise KeyError(f"unknown pipeline {name!r}; pipelines are {', '.join(sorted(PIPELINES))}")
-    return [PASSES[p] for p in PIPELINES[name]]
+    passes = [PASSES[p] for p in PIPELINES[name]]
+    if quantization is not None:
+        if "raise" not in PIPELINES[name]:
+            raise ValueError(f"pipeline {name!r} has no raise stage to quantize after")
+        passes.insert(PIPELINES[name].index("raise") + 1, quantize_pass(quantization, calibration))
+    if kv_cache_dtype == "fp8":
+        passes.insert(passes.index(PASSES["paged_attention"]) + 1, kv_cache_fp8)
+    elif kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of 'auto' (the model's dtype) and 'fp8'")
+    return passes
 
 
-def pipeline_manager(name: str, **options) -> PassManager:
-    """A ``PassManager`` that runs the named pipeline to a fixpoint; ``options`` are the
-    manager's (``debug``, ``dump_after``, ``dump``)."""
-    return PassManager(pipeline(name), until_stable=True, **options)
+def pipeline_manager(name: str, quantization: QuantConfig | None = None, kv_cache_dtype: str = "auto",
+                     calibration: Sequence = (), **options) -> PassManager:
+    """A ``PassManager`` that runs the named pipeline (quantized with ``quantization`` and
+    ``calibration``, its KV cache in ``kv_cache_dtype``) to a fixpoint; ``options`` are
+    the manager's (``debug``, ``dump_after``, ``dump``)."""
+    return PassManager(pipeline(name, quantization, kv_cache_dtype, calibration), until_stable=True, **options)
 
 
-def run_pipeline(name: str, graph: Graph, tp: int = 1, **options) -> list[PassRecord]:
-    """Run the named pipeline on ``graph`` to a fixpoint; with ``tp`` > 1, the passes
-    before fusion run first, then ``partition`` (once), then the whole pipeline, so that
-    the fusions see the sharded graph."""
+def run_pipeline(name: str, graph: Graph, tp: int = 1, quantization: QuantConfig | None = None,
+                 kv_cache_dtype: str = "auto", calibration: Sequence = (), **options) -> list[PassRecord]:
+    """Run the named pipeline (quantized, its KV cache in ``kv_cache_dtype``: see
+    ``pipeline``) on ``graph`` to a fixpoint; with ``tp`` > 1, the passes before fusion run
+    first, then ``partition`` (once), then the whole pipeline but its run-once stages, so
+    that the fusions see the sharded graph."""
+    passes = pipeline(name, quantization, kv_cache_dtype, calibration)
     if tp == 1:
-        return pipeline_manager(name, **options).run(graph)
-    passes = pipeline(name)
+        return PassManager(passes, until_stable=True, **options).run(graph)
     before = passes[:[p.name for p in passes].index("fuse")]
     debug = options.get("debug", False)
     records = PassManager(before, until_stable=True, debug=debug).run(graph)
     records += PassManager([partition(tp)], debug=debug).run(graph)
-    return records + pipeline_manager(name, **options).run(graph)
+    return records + PassManager([p for p in passes if not p.once], until_stable=True, **options).run(graph)
 
 
 __all__ = [
-    "AttrVar", "CANONICAL_RULES", "MOE_RULES", "EngineLimits", "ProfilePlan", "Workload", "select_profiles", "FUSION_RULES", "RAISE_RULES", "ROTARY_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match", "PASSES", "PIPELINES", "Pass", "PassError",
-    "PassManager", "PassRecord", "Pattern", "RewriteLimitError", "Rewrites", "Rule",
-    "canonicalize", "cse", "dce", "eliminate_common_subexpressions", "eliminate_dead_code",
-    "fold", "fold_constants", "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache", "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite",
-    "rewrite_pass", "select_logits", "trace", "PartitionError", "partition", "partition_tensor_parallel",
-    "run_pipeline", "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks",
-    "split_pipeline",
+    "AttrVar", "CANONICAL_RULES", "MOE_RULES", "EngineLimits", "ProfilePlan", "Workload", "select_profiles",
+    "FUSION_RULES", "RAISE_RULES", "ROTARY_RULES", "SELECTION_RULES", "METADATA", "PagedAttentionError", "Match",
+    "PASSES", "PIPELINES", "Pass", "PassError", "PassManager", "PassRecord", "Pattern", "QuantConfig",
+    "RewriteLimitError", "Rewrites", "Rule", "canonicalize", "cse", "dce", "eliminate_common_subexpressions",
+    "eliminate_dead_code", "fold", "fold_constants", "fp8_kv_cache", "kv_cache_fp8", "quantize_pass",
+    "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache",
+    "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite", "rewrite_pass",
+    "select_logits", "trace", "PartitionError", "partition", "partition_tensor_parallel", "run_pipeline",
+    "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks", "split_pipeline",
 ]

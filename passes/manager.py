@@ -23,12 +23,15 @@ class Pass:
 
     ``changes_signature`` marks passes that change the graph's inputs and outputs (such
     as paging attention): they cannot be checked by running the graph before and after
-    on the same inputs, and are tested on the models they are made for."""
+    on the same inputs, and are tested on the models they are made for. ``once`` marks
+    stages that decide from the graph as imported (quantization names layers that later
+    fusions merge): a pipeline run to a fixpoint runs them in its first round only."""
 
     name: str
     run: Callable[[Graph], int]
     doc: str = ""
     changes_signature: bool = False
+    once: bool = False
 
     def __call__(self, graph: Graph) -> int:
         return self.run(graph)
@@ -79,6 +82,8 @@ class PassManager:
         for round_ in range(1, self.rounds + 1):
             changes = 0
             for p in self.passes:
+                if p.once and round_ > 1:
+                    continue
                 record = self._run_one(p, graph, round_)
                 records.append(record)
                 changes += record.changes

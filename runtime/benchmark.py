@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..ir.opdefs.quantized import QUANTIZED_LINEARS
 from .engine import Engine
 from .llm_engine import LLMEngine
 from .sampling_params import SamplingParams
@@ -109,8 +110,10 @@ def decode_bytes(engine: Engine) -> int:
 
 
 def linear_weight_elements(engine: Engine) -> int:
-    """Elements of the weights of every ``linear`` node of the step graph."""
-    return sum(node.inputs[1].type.static_numel for node in engine.graph.nodes if node.op == "linear")
+    """Elements of the weights of every ``linear`` node of the step graph, quantized ones
+    counted as the [out, in] weights they stand for."""
+    return sum(int(node.inputs[0].shape[-1]) * int(node.results[0].shape[-1]) for node in engine.graph.nodes
+               if node.op in ("linear", *QUANTIZED_LINEARS))
 
 
 def step_flops(engine: Engine, tokens: int) -> int:

@@ -50,7 +50,7 @@ class EngineInfo:
     max_num_tokens: int
     profiles: ProfilePlan  # chosen for the limits and the expected workload at build time
     stop_token_ids: tuple[int, ...] = ()
-    quantization: str | None = None
+    quantization: Mapping[str, Any] | None = None  # QuantConfig.to_dict(): scheme and options
     kv_cache_dtype: str = "auto"
     tp: int = 1
     pp: int = 1

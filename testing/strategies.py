@@ -286,6 +286,29 @@ def _fused(b: GraphDraft):
     return ops.gated_activation(ops.concat([x, ops.neg(x)], dim=-1), activation=activation)
 
 
+def _quantized(b: GraphDraft):
+    """A quantized linear layer (INT8, INT4 in groups, FP8 dynamic or static) over a
+    random weight quantized by the ``quantize`` stage's own quantizers."""
+    from ..passes.quantization.weights import quantize_fp8_weight, quantize_int4, quantize_int8
+
+    x = b.value(lambda v: v.type.rank >= 1 and isinstance(v.shape[-1], int) and v.shape[-1] % 2 == 0)
+    if x is None:
+        return None
+    d, out = x.shape[-1], b.draw(st.integers(1, 5))
+    weight = b.constant((out, d)).tensor()
+    bias = b.constant((out,)) if b.draw(st.booleans()) else None
+    scheme = b.draw(st.sampled_from(["int8", "int4", "fp8"]))
+    if scheme == "int8":
+        parts = quantize_int8(weight)
+    elif scheme == "int4":
+        parts = quantize_int4(weight, b.draw(st.sampled_from([g for g in (2, d) if d % g == 0])), b.draw(st.booleans()))
+    else:
+        static = b.graph.scalar(b.draw(st.sampled_from([0.01, 0.5])), dtypes.float32) if b.draw(st.booleans()) else None
+        return ops.linear_fp8(x, *[b.graph.add_constant(t, name="k") for t in quantize_fp8_weight(weight)], static,
+                              bias)
+    return ops.call(f"linear_{scheme}", x, *[b.graph.add_constant(t, name="k") for t in parts], bias)
+
+
 def _creation(b: GraphDraft):
     x = b.value(lambda v: v.type.rank >= 1)
     if x is None:
@@ -372,7 +395,7 @@ GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {
     "unary": _unary, "binary": _binary, "select": _select, "linear": _linear, "reduce": _reduce,
     "norm": _norm, "movement": _movement, "cast": _cast, "duplicate": _duplicate,
     "attention": _attention, "rotary": _rotary, "lookup": _lookup, "creation": _creation, "paged": _paged,
-    "fused": _fused, "collective": _collective, "moe": _moe,
+    "fused": _fused, "collective": _collective, "moe": _moe, "quantized": _quantized,
 }
 
 

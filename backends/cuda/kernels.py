@@ -1,7 +1,7 @@
 """The CUDA backend's kernel table: Triton kernels for the fused ops, paged attention and
 mixtures of experts,
 cuBLAS GEMMs (``torch.nn.functional.linear``; a Triton GEMV for the one-row shapes where
-tuning measured it faster) and torch's own CUDA kernels
+tuning measured it faster), the quantized linear layers (``quantized.py``) and torch's own CUDA kernels
 for the remaining ops (views, casts, gathers), each called as the executor calls a
 registry op. Launch parameters tuned at build time come in as plain dicts."""
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..reference import Kernel, reference_kernels
-from . import activations, attention, gemv, moe, norms, rotary
+from . import activations, attention, gemv, moe, norms, quantized, rotary
 
 # op -> (launcher, its configuration: a dataclass, or None where the stored dict is it)
 LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
@@ -29,6 +29,9 @@ LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
     "linear": (gemv.linear, None),  # weight shape -> GEMV parameters, where the GEMV beat cuBLAS
     "moe": (moe.moe, moe.MoeConfig),
     "moe_experts": (moe.moe_experts, moe.MoeConfig),
+    "linear_int8": (quantized.linear_int8, quantized.QuantLinearConfig),
+    "linear_int4": (quantized.linear_int4, quantized.QuantLinearConfig),
+    "linear_fp8": (quantized.linear_fp8, None),  # torch._scaled_mm, nothing to tune
 }
 
 

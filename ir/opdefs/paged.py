@@ -8,13 +8,21 @@ each sequence's queries attend causally to its whole context: the last query of 
 sequence sits at position ``context_lens[s] - 1``. One op thus serves prefill, chunked
 prefill and decode of a mixed batch. It returns the output and the updated caches; the
 reference copies the caches, the fast kernels of later backends update them in place.
+
+The caches hold the keys' and values' dtype, or E4M3 (``kv_cache_dtype="fp8"``): keys and
+values are then stored saturated to E4M3's range with a scale of 1, as vLLM stores them
+without calibrated scales, and read back into the queries' dtype.
 """
 
 from __future__ import annotations
 
+import torch
+
+from .. import dtypes
 from ..registry import Attr, OpDef
 from ..shapes import ShapeError, dims_equal, normalize_dim, shapes_equal
 from .nn import attention_reference
+from .quantized import quantize_fp8
 
 
 def _paged_attention(q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables,
@@ -29,8 +37,10 @@ def _paged_attention(q, k, v, k_cache, v_cache, slot_mapping, query_start, conte
     if not (isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads == 0):
         raise ShapeError(f"query heads {heads} must be a static multiple of key/value heads {kv_heads}")
     for cache, new in ((k_cache, k), (v_cache, v)):
-        if cache.rank != 4 or not shapes_equal(cache.shape[2:], new.shape[1:]) or cache.dtype != new.dtype:
-            raise ShapeError(f"cache {cache} must be [num_blocks, block_size, {kv_heads}, ...] of {new.dtype}")
+        if cache.rank != 4 or not shapes_equal(cache.shape[2:], new.shape[1:]) or \
+                cache.dtype not in (new.dtype, dtypes.float8_e4m3fn):
+            raise ShapeError(f"cache {cache} must be [num_blocks, block_size, {kv_heads}, ...] of {new.dtype} "
+                             f"or {dtypes.float8_e4m3fn}")
     if not shapes_equal(k_cache.shape[:2], v_cache.shape[:2]):
         raise ShapeError(f"key cache {k_cache} and value cache {v_cache} differ in blocks")
     if q.dtype != k.dtype or q.dtype != v.dtype or not q.dtype.is_float:
@@ -48,21 +58,28 @@ def _paged_attention(q, k, v, k_cache, v_cache, slot_mapping, query_start, conte
     return q.with_shape((tokens, heads, v.shape[2])), k_cache, v_cache
 
 
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values as the cache stores them: as they are, or saturated to E4M3."""
+    if cache_dtype == torch.float8_e4m3fn:
+        return quantize_fp8(x, 1.0)
+    return x
+
+
 def paged_attention_reference(q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables,
                               scale, sliding_window, softcap):
     """Write the new keys and values, then run exact attention sequence by sequence."""
     block_size = k_cache.shape[1]
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping.long()] = k
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping.long()] = v
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping.long()] = to_cache(k, k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping.long()] = to_cache(v, v_cache.dtype)
     out = q.new_zeros((*q.shape[:2], v.shape[2]))
     for s in range(context_lens.shape[0]):
         start, end, length = int(query_start[s]), int(query_start[s + 1]), int(context_lens[s])
         if end == start:
             continue
         blocks = block_tables[s, : -(-length // block_size)].long()
-        keys = k_cache[blocks].flatten(0, 1)[:length]
-        values = v_cache[blocks].flatten(0, 1)[:length]
+        keys = k_cache[blocks].flatten(0, 1)[:length].to(q.dtype)
+        values = v_cache[blocks].flatten(0, 1)[:length].to(q.dtype)
         out[start:end] = attention_reference(
             q[start:end].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
             None, scale, True, sliding_window, softcap)[0].transpose(0, 1)

@@ -1,0 +1,21 @@
+"""Quantization: the ``quantize`` stage and what it needs.
+
+- ``config``: ``QuantConfig``, a scheme and its options (skip list, LM head, INT4 groups);
+- ``weights``: round-to-nearest weight quantizers (INT8, INT4, FP8);
+- ``stage``: the pass that rewrites ``linear`` into the scheme's quantized op;
+- ``fusion``: the QKV, gate/up and logits-selection rewrites for quantized linears;
+- ``calibration``: static FP8 input scales from runs on sample text;
+- ``kv_cache``: the pass that gives the paged step graph E4M3 key and value caches.
+
+The quantized ops themselves, with their reference implementations, are declared in
+``ir/opdefs/quantized.py``. Like every pass module, this imports only ``ir`` and ``passes``.
+"""
+
+from .calibration import calibrate_fp8_inputs, default_corpus
+from .config import SCHEMES, QuantConfig
+from .fusion import QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES
+from .kv_cache import fp8_kv_cache
+from .stage import lm_heads, quantize_linears, quantize_pass
+
+__all__ = ["QUANTIZED_FUSION_RULES", "QUANTIZED_SELECTION_RULES", "QuantConfig", "SCHEMES", "calibrate_fp8_inputs",
+           "default_corpus", "fp8_kv_cache", "lm_heads", "quantize_linears", "quantize_pass"]
