@@ -23,7 +23,7 @@ from .runtime import CompiledModule, Engine, EngineInfo, load_engine
 
 # target -> (pipeline, backend)
 TARGETS = {"cpu": ("reference", "reference"), "cuda": ("cuda", "cuda"), "h100": ("cuda", "cuda"),
-           "h200": ("cuda", "cuda")}
+           "h200": ("cuda", "cuda"), "tensorrt": ("tensorrt", "tensorrt")}
 
 
 def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -86,6 +86,8 @@ def _stages(show: bool):
             bar.update(1)
         bar.set_description(name)
 
+    stage.show = show
+
     try:
         yield stage
         bar.update(bar.total - bar.n)
@@ -111,6 +113,13 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
     engine = Engine(graph, imported.tokenizer, imported.config, info)
+    if backend == "tensorrt":
+        from .backends.tensorrt import build_engine_plan
+
+        stage("building the TensorRT plan")
+        engine.artifact_info, engine.artifacts = build_engine_plan(
+            graph, info.profiles, limits.max_batch_size, limits.max_seq_len, progress=stage.show)
+        return engine
     stage("tuning kernels")
     if backend == "cuda":
         from .backends.cuda.tuning import tune_engine_kernels

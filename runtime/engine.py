@@ -101,6 +101,8 @@ class Engine:
     info: EngineInfo
     executor_source: str = ""
     kernel_configs: dict[str, dict] = field(default_factory=dict)  # op -> tuned launch parameters
+    artifacts: dict[str, bytes] = field(default_factory=dict, repr=False)  # backend files (TensorRT plans)
+    artifact_info: dict[str, Any] = field(default_factory=dict)  # what the manifest says of them
     _weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _steps: dict[str, Step] = field(default_factory=dict, repr=False)
 
@@ -176,7 +178,8 @@ class Engine:
     def save(self, path: str | os.PathLike) -> None:
         """Write the engine directory (see ``kiln.runtime.engine_files``)."""
         write_engine(path, self.graph, self.executor_source, self.weights("cpu"), self.config, self.tokenizer,
-                     {**self.info.manifest_fields(), "kernel_configs": self.kernel_configs})
+                     {**self.info.manifest_fields(), "kernel_configs": self.kernel_configs,
+                      "artifact_info": self.artifact_info}, self.artifacts)
 
 
 def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashes: bool = True) -> Engine:
@@ -185,4 +188,5 @@ def load_engine(path: str | os.PathLike, target: str | None = None, verify_hashe
     directory = read_engine(path, target, verify_hashes)
     manifest = directory.manifest
     return Engine(directory.graph, directory.tokenizer, directory.config, EngineInfo.from_manifest(manifest),
-                  directory.executor_source, manifest["kernel_configs"])
+                  directory.executor_source, manifest["kernel_configs"], directory.artifacts,
+                  manifest.get("artifact_info", {}))
