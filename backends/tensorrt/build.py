@@ -121,7 +121,8 @@ def build_plan(graph: Graph, profiles: Sequence[Mapping[str, DimRange | tuple[in
             config.progress_monitor = monitor
         serialized = nb.builder.build_serialized_network(nb.network, config)
     if serialized is None:
-        raise LoweringError(f"{trt} could not build a plan for graph @{graph.name} (its log says why above)")
+        errors = "\n".join(f"  {m}" for m in nb.logger.messages if m.startswith(("ERROR", "INTERNAL_ERROR")))
+        raise LoweringError(f"{trt} could not build a plan for graph @{graph.name}:\n{errors}")
     return Plan(bytes(serialized), str(trt), _specs(graph.inputs, [v.name for v in graph.inputs]),
                 _specs(graph.outputs, [output_name(graph, i) for i in range(len(graph.outputs))]),
                 tuple(shapes), nb.network.num_layers, time.perf_counter() - start,

@@ -5,12 +5,11 @@ engine directory beside the graph and weights (the manifest hashes it like every
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from ...ir import Graph
 from ...passes.profiles import DimRange, ProfilePlan
-from .build import Plan, build_plan
+from .build import Plan, TensorSpec, build_plan
 from .library import TensorRT
 
 PLAN_FILE, TIMING_CACHE_FILE = "tensorrt.plan", "tensorrt.timing_cache"
@@ -41,7 +40,11 @@ def plan_manifest(plan: Plan, profile_names: list[str]) -> dict[str, Any]:
     """What the manifest records of a plan: the TensorRT that built it, its I/O tensors,
     each named profile's shapes, its layer count and build time."""
     return {"tensorrt": plan.tensorrt, "plan": PLAN_FILE,
-            "inputs": [asdict(t) for t in plan.inputs], "outputs": [asdict(t) for t in plan.outputs],
+            "inputs": [_spec(t) for t in plan.inputs], "outputs": [_spec(t) for t in plan.outputs],
             "profiles": {name: {k: [list(s) for s in shapes] for k, shapes in p.items()}
                          for name, p in zip(profile_names, plan.profiles)},
             "layers": plan.layers, "build_seconds": round(plan.seconds, 3)}
+
+
+def _spec(tensor: TensorSpec) -> dict[str, Any]:
+    return {"name": tensor.name, "dtype": tensor.dtype, "dims": list(tensor.dims)}

@@ -114,15 +114,23 @@ def split(nb: NetworkBuilder, node: Node, x: Any, dim: int, sizes: tuple) -> tup
 
 
 def matmul(nb: NetworkBuilder, node: Node, a: Any, b: Any) -> Any:
-    none = nb.trt.module.MatrixOperation.NONE
-    rank = max(len(a.shape), len(b.shape))
-    return nb.out(nb.network.add_matrix_multiply(nb.with_rank(a, rank), none, nb.with_rank(b, rank), none))
+    """``torch.matmul``: a 1-D operand is a vector (TensorRT's VECTOR operation), the
+    batch dims of the others broadcast."""
+    ops = nb.trt.module.MatrixOperation
+    rank = max(len(a.shape), len(b.shape), 2)
+    op_a, op_b = (ops.VECTOR if len(t.shape) == 1 else ops.NONE for t in (a, b))
+    a = a if op_a == ops.VECTOR else nb.with_rank(a, rank if op_b == ops.NONE else len(a.shape))
+    b = b if op_b == ops.VECTOR else nb.with_rank(b, rank if op_a == ops.NONE else len(b.shape))
+    return nb.out(nb.network.add_matrix_multiply(a, op_a, b, op_b))
 
 
 def linear(nb: NetworkBuilder, node: Node, x: Any, weight: Any, bias: Any) -> Any:
     """``x @ weight.T (+ bias)``: the weight is read transposed, not copied."""
     ops = nb.trt.module.MatrixOperation
-    out = nb.out(nb.network.add_matrix_multiply(x, ops.NONE, nb.with_rank(weight, len(x.shape)), ops.TRANSPOSE))
+    if len(x.shape) == 1:
+        out = nb.out(nb.network.add_matrix_multiply(weight, ops.NONE, x, ops.VECTOR))
+    else:
+        out = nb.out(nb.network.add_matrix_multiply(x, ops.NONE, nb.with_rank(weight, len(x.shape)), ops.TRANSPOSE))
     return out if bias is None else nb.elementwise("SUM", out, bias)
 
 
@@ -148,15 +156,21 @@ def reduce(op: str):
 
 
 def argmax(nb: NetworkBuilder, node: Node, x: Any, dim: int, keepdim: bool) -> Any:
-    layer = nb.network.add_topk(x, nb.trt.module.TopKOperation.MAX, 1, nb.axes_mask([dim], len(x.shape)))
+    """Top-1 indices along ``dim`` (a vector is made a row first: TensorRT's needs two dims)."""
+    rank = len(x.shape)
+    axis = dim % rank + max(0, 2 - rank)
+    layer = nb.network.add_topk(nb.with_rank(x, 2), nb.trt.module.TopKOperation.MAX, 1, 1 << axis)
     indices = nb.cast(nb.out(layer, 1), node.results[0].dtype)
-    return indices if keepdim else nb.reshape(indices, node.results[0].shape)
+    return indices if keepdim and rank >= 2 else nb.reshape(indices, node.results[0].shape)
 
 
 def softmax(nb: NetworkBuilder, node: Node, x: Any, dim: int) -> Any:
-    layer = nb.network.add_softmax(x)
-    layer.axes = nb.axes_mask([dim], len(x.shape))
-    return nb.out(layer)
+    """Softmax along ``dim`` (a vector is made a row first: TensorRT's needs two dims)."""
+    rank = len(x.shape)
+    layer = nb.network.add_softmax(nb.with_rank(x, 2))
+    layer.axes = nb.axes_mask([dim % rank + max(0, 2 - rank)], max(rank, 2))
+    out = nb.out(layer)
+    return out if rank >= 2 else nb.reshape(out, node.results[0].shape)
 
 
 def log_softmax(nb: NetworkBuilder, node: Node, x: Any, dim: int) -> Any:
@@ -226,7 +240,7 @@ def rotary_of(nb: NetworkBuilder, x: Any, cos: Any, sin: Any, rotated: int, inte
     if interleaved:
         even, odd = nb.slice(head, last, 0, rotated // 2, 2), nb.slice(head, last, 1, rotated // 2, 2)
         pairs = [nb.reshape_last(t, (rotated // 2, 1)) for t in (nb.unary("NEG", odd), even)]
-        rotated_half = nb.reshape_last(concat(nb, None, pairs, -1), (rotated,))
+        rotated_half = nb.reshape_last(concat(nb, None, pairs, -1), (rotated,), replaced=2)
     else:
         first, second = nb.slice(head, last, 0, rotated // 2), nb.slice(head, last, rotated // 2, rotated // 2)
         rotated_half = concat(nb, None, [nb.unary("NEG", second), first], -1)
@@ -256,8 +270,8 @@ def qkv_rotary(nb: NetworkBuilder, node: Node, qkv: Any, cos: Any, sin: Any, q_h
 
 def full(nb: NetworkBuilder, node: Node, shape: tuple, value: float, dtype: Any) -> Any:
     result = node.results[0]
-    one = nb.constant(torch.full((1,) * result.rank, value, dtype=dtype.torch_dtype))
-    layer = nb.network.add_slice(one, (0,) * result.rank, (1,) * result.rank, (0,) * result.rank)
+    one = nb.constant(torch.full((1,) * len(result.shape), value, dtype=dtype.torch_dtype))
+    layer = nb.network.add_slice(one, (0,) * len(result.shape), (1,) * len(result.shape), (0,) * len(result.shape))
     layer.set_input(2, nb.shape(result.shape))
     return nb.out(layer)
 

@@ -62,7 +62,7 @@ def lower(graph: Graph, trt: TensorRT | None = None) -> NetworkBuilder:
     nb.lowering(None)
     for index, value in enumerate(graph.outputs):
         tensor = nb.tensors[value]
-        if value in graph.inputs or value.producer is None:
+        if tensor.is_network_input or tensor.is_network_output or value.producer is None:
             tensor = nb.out(nb.network.add_identity(tensor))
         tensor.name = output_name(graph, index)
         nb.network.mark_output(tensor)

@@ -17,6 +17,7 @@ import sympy
 import torch
 
 from ...ir import DType, Graph, Node, Value, dtypes
+from ...ir.printer import Namer
 from .library import TensorRT
 
 
@@ -26,6 +27,11 @@ class LoweringError(ValueError):
 
 _DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f8e4m3": "fp8", "i64": "int64",
            "i32": "int32", "i8": "int8", "bool": "bool"}
+
+
+def has_dtype(trt: TensorRT, dtype: DType) -> bool:
+    """Whether TensorRT has a data type for kiln's ``dtype``."""
+    return dtype.name in _DTYPES and hasattr(trt.module, _DTYPES[dtype.name])
 
 
 def trt_dtype(trt: TensorRT, dtype: DType) -> Any:
@@ -40,6 +46,22 @@ def trt_dims(shape: Sequence) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else -1 for d in shape)
 
 
+def collecting_logger(trt: TensorRT) -> Any:
+    """A TensorRT logger that keeps warnings and errors in ``.messages`` instead of printing
+    them, so that a failed build can say why (and a good one stays quiet)."""
+
+    class Logger(trt.module.ILogger):
+        def __init__(self):
+            trt.module.ILogger.__init__(self)
+            self.messages: list[str] = []
+
+        def log(self, severity, msg):
+            if severity <= trt.module.ILogger.Severity.WARNING:
+                self.messages.append(f"{severity.name}: {msg}")
+
+    return Logger()
+
+
 class NetworkBuilder:
     """A TensorRT network being built from one kiln graph; ``tensors`` maps each kiln
     value lowered so far to its ``ITensor``."""
@@ -47,7 +69,7 @@ class NetworkBuilder:
     def __init__(self, trt: TensorRT, graph: Graph):
         self.trt = trt
         m = trt.module
-        self.logger = m.Logger(m.Logger.ERROR)
+        self.logger = collecting_logger(trt)
         self.builder = m.Builder(self.logger)
         flags = 1 << int(m.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if trt.has("strongly_typed") else 0
         self.network = self.builder.create_network(flags)
@@ -55,7 +77,8 @@ class NetworkBuilder:
         self.tensors: dict[Value, Any] = {}
         self.weights: dict[str, torch.Tensor] = {}  # kept alive until the plan is built
         self._symbols: dict[sympy.Symbol, Any] = {}
-        self._node: Node | None = None
+        self._namer = Namer(graph)
+        self._label = "graph"
         self._count = 0
 
     # naming and layers
@@ -63,16 +86,15 @@ class NetworkBuilder:
     def layer(self, layer: Any) -> Any:
         """Name ``layer`` after the node being lowered and return it."""
         self._count += 1
-        where = f"{self._node.op}:{self._node.results[0].name}" if self._node is not None else "graph"
-        layer.name = f"{where}#{self._count}"
+        layer.name = f"{self._label}#{self._count}"
         return layer
 
     def out(self, layer: Any, index: int = 0) -> Any:
         return self.layer(layer).get_output(index)
 
     def lowering(self, node: Node | None) -> None:
-        """Name the layers that follow after ``node``."""
-        self._node = node
+        """Name the layers that follow after ``node`` (its op and first result, as printed)."""
+        self._label = "graph" if node is None else f"{node.op}:{self._namer(node.results[0])}"
 
     # inputs, constants, symbols
 
@@ -159,11 +181,11 @@ class NetworkBuilder:
             layer.set_input(1, self.shape(dims))
         return self.out(layer)
 
-    def reshape_last(self, x: Any, dims: Sequence[int]) -> Any:
-        """``x`` with its last dim reshaped to the static ``dims`` (the leading dims kept)."""
+    def reshape_last(self, x: Any, dims: Sequence[int], replaced: int = 1) -> Any:
+        """``x`` with its last ``replaced`` dims reshaped to the static ``dims`` (the leading dims kept)."""
         rank = len(x.shape)
         shape = self.out(self.network.add_shape(x))
-        lead = self.out(self.network.add_slice(shape, (0,), (rank - 1,), (1,)))
+        lead = self.out(self.network.add_slice(shape, (0,), (rank - replaced,), (1,)))
         layer = self.network.add_concatenation([lead, self.constant(torch.tensor(list(dims), dtype=torch.int64))])
         layer.axis = 0
         shuffle = self.network.add_shuffle(x)

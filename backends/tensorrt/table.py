@@ -14,6 +14,7 @@ from ...ir import Node
 from . import layers as L
 from . import llm_layers
 from .library import TensorRT
+from .network import has_dtype
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ LOWERINGS: dict[str, OpLowering] = {
 def unlowerable(node: Node, trt: TensorRT) -> str | None:
     """Why ``node`` cannot be lowered with ``trt``, or None when it can."""
     entry = LOWERINGS.get(node.op)
+    for value in (*node.inputs, *node.results):
+        if value is not None and not has_dtype(trt, value.dtype):
+            return f"dtype {value.dtype.name} has no TensorRT data type"
     if entry is None:
         return f"op {node.op} has no TensorRT lowering"
     if entry.native is not None and not trt.has(entry.native):
