@@ -286,7 +286,6 @@ def arange(nb: NetworkBuilder, node: Node, end: Any, start: int, step: int, dtyp
 
 
 def scale_query(nb: NetworkBuilder, q: Any, scale: float | None, head_dim: int) -> Any:
-    """TensorRT's attention scales by 1/sqrt(head_dim); another scale is folded into q."""
-    if scale is None or math.isclose(scale * math.sqrt(head_dim), 1.0, rel_tol=1e-7):
-        return q
-    return nb.elementwise("PROD", q, nb.scalar(scale * math.sqrt(head_dim), q))
+    """q times the attention scale (1/sqrt(head_dim) unless given): TensorRT's attention
+    layer computes softmax(q k^T) v and leaves the scaling to its inputs."""
+    return nb.elementwise("PROD", q, nb.scalar(1 / math.sqrt(head_dim) if scale is None else scale, q))
