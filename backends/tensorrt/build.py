@@ -25,7 +25,8 @@ from tqdm import tqdm
 from ...ir import Graph
 from ...passes.profiles import DimRange
 from .library import TensorRT, find_tensorrt
-from .lower import lower, output_name
+from ..naming import output_names
+from .lower import lower
 from .network import LoweringError, trt_dims
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def build_plan(graph: Graph, profiles: Sequence[Mapping[str, DimRange | tuple[in
         errors = "\n".join(f"  {m}" for m in nb.logger.messages if m.startswith(("ERROR", "INTERNAL_ERROR")))
         raise LoweringError(f"{trt} could not build a plan for graph @{graph.name}:\n{errors}")
     return Plan(bytes(serialized), str(trt), _specs(graph.inputs, [v.name for v in graph.inputs]),
-                _specs(graph.outputs, [output_name(graph, i) for i in range(len(graph.outputs))]),
+                _specs(graph.outputs, output_names(graph)),
                 tuple(shapes), nb.network.num_layers, time.perf_counter() - start,
                 bytes(cache.serialize()) if cache is not None else None)
 

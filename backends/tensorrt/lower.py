@@ -10,7 +10,8 @@ from __future__ import annotations
 from ...ir import Graph
 from ...ir.printer import Namer, format_node
 from .library import TensorRT, find_tensorrt
-from .network import LoweringError, NetworkBuilder, trt_dims, trt_dtype
+from ..naming import output_names
+from .network import LoweringError, NetworkBuilder, trt_dtype
 from .table import LOWERINGS, unlowerable
 
 
@@ -60,22 +61,10 @@ def lower(graph: Graph, trt: TensorRT | None = None) -> NetworkBuilder:
                                     f"not {value.dtype.name}")
             nb.tensors[value] = tensor
     nb.lowering(None)
-    for index, value in enumerate(graph.outputs):
+    for value, name in zip(graph.outputs, output_names(graph)):
         tensor = nb.tensors[value]
         if tensor.is_network_input or tensor.is_network_output or value.producer is None:
             tensor = nb.out(nb.network.add_identity(tensor))
-        tensor.name = output_name(graph, index)
+        tensor.name = name
         nb.network.mark_output(tensor)
     return nb
-
-
-def output_name(graph: Graph, index: int) -> str:
-    """The network's name for the graph's ``index``-th output: the value's own name if it
-    has one that no input takes, else ``output_<index>``."""
-    value = graph.outputs[index]
-    taken = {v.name for v in graph.inputs}
-    name = value.name if value.name and not value.name.isdigit() and value.name not in taken else None
-    return name or f"output_{index}"
-
-
-__all__ = ["UnsupportedOpsError", "check_lowerable", "lower", "output_name", "trt_dims"]
