@@ -29,6 +29,12 @@ class CompiledModule:
         self._unflatten = unflatten
         self._constants: dict[str, torch.Tensor] | None = None
 
+    def export_onnx(self, path: str | os.PathLike) -> None:
+        """Write the module's graph as an ONNX model (see ``kiln.backends.onnx``)."""
+        from ..backends.onnx import export_onnx
+
+        export_onnx(self.graph, path)
+
     def __call__(self, *inputs: torch.Tensor) -> Any:
         if self._constants is None:
             self._constants = {name: v.tensor() for name, v in self.graph.constants.items()}
@@ -174,6 +180,13 @@ class Engine:
     def vocab_size(self) -> int:
         """Columns of the logits."""
         return int(self.graph.outputs[0].shape[-1])
+
+    def export_onnx(self, path: str | os.PathLike) -> None:
+        """Write the step graph as an ONNX model: the step's inputs and the KV caches in,
+        ``logits`` and the updated caches (``<cache>_out``) out (see ``kiln.backends.onnx``)."""
+        from ..backends.onnx import export_onnx
+
+        export_onnx(self.graph, path, ["logits", *(f"{name}_out" for name in self.cache_spec.names)])
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the engine directory (see ``kiln.runtime.engine_files``)."""

@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 import numpy as np
+import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from ...ir import Node
@@ -68,7 +69,8 @@ def attention(ob: OnnxBuilder, node: Node, q: Any, k: Any, v: Any, mask: Any, sc
         else:
             minus_inf = ob.scalar(-math.inf, node.inputs[3].dtype)
             mask = ob.op("Where", [allowed, mask, minus_inf])
-    return _attend(ob, q, k, v, mask if mask is not None else "", scale, node.inputs[0].shape[-1], softcap)
+    mask = mask if mask is not None else gs.Variable.empty()
+    return _attend(ob, q, k, v, mask, scale, node.inputs[0].shape[-1], softcap)
 
 
 def paged_attention(ob: OnnxBuilder, node: Node, q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any,
@@ -92,10 +94,15 @@ def paged_attention(ob: OnnxBuilder, node: Node, q: Any, k: Any, v: Any, k_cache
     context = [ob.op("Transpose", [ob.op("Reshape", [ob.op("Gather", [c, blocks], axis=0),
                                                      ob.ints([0, -1, kv_heads, head_dim])])], perm=[0, 2, 1, 3])
                for c in caches]
-    keys = _range(ob, ob.op("Shape", [context[0]], start=2, end=3))
-    allowed = _allowed(ob, ob.op("Unsqueeze", [keys, ob.ints([0])]),
+    key_index = _range(ob, ob.op("Shape", [context[0]], start=2, end=3))
+    allowed = _allowed(ob, ob.op("Unsqueeze", [key_index, ob.ints([0])]),
                        ob.op("Unsqueeze", [position, ob.ints([1])]), True, sliding_window)
     mask = ob.op("Unsqueeze", [allowed, ob.ints([1, 2])])
+    # keys and values outside the context are zeroed: a cache slot nobody wrote may hold
+    # anything, NaN included, and a masked NaN would still reach the output through 0 * NaN
+    zero = ob.scalar(0.0, node.inputs[0].dtype)
+    readable = ob.op("Unsqueeze", [allowed, ob.ints([1, 3])])
+    keys, values = (ob.op("Where", [readable, c, zero]) for c in context)
     query = ob.op("Unsqueeze", [q, ob.ints([2])])
-    out = _attend(ob, query, context[0], context[1], mask, scale, head_dim, softcap)
+    out = _attend(ob, query, keys, values, mask, scale, head_dim, softcap)
     return ob.op("Squeeze", [out, ob.ints([2])]), caches[0], caches[1]

@@ -21,6 +21,7 @@ import torch
 
 from ...ir import DType, Graph, Node, Value
 from ...ir.printer import Namer
+from ..dims import build_dim
 
 
 class OnnxExportError(ValueError):
@@ -108,20 +109,16 @@ class OnnxBuilder:
 
     def dim(self, expr: Any) -> Any:
         """A 1-element int64 tensor holding the dim ``expr``."""
-        expr = sympy.sympify(expr)
-        if expr.is_Integer:
-            return self.ints([int(expr)])
-        if expr.is_Symbol:
-            if expr not in self._symbols:
-                raise OnnxExportError(f"symbol {expr} is not a dim of any graph input")
-            return self._symbols[expr]
-        ops = {sympy.Add: "Add", sympy.Mul: "Mul"}
-        if type(expr) not in ops:
-            raise OnnxExportError(f"dim {expr} is neither a sum nor a product of symbols and integers")
-        total = self.dim(expr.args[0])
-        for arg in expr.args[1:]:
-            total = self.op(ops[type(expr)], [total, self.dim(arg)])
-        return total
+        try:
+            return build_dim(expr, lambda n: self.ints([n]), self._symbol,
+                             lambda a, b: self.op("Add", [a, b]), lambda a, b: self.op("Mul", [a, b]))
+        except ValueError as exc:
+            raise OnnxExportError(str(exc)) from None
+
+    def _symbol(self, symbol: sympy.Symbol) -> Any:
+        if symbol not in self._symbols:
+            raise OnnxExportError(f"symbol {symbol} is not a dim of any graph input")
+        return self._symbols[symbol]
 
     def shape(self, dims: Sequence) -> Any:
         """A 1-D int64 shape tensor of the kiln dims ``dims``."""

@@ -18,6 +18,7 @@ import torch
 
 from ...ir import DType, Graph, Node, Value, dtypes
 from ...ir.printer import Namer
+from ..dims import build_dim
 from .library import TensorRT
 
 
@@ -145,21 +146,16 @@ class NetworkBuilder:
 
     def dim(self, expr: Any) -> Any:
         """A 1-element int64 tensor holding the dim ``expr`` (an int or a sympy expression)."""
-        expr = sympy.sympify(expr)
-        if expr.is_Integer:
-            return self.constant(torch.tensor([int(expr)], dtype=torch.int64))
-        if expr.is_Symbol:
-            if expr not in self._symbols:
-                raise LoweringError(f"symbol {expr} is not a dim of any graph input")
-            return self._symbols[expr]
-        ops = {sympy.Add: "SUM", sympy.Mul: "PROD"}
-        if type(expr) not in ops:
-            raise LoweringError(f"dim {expr} is neither a sum nor a product of symbols and integers")
-        terms = [self.dim(arg) for arg in expr.args]
-        total = terms[0]
-        for term in terms[1:]:
-            total = self.elementwise(ops[type(expr)], total, term)
-        return total
+        try:
+            return build_dim(expr, lambda n: self.constant(torch.tensor([n], dtype=torch.int64)), self._symbol,
+                             lambda a, b: self.elementwise("SUM", a, b), lambda a, b: self.elementwise("PROD", a, b))
+        except ValueError as exc:
+            raise LoweringError(str(exc)) from None
+
+    def _symbol(self, symbol: sympy.Symbol) -> Any:
+        if symbol not in self._symbols:
+            raise LoweringError(f"symbol {symbol} is not a dim of any graph input")
+        return self._symbols[symbol]
 
     def shape(self, dims: Sequence) -> Any:
         """A 1-D int64 shape tensor of ``dims``."""
