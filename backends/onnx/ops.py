@@ -93,6 +93,13 @@ def linear(ob: OnnxBuilder, node: Node, x: Any, weight: Any, bias: Any) -> Any:
     return out if bias is None else ob.op("Add", [out, bias])
 
 
+def conv(ob: OnnxBuilder, node: Node, x: Any, weight: Any, bias: Any, stride: tuple, padding: tuple,
+         dilation: tuple, groups: int) -> Any:
+    inputs = [x, weight] if bias is None else [x, weight, bias]
+    return ob.op("Conv", inputs, strides=list(stride), pads=list(padding) * 2, dilations=list(dilation),
+                 group=groups)
+
+
 def embedding(ob: OnnxBuilder, node: Node, ids: Any, weight: Any) -> Any:
     return ob.op("Gather", [weight, ids], axis=0)
 

@@ -26,7 +26,7 @@ EXPORTS: dict[str, Callable[..., Any]] = {
     "rsqrt": O.rsqrt, "silu": O.silu, "gelu": O.gelu, "clamp": O.clamp, "cast": O.cast,
     "reshape": O.view, "squeeze": O.view, "unsqueeze": O.view, "transpose": O.transpose, "permute": O.permute,
     "expand": O.expand, "slice": O.slice_, "concat": O.concat, "split": O.split,
-    "linear": O.linear, "embedding": O.embedding, "index_select": O.index_select, "gather": O.gather,
+    "linear": O.linear, "conv": O.conv, "embedding": O.embedding, "index_select": O.index_select, "gather": O.gather,
     "argmax": O.argmax, "softmax": O.softmax("Softmax"), "log_softmax": O.softmax("LogSoftmax"),
     "rms_norm": O.rms_norm, "layer_norm": O.layer_norm, "add_rms_norm": O.add_rms_norm,
     "add_layer_norm": O.add_layer_norm, "gated_activation": O.gated_activation, "rotary": O.rotary,

@@ -134,6 +134,19 @@ def linear(nb: NetworkBuilder, node: Node, x: Any, weight: Any, bias: Any) -> An
     return out if bias is None else nb.elementwise("SUM", out, bias)
 
 
+def conv(nb: NetworkBuilder, node: Node, x: Any, weight: Any, bias: Any, stride: tuple, padding: tuple,
+         dilation: tuple, groups: int) -> Any:
+    """The convolution layer, its kernel (and bias) given as tensors."""
+    kernel = node.inputs[1].shape
+    empty = nb.trt.module.Weights(nb.trt_dtype_of(node.inputs[1]))
+    layer = nb.network.add_convolution_nd(x, kernel[0], tuple(kernel[2:]), empty, empty)
+    layer.set_input(1, weight)
+    if bias is not None:
+        layer.set_input(2, bias)
+    layer.stride_nd, layer.padding_nd, layer.dilation_nd, layer.num_groups = stride, padding, dilation, groups
+    return nb.out(layer)
+
+
 def embedding(nb: NetworkBuilder, node: Node, ids: Any, weight: Any) -> Any:
     return nb.out(nb.network.add_gather(weight, ids, 0))
 

@@ -140,6 +140,9 @@ class NetworkBuilder:
         dtype = self.torch_dtype(like)
         return self.constant(torch.full((1,) * len(like.shape), number, dtype=dtype))
 
+    def trt_dtype_of(self, value: Value) -> Any:
+        return trt_dtype(self.trt, value.dtype)
+
     def torch_dtype(self, tensor: Any) -> torch.dtype:
         names = {getattr(self.trt.module, v): k for k, v in _DTYPES.items() if hasattr(self.trt.module, v)}
         return dtypes.dtype(names[tensor.dtype]).torch_dtype

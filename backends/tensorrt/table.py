@@ -68,6 +68,7 @@ LOWERINGS: dict[str, OpLowering] = {
     "split": OpLowering(L.split, "slice"),
     "matmul": OpLowering(L.matmul, "matrix multiply"),
     "linear": OpLowering(L.linear, "matrix multiply (weight transposed), elementwise SUM"),
+    "conv": OpLowering(L.conv, "convolution"),
     "embedding": OpLowering(L.embedding, "gather"),
     "index_select": OpLowering(L.index_select, "gather"),
     "gather": OpLowering(L.gather, "gather (element mode)"),

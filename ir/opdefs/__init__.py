@@ -6,9 +6,10 @@ itself on import. Users who add ops build their own registry with
 """
 
 from ..registry import Registry
-from . import creation, elementwise, fused, linalg, nn, paged, reduce, shape
+from . import conv, creation, elementwise, fused, linalg, nn, paged, reduce, shape
 
-CORE_OPS = [*elementwise.OPS, *shape.OPS, *linalg.OPS, *reduce.OPS, *nn.OPS, *fused.OPS, *paged.OPS, *creation.OPS]
+CORE_OPS = [*elementwise.OPS, *shape.OPS, *linalg.OPS, *reduce.OPS, *nn.OPS, *fused.OPS, *paged.OPS, *creation.OPS,
+            *conv.OPS]
 REGISTRY = Registry(CORE_OPS)
 
 __all__ = ["CORE_OPS", "REGISTRY"]
