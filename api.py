@@ -35,14 +35,18 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
 
     ``model`` is a Hugging Face checkpoint directory or an in-memory ``transformers``
     causal LM (giving an ``Engine``), or any ``nn.Module`` with ``example_inputs`` (and
-    optionally torch.export ``dynamic_shapes``), giving a ``CompiledModule`` with the
-    module's outputs. ``max_num_tokens`` (tokens per step, default ``max(max_seq_len,
+    optionally torch.export ``dynamic_shapes``) or an ``.onnx`` file, giving a
+    ``CompiledModule`` with the module's outputs. ``max_num_tokens`` (tokens per step, default ``max(max_seq_len,
     max_batch_size)``) and ``workload`` (expected decode batch sizes and prompt lengths)
     choose the engine's dynamic-shape profiles and CUDA-graph batch sizes. ``progress``
     shows a progress bar over the build's stages.
     """
     _check_options(target, quantization, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
     limits = EngineLimits(max_batch_size, max_seq_len, max_num_tokens or max(max_seq_len, max_batch_size))
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".onnx"):
+        from .frontends.onnx import import_onnx, unflatten_outputs
+
+        return CompiledModule(_optimize(import_onnx(model)), unflatten_outputs)
     if isinstance(model, (str, os.PathLike)):
         with _stages(progress) as stage:
             stage("importing")

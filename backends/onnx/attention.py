@@ -31,7 +31,7 @@ INT64 = TensorProto.INT64
 
 def _attend(ob: OnnxBuilder, q: Any, k: Any, v: Any, mask: Any, scale: float | None, head_dim: int,
             softcap: float | None) -> Any:
-    attrs = {"scale": 1 / math.sqrt(head_dim) if scale is None else scale}
+    attrs = {"scale": 1 / math.sqrt(max(head_dim, 1)) if scale is None else scale}
     if softcap is not None:
         attrs["softcap"] = softcap
     return ob.op("Attention", [q, k, v, mask], **attrs)

@@ -301,4 +301,4 @@ def arange(nb: NetworkBuilder, node: Node, end: Any, start: int, step: int, dtyp
 def scale_query(nb: NetworkBuilder, q: Any, scale: float | None, head_dim: int) -> Any:
     """q times the attention scale (1/sqrt(head_dim) unless given): TensorRT's attention
     layer computes softmax(q k^T) v and leaves the scaling to its inputs."""
-    return nb.elementwise("PROD", q, nb.scalar(1 / math.sqrt(head_dim) if scale is None else scale, q))
+    return nb.elementwise("PROD", q, nb.scalar(1 / math.sqrt(max(head_dim, 1)) if scale is None else scale, q))
