@@ -86,7 +86,8 @@ def paged_attention(ob: OnnxBuilder, node: Node, q: Any, k: Any, v: Any, k_cache
         caches.append(ob.op("Reshape", [written, ob.op("Shape", [cache])]))
     token = _range(ob, ob.op("Shape", [q], start=0, end=1))
     ends = ob.op("Cast", [ob.op("Slice", [query_start, ob.ints([1]), ob.ints([2**62])])], to=INT64)
-    later = ob.op("GreaterOrEqual", [ob.op("Unsqueeze", [token, ob.ints([1])]), ob.op("Unsqueeze", [ends, ob.ints([0])])])
+    later = ob.op("GreaterOrEqual", [ob.op("Unsqueeze", [token, ob.ints([1])]),
+                                     ob.op("Unsqueeze", [ends, ob.ints([0])])])
     seq = ob.op("ReduceSum", [ob.op("Cast", [later], to=INT64), ob.ints([1])], keepdims=0)
     lengths = ob.op("Cast", [ob.op("Gather", [context_lens, seq], axis=0)], to=INT64)
     position = ob.op("Add", [ob.op("Sub", [lengths, ob.op("Gather", [ends, seq], axis=0)]), token])

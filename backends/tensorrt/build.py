@@ -61,7 +61,8 @@ def profile_shapes(graph: Graph, ranges: Mapping[str, DimRange | tuple[int, int,
     for value in graph.inputs:
         missing = {str(s) for d in value.shape if not isinstance(d, int) for s in d.free_symbols} - set(ranges)
         if missing:
-            raise LoweringError(f"input %{value.name} has dims {', '.join(sorted(missing))} that no profile range gives")
+            raise LoweringError(f"input %{value.name} has dims {', '.join(sorted(missing))} that no profile "
+                                "range gives")
         shapes[value.name] = tuple(
             tuple(d if isinstance(d, int) else int(d.subs({s: getattr(ranges[str(s)], end) for s in d.free_symbols}))
                   for d in value.shape)

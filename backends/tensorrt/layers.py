@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ...ir import Node
+from ...ir import Node, dtypes
 from .network import NetworkBuilder
 
 
@@ -192,8 +192,6 @@ def log_softmax(nb: NetworkBuilder, node: Node, x: Any, dim: int) -> Any:
 
 def rms_norm_of(nb: NetworkBuilder, x: Any, weight: Any, eps: float) -> Any:
     """``x * rsqrt(mean(x^2) + eps)`` in float32, cast back, then scaled (as Llama rounds)."""
-    from ...ir import dtypes
-
     kind = x.dtype
     wide = nb.cast(x, dtypes.float32)
     last = 1 << (len(x.shape) - 1)
