@@ -19,7 +19,7 @@ def test_core_op_set_is_complete():
         "cast", "reshape", "transpose", "permute", "expand", "slice", "concat", "split", "squeeze",
         "unsqueeze", "matmul", "linear", "embedding", "gather", "index_select", "sum", "mean", "max",
         "min", "argmax", "softmax", "log_softmax", "rms_norm", "layer_norm", "rotary", "attention", "paged_attention", "add_rms_norm", "add_layer_norm", "gated_activation", "qkv_rotary",
-        "full", "arange",
+        "full", "arange", "conv",
     }
     assert set(REGISTRY.names()) == expected
     assert all(op.doc for op in REGISTRY), [op.name for op in REGISTRY if not op.doc]

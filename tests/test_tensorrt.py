@@ -13,7 +13,7 @@ from torch import nn
 import kiln
 from kiln.backends.tensorrt import (LOWERINGS, PLAN_FILE, TensorRT, TensorRTUnavailableError, UnsupportedOpsError,
                                     build_plan, find_tensorrt, lower, step_ranges)
-from kiln.cli import BUNDLED_MODEL
+from kiln.cli import BUNDLED_MODEL, main
 from kiln.ir import REGISTRY, Graph, OpDef, TensorType, parse
 from kiln.runtime import EngineLoadError, RuntimeConfig
 from kiln.testing import graph_from_text, graphs
@@ -76,8 +76,12 @@ def test_a_profile_must_give_every_dynamic_dim(mlp):
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return kiln.compile(MODEL, target="tensorrt", max_batch_size=4, max_seq_len=64)
+def engine(tmp_path_factory):
+    """The bundled model built by `kiln build --target tensorrt` and loaded back."""
+    directory = tmp_path_factory.mktemp("engine") / "tiny-trt.kiln"
+    assert main(["build", MODEL, "-o", str(directory), "--target", "tensorrt", "--max-batch-size", "4",
+                 "--max-seq-len", "64"]) == 0
+    return kiln.load(directory, target="tensorrt")
 
 
 def test_the_whole_decoder_lowers_layer_by_layer_as_kiln_types_it(engine):

@@ -136,15 +136,21 @@ def linear(nb: NetworkBuilder, node: Node, x: Any, weight: Any, bias: Any) -> An
 
 def conv(nb: NetworkBuilder, node: Node, x: Any, weight: Any, bias: Any, stride: tuple, padding: tuple,
          dilation: tuple, groups: int) -> Any:
-    """The convolution layer, its kernel (and bias) given as tensors."""
-    kernel = node.inputs[1].shape
+    """The convolution layer, its kernel (and bias) given as tensors; a 1-D convolution
+    runs as a 2-D one over a trailing dim of 1 (TensorRT's needs two spatial dims)."""
+    kernel = tuple(node.inputs[1].shape)
+    one_d = len(kernel) == 3
+    if one_d:
+        x, weight = (nb.reshape(t, (*shape, 1)) for t, shape in ((x, node.inputs[0].shape), (weight, kernel)))
+        kernel, stride, padding, dilation = (*kernel, 1), (*stride, 1), (*padding, 0), (*dilation, 1)
     empty = nb.trt.module.Weights(nb.trt_dtype_of(node.inputs[1]))
-    layer = nb.network.add_convolution_nd(x, kernel[0], tuple(kernel[2:]), empty, empty)
+    layer = nb.network.add_convolution_nd(x, kernel[0], kernel[2:], empty, empty)
     layer.set_input(1, weight)
     if bias is not None:
         layer.set_input(2, bias)
     layer.stride_nd, layer.padding_nd, layer.dilation_nd, layer.num_groups = stride, padding, dilation, groups
-    return nb.out(layer)
+    out = nb.out(layer)
+    return nb.reshape(out, node.results[0].shape) if one_d else out
 
 
 def embedding(nb: NetworkBuilder, node: Node, ids: Any, weight: Any) -> Any:
