@@ -113,7 +113,7 @@ def _linear(b: GraphDraft):
 
 def _conv(b: GraphDraft):
     """A convolution over a value of 1 or 2 static spatial dims (and static channels)."""
-    x = b.value(lambda v: v.type.rank in (3, 4) and all(isinstance(d, int) for d in v.shape[1:]))
+    x = b.value(lambda v: v.type.rank in (3, 4) and all(isinstance(d, int) and d > 0 for d in v.shape[1:]))
     if x is None:
         return None
     channels, spatial = x.shape[1], x.shape[2:]

@@ -22,6 +22,8 @@ def _conv(x: TensorType, weight: TensorType, bias: TensorType | None, stride: tu
         raise ShapeError(f"stride {stride}, padding {padding} and dilation {dilation} need {spatial} values each")
     if groups < 1 or min(stride + dilation) < 1 or min(padding) < 0:
         raise ShapeError("groups, stride and dilation must be positive and padding not negative")
+    if any(isinstance(d, int) and d < 1 for d in (*x.shape[1:], *weight.shape)):
+        raise ShapeError(f"conv needs non-empty channels, spatial dims and kernel, got {x} and {weight}")
     out_channels, per_group = weight.shape[:2]
     if not isinstance(out_channels, int) or out_channels % groups or not dims_equal(x.shape[1], per_group * groups):
         raise ShapeError(f"weight {weight} does not fit {x.shape[1]} input channels in {groups} groups")
