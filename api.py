@@ -26,7 +26,7 @@ from .runtime.engine_files import MANIFEST
 
 # target -> (pipeline, backend)
 TARGETS = {"cpu": ("reference", "reference"), "cuda": ("cuda", "cuda"), "h100": ("cuda", "cuda"),
-           "h200": ("cuda", "cuda")}
+           "h200": ("cuda", "cuda"), "tensorrt": ("tensorrt", "tensorrt")}
 
 
 def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype: str | torch.dtype | None = None,
@@ -39,8 +39,8 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
 
     ``model`` is a Hugging Face checkpoint directory or an in-memory ``transformers``
     causal LM (giving an ``Engine``), or any ``nn.Module`` with ``example_inputs`` (and
-    optionally torch.export ``dynamic_shapes``), giving a ``CompiledModule`` with the
-    module's outputs. ``max_num_tokens`` (tokens per step, default ``max(max_seq_len,
+    optionally torch.export ``dynamic_shapes``) or an ``.onnx`` file, giving a
+    ``CompiledModule`` with the module's outputs. ``max_num_tokens`` (tokens per step, default ``max(max_seq_len,
     max_batch_size)``) and ``workload`` (expected decode batch sizes and prompt lengths)
     choose the engine's dynamic-shape profiles and CUDA-graph batch sizes. ``progress``
     shows a progress bar over the build's stages. ``quantization`` is a scheme name
@@ -54,6 +54,10 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
         raise ValueError("calibration text is used by static activation scales only "
                          "(QuantConfig('fp8', activations='static'))")
     limits = EngineLimits(max_batch_size, max_seq_len, max_num_tokens or max(max_seq_len, max_batch_size))
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".onnx"):
+        from .frontends.onnx import import_onnx, unflatten_outputs
+
+        return CompiledModule(_optimize(import_onnx(model)), unflatten_outputs)
     if isinstance(model, (str, os.PathLike)):
         with _stages(progress) as stage:
             stage("importing")
@@ -102,6 +106,8 @@ def _stages(show: bool):
             bar.update(1)
         bar.set_description(name)
 
+    stage.show = show
+
     try:
         yield stage
         bar.update(bar.total - bar.n)
@@ -131,6 +137,13 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
     engine = Engine(graph, imported.tokenizer, imported.config, info)
+    if backend == "tensorrt":
+        from .backends.tensorrt import build_engine_plan
+
+        stage("building the TensorRT plan")
+        engine.artifact_info, engine.artifacts = build_engine_plan(
+            graph, info.profiles, limits.max_batch_size, limits.max_seq_len, progress=stage.show)
+        return engine
     stage("tuning kernels")
     if backend == "cuda":
         from .backends.cuda.tuning import tune_engine_kernels

@@ -5,6 +5,7 @@ prompt. ``kiln build MODEL -o DIR`` writes an engine directory; ``kiln generate`
 ``kiln serve`` take an engine directory (loaded) or a checkpoint directory (built
 first). ``kiln ir FILE_OR_MODEL`` parses and verifies a graph in kiln's text form (or
 imports a checkpoint directory), optionally runs a pipeline, and prints text or DOT.
+``kiln export MODEL --format onnx -o FILE`` writes the step graph as ONNX.
 ``kiln bench`` serves random prompts at several concurrencies and reports throughput,
 latency percentiles and the fractions of the device's limits.
 """
@@ -149,6 +150,18 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .api import as_engine
+
+    start = time.perf_counter()
+    engine = as_engine(args.model, target=args.target, max_batch_size=args.max_batch_size,
+                       max_seq_len=args.max_seq_len, progress=True)
+    engine.export_onnx(args.output)
+    print(f"exported the step graph of {engine.info.architecture} ({len(engine.graph.nodes)} nodes) as ONNX "
+          f"to {args.output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _load_graph(source: str) -> Graph:
     if source != "-" and Path(source).is_dir():
         from .frontends.huggingface import load_checkpoint
@@ -265,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     ir.add_argument("--timing", action="store_true", help="print per-pass changes and times to stderr")
     _quantization_options(ir)
     ir.set_defaults(run=_ir)
+    export = commands.add_parser("export", help="export a model's step graph (the KV caches in and out) as ONNX")
+    export.add_argument("model", help="an engine directory or a checkpoint directory")
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--target", default="cpu", choices=sorted(TARGETS),
+                        help="the pipeline a checkpoint is compiled with (its KV-cache layout)")
+    export.add_argument("--max-batch-size", type=int, default=64)
+    export.add_argument("--max-seq-len", type=int, default=2048)
+    export.set_defaults(run=_export)
     bench = commands.add_parser(
         "bench", help="measure serving throughput and latency against the device's limits",
         description="Serve fresh random prompts (greedy, ignore_eos) at each concurrency, all submitted at once, "

@@ -1,6 +1,7 @@
 """Frontends: bring models into kiln's IR. ``torch_export`` imports an ExportedProgram
 (through ``aten``, the one table that knows ATen ops); ``modules`` compiles plain
-``nn.Module``s; ``huggingface`` loads checkpoint directories of decoder models.
+``nn.Module``s; ``huggingface`` loads checkpoint directories of decoder models; ``onnx``
+imports ONNX models (through ``onnx_ops``, the one table that knows ONNX ops).
 
 ``frontends`` imports ``ir`` and ``passes``.
 """

@@ -262,6 +262,16 @@ def _gelu(cx: Conversion, x: Value, approximate: str = "none") -> Value:
     return ops.gelu(x, approximate=approximate)
 
 
+def _conv(spatial: int) -> Converter:
+    def convert(cx: Conversion, x: Value, weight: Value, bias: Value | None = None, stride: Any = 1,
+                padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Value:
+        if isinstance(padding, str):
+            raise NotImplementedError(f"conv padding {padding!r} (kiln takes explicit padding)")
+        per_dim = [tuple(a) if isinstance(a, (list, tuple)) else (a,) * spatial for a in (stride, padding, dilation)]
+        return ops.conv(x, weight, bias, stride=per_dim[0], padding=per_dim[1], dilation=per_dim[2], groups=groups)
+    return convert
+
+
 CONVERTERS: dict[str, Converter] = {
     **{f"aten.{name}.Tensor": _arithmetic(name) for name in ("add", "sub", "mul", "div", "maximum", "minimum")},
     **{f"aten.{name}.Scalar": _arithmetic(name) for name in ("add", "sub", "mul", "div")},
@@ -314,6 +324,7 @@ CONVERTERS: dict[str, Converter] = {
     "aten.squeeze.dims": _squeeze,
     "aten.squeeze.default": _squeeze,
     "aten.linear.default": lambda cx, x, weight, bias=None: ops.linear(x, weight, bias),
+    **{f"aten.conv{n}d.default": _conv(n) for n in (1, 2, 3)},
     "aten.matmul.default": _matmul,
     "aten.mm.default": _matmul,
     "aten.bmm.default": _matmul,

@@ -30,6 +30,12 @@ class CompiledModule:
         self._unflatten = unflatten
         self._constants: dict[str, torch.Tensor] | None = None
 
+    def export_onnx(self, path: str | os.PathLike) -> None:
+        """Write the module's graph as an ONNX model (see ``kiln.backends.onnx``)."""
+        from ..backends.onnx import export_onnx
+
+        export_onnx(self.graph, path)
+
     def __call__(self, *inputs: torch.Tensor) -> Any:
         if self._constants is None:
             self._constants = {name: v.tensor() for name, v in self.graph.constants.items()}
@@ -104,6 +110,8 @@ class Engine:
     kernel_configs: dict[str, dict] = field(default_factory=dict)  # op -> tuned launch parameters
     loaded_rank: int | None = None  # loaded from a directory with one tensor-parallel rank's weights
     directory: str | None = None  # the directory it was loaded from
+    artifacts: dict[str, bytes] = field(default_factory=dict, repr=False)  # backend files (TensorRT plans)
+    artifact_info: dict[str, Any] = field(default_factory=dict)  # what the manifest says of them
     _weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _steps: dict[str, Step] = field(default_factory=dict, repr=False)
 
@@ -181,11 +189,19 @@ class Engine:
         """Columns of the logits."""
         return int(self.graph.outputs[0].shape[-1])
 
+    def export_onnx(self, path: str | os.PathLike) -> None:
+        """Write the step graph as an ONNX model: the step's inputs and the KV caches in,
+        ``logits`` and the updated caches (``<cache>_out``) out (see ``kiln.backends.onnx``)."""
+        from ..backends.onnx import export_onnx
+
+        export_onnx(self.graph, path, ["logits", *(f"{name}_out" for name in self.cache_spec.names)])
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the engine directory (see ``kiln.runtime.engine_files``)."""
         ranks = [self._constants(rank) for rank in range(self.info.tp)] if self.info.tp > 1 else [self.weights("cpu")]
         write_engine(path, self.graph, self.executor_source, ranks, self.config, self.tokenizer,
-                     {**self.info.manifest_fields(), "kernel_configs": self.kernel_configs})
+                     {**self.info.manifest_fields(), "kernel_configs": self.kernel_configs,
+                      "artifact_info": self.artifact_info}, self.artifacts)
 
 
 def load_engine(path: str | os.PathLike, target: str | None = None, rank: int = 0) -> Engine:
@@ -195,9 +211,11 @@ def load_engine(path: str | os.PathLike, target: str | None = None, rank: int = 
     manifest = read_manifest(path)
     try:
         info, kernel_configs = EngineInfo.from_manifest(manifest), dict(manifest["kernel_configs"])
+        artifact_info = dict(manifest.get("artifact_info", {}))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EngineLoadError(f"the manifest of engine {path} does not describe an engine: "
                               f"{type(exc).__name__}: {exc}") from None
     directory = read_engine(path, target, rank)
     return Engine(directory.graph, directory.tokenizer, directory.config, info, directory.executor_source,
-                  kernel_configs, rank if info.tp > 1 else None, str(path))
+                  kernel_configs, loaded_rank=rank if info.tp > 1 else None, directory=str(path),
+                  artifacts=directory.artifacts, artifact_info=artifact_info)

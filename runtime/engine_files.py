@@ -6,6 +6,7 @@ the files; ``runtime/engine.py`` says what an engine's manifest holds.
                        build time and the GPU they were tuned on, the workspace of each
                        profile, and a SHA-256 per file (over its 16 MiB chunks' digests)
     graph.kiln         the final IR as text
+    tensorrt.plan      (tensorrt backend) the serialized TensorRT plan, and its timing cache
     executor.py        the executor generated from it (readable; regenerated and compared on load)
     weights.safetensors   (weights.rank<r>.safetensors, one per rank, under tensor parallelism)
     config.json, tokenizer files, chat template
@@ -67,10 +68,11 @@ def weights_file(rank: int, ranks: int) -> str:
 
 def write_engine(path: str | os.PathLike, graph: Graph, executor_source: str,
                  weights: Sequence[Mapping[str, torch.Tensor]], config: Any, tokenizer: Any,
-                 fields: Mapping[str, Any]) -> Path:
+                 fields: Mapping[str, Any], artifacts: Mapping[str, bytes] | None = None) -> Path:
     """Write an engine directory at ``path`` (created; its engine files are replaced): the
-    graph's text, the executor, each rank's weights, config and tokenizer, and a manifest
-    of ``fields`` with the format, the kiln version and every file's hash."""
+    graph's text, the executor, each rank's weights, config and tokenizer, the backend's
+    ``artifacts`` (file name -> bytes: TensorRT plans), and a manifest of ``fields`` with
+    the format, the kiln version and every file's hash."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     (out / GRAPH).write_text(str(graph))
@@ -84,8 +86,10 @@ def write_engine(path: str | os.PathLike, graph: Graph, executor_source: str,
         config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    for name, data in (artifacts or {}).items():
+        (out / name).write_bytes(data)
     files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": FORMAT, "kiln_version": __version__, **fields,
+    manifest = {"format": FORMAT, "kiln_version": __version__, **fields, "artifacts": sorted(artifacts or {}),
                 "files": {name: _sha256(out / name) for name in files}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
@@ -146,6 +150,7 @@ class EngineDirectory:
     executor_source: str
     tokenizer: Any
     config: dict | None
+    artifacts: dict[str, bytes]
 
 
 def read_engine(path: str | os.PathLike, target: str | None = None, rank: int = 0) -> EngineDirectory:
@@ -172,7 +177,11 @@ def read_engine(path: str | os.PathLike, target: str | None = None, rank: int = 
     source = (root / EXECUTOR).read_text()
     if source != generate_executor(graph, manifest["backend"], __version__):
         raise EngineLoadError(f"{root / EXECUTOR} is not the executor kiln generates for {GRAPH}")
-    return EngineDirectory(root, manifest, graph, source, _tokenizer(root), _config(root))
+    names = manifest.get("artifacts", [])
+    if not isinstance(names, list) or any(name not in manifest["files"] for name in names):
+        raise EngineLoadError(f"{root / MANIFEST} names artifacts {names!r} that are not files of the engine")
+    artifacts = {name: (root / name).read_bytes() for name in names}
+    return EngineDirectory(root, manifest, graph, source, _tokenizer(root), _config(root), artifacts)
 
 
 def _check_gpu(root: Path, manifest: dict) -> None:

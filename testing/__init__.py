@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 
 from .helpers import assert_preserves, bind_random_constants, graph_from_text, random_inputs
 from .corruptions import CORRUPTIONS, corrupted_graphs
-from .strategies import GENERATORS, GraphDraft, graphs, graphs_with_inputs, inputs
+from .strategies import GENERATORS, PORTABLE_GENERATORS, GraphDraft, graphs, graphs_with_inputs, inputs
 
 
 def register_profiles() -> None:
@@ -19,5 +19,5 @@ def register_profiles() -> None:
     settings.register_profile("ci", max_examples=300, derandomize=True, print_blob=True, **common)
 
 
-__all__ = ["CORRUPTIONS", "GENERATORS", "GraphDraft", "assert_preserves", "bind_random_constants", "graph_from_text", "corrupted_graphs", "graphs",
+__all__ = ["CORRUPTIONS", "GENERATORS", "PORTABLE_GENERATORS", "GraphDraft", "assert_preserves", "bind_random_constants", "graph_from_text", "corrupted_graphs", "graphs",
            "graphs_with_inputs", "inputs", "random_inputs", "register_profiles"]

@@ -111,6 +111,22 @@ def _linear(b: GraphDraft):
     return y + bias if bias is not None else y
 
 
+def _conv(b: GraphDraft):
+    """A convolution over a value of 1 or 2 static spatial dims (and static channels)."""
+    x = b.value(lambda v: v.type.rank in (3, 4) and all(isinstance(d, int) and d > 0 for d in v.shape[1:]))
+    if x is None:
+        return None
+    channels, spatial = x.shape[1], x.shape[2:]
+    groups = b.draw(st.sampled_from([1, channels]))
+    padding = tuple(b.draw(st.integers(0, 1)) for _ in spatial)
+    dilation = tuple(b.draw(st.integers(1, 2)) for _ in spatial)
+    kernel = tuple(b.draw(st.integers(1, (d + 2 * p - 1) // dil + 1)) for d, p, dil in zip(spatial, padding, dilation))
+    stride = tuple(b.draw(st.integers(1, 2)) for _ in spatial)
+    weight = b.constant((groups * b.draw(st.integers(1, 2)), channels // groups, *kernel))
+    bias = b.constant((weight.shape[0],)) if b.draw(st.booleans()) else None
+    return ops.conv(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
 def _reduce(b: GraphDraft):
     x = b.value(lambda v: v.type.rank >= 1)
     if x is None:
@@ -291,7 +307,8 @@ def _quantized(b: GraphDraft):
     random weight quantized by the ``quantize`` stage's own quantizers."""
     from ..passes.quantization.weights import quantize_fp8_weight, quantize_int4, quantize_int8
 
-    x = b.value(lambda v: v.type.rank >= 1 and isinstance(v.shape[-1], int) and v.shape[-1] % 2 == 0)
+    x = b.value(lambda v: v.type.rank >= 1 and isinstance(v.shape[-1], int) and v.shape[-1] > 0
+                and v.shape[-1] % 2 == 0)
     if x is None:
         return None
     d, out = x.shape[-1], b.draw(st.integers(1, 5))
@@ -392,11 +409,15 @@ def _moe(b: GraphDraft):
 
 GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {
     "math": _math, "redundant": _redundant,
-    "unary": _unary, "binary": _binary, "select": _select, "linear": _linear, "reduce": _reduce,
+    "unary": _unary, "binary": _binary, "select": _select, "linear": _linear, "conv": _conv, "reduce": _reduce,
     "norm": _norm, "movement": _movement, "cast": _cast, "duplicate": _duplicate,
     "attention": _attention, "rotary": _rotary, "lookup": _lookup, "creation": _creation, "paged": _paged,
     "fused": _fused, "collective": _collective, "moe": _moe, "quantized": _quantized,
 }
+
+# The generators of ops that every backend lowers: no collectives, mixtures of experts or
+# quantized linears (the TensorRT and ONNX backends refuse those by name).
+PORTABLE_GENERATORS = tuple(name for name in GENERATORS if name not in ("collective", "moe", "quantized"))
 
 
 Generator = Callable[[GraphDraft], "Value | None"]

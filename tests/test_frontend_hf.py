@@ -147,8 +147,8 @@ def test_bad_checkpoints_are_named(tmp_path, how, message):
 
 
 def test_compile_refuses_what_it_cannot_build_yet():
-    with pytest.raises(ValueError, match="target 'tensorrt' is not available yet"):
-        kiln.compile(BUNDLED, target="tensorrt")
+    with pytest.raises(ValueError, match="target 'l40s' is not available yet"):
+        kiln.compile(BUNDLED, target="l40s")
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         kiln.compile(BUNDLED, quantization="int3")
     with pytest.raises(FrontendError, match="floating-point dtype"):
