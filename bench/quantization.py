@@ -29,7 +29,7 @@ import kiln  # noqa: E402
 from kiln.runtime import LLMEngine, RuntimeConfig  # noqa: E402
 from kiln.runtime.benchmark import (cache_blocks, decode_bytes, engine_options, hardware_limits,  # noqa: E402
                                     run_benchmark)
-from serving import checkpoint_model, llama_8b  # noqa: E402
+from serving import ResultsFile, checkpoint_model, llama_8b  # noqa: E402
 
 SCHEMES = ("none", "int8", "int4", "fp8")
 
@@ -69,23 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long", action="store_true", help="also 128/2048 and 2048/128 at the largest concurrency")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    results: list[dict] = []
     device = "cpu" if args.target == "cpu" else "cuda"
-    header = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "command": sys.argv}
-
-    def record(entry: dict) -> None:
-        results.append(entry)
-        print(json.dumps(entry), flush=True)
-        args.out.write_text(json.dumps({**header, "results": results}, indent=2))
-
+    record = ResultsFile(args.out, device)
     limits = hardware_limits(device)
     record({"scheme": "hardware", **asdict(limits)})
     model = checkpoint_model(args.model, args.dtype, device) if args.model else llama_8b(device)
     for scheme in args.schemes:
         bench_scheme(args.model or model, scheme, args, limits, record)
     summary = {}
-    for r in results:
+    for r in record.results:
         if r.get("what") == "throughput" and r["pass"] == 2:
             summary.setdefault(r["scheme"], {})[f"{r['input_len']}/{r['output_len']} x{r['concurrency']}"] = round(
                 r["output_tokens_per_s"], 1)

@@ -211,18 +211,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class ResultsFile:
+    """A run's records: each printed as it comes, and the file at ``path`` rewritten with
+    all of them (under the device, torch's version and the command) after each, so a run
+    cut short keeps what it measured."""
+
+    def __init__(self, path: Path, device: str):
+        self.path = path
+        self.results: list[dict] = []
+        self.header = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                       "torch": torch.__version__, "command": sys.argv}
+
+    def __call__(self, entry: dict) -> None:
+        self.results.append(entry)
+        print(json.dumps(entry), flush=True)
+        self.path.write_text(json.dumps({**self.header, "results": self.results}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = "cpu" if args.target == "cpu" else "cuda"
-    results: list[dict] = []
-    header = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "command": sys.argv}
-
-    def record(entry: dict) -> None:
-        results.append(entry)
-        print(json.dumps(entry), flush=True)
-        args.out.write_text(json.dumps({**header, "results": results}, indent=2))
-
+    record = ResultsFile(args.out, device)
     limits = hardware_limits(device)
     record({"system": "hardware", **asdict(limits)})
     _release_memory()
