@@ -170,6 +170,20 @@ def test_quantized_weights_stay_lazy():
     assert reads == [1]  # codes, scales and zero points computed together
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_quantizing_a_models_parameters_keeps_no_autograd_graph(scheme):
+    """The weights of an in-memory model are parameters that require grad: the quantized
+    parts must not carry an autograd graph (it would keep float32 copies of every weight
+    alive: the 8B shape's INT8 engine ran out of an H100's memory so)."""
+    graph = graph_from_text(MLP)
+    w1 = graph.constants["w1"]
+    parameter = torch.nn.Parameter(w1.tensor().clone())
+    w1.data = LazyData(lambda: parameter)
+    quantize_linears(graph, QuantConfig(scheme))
+    parts = [v.tensor() for name, v in graph.constants.items() if name.startswith("w1.")]
+    assert parts and all(not t.requires_grad and t.grad_fn is None for t in parts)
+
+
 def test_quantized_graph_text_round_trips():
     graph = graph_from_text(MLP)
     quantize_linears(graph, QuantConfig("fp8", lm_head=True))

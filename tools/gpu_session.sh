@@ -35,7 +35,7 @@ for part in "$@"; do
              tests/test_cuda_backend.py -k smollm 2>&1 | tail -5;;
     agreement) smollm && python3 bench/agreement.py /tmp/smol/ckpt --out "$OUT/agreement.json" 2>&1 | grep "^{";;
     reference-shapes) python3 bench/reference_shapes.py 2>&1 | tail -12;;
-    quant) for scheme in none int8 int4 fp8; do  # a process each: one engine's GPU memory at a time
+    quant) for scheme in ${QUANT_SCHEMES:-none int8 int4 fp8}; do  # a process each: one engine's GPU memory at a time
              python3 bench/quantization.py --schemes $scheme --out "$OUT/quant-$scheme.json" 2>&1 | grep -E '"pass": 2|Error' | cut -c1-400
            done;;
     *) echo "unknown part $part";;

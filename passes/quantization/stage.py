@@ -108,7 +108,8 @@ class _QuantizedWeight:
 
     def part(self, index: int) -> torch.Tensor:
         if index not in self.pending:
-            self.pending = dict(enumerate(self.quantize(self.source.materialize())))
+            with torch.no_grad():  # a model's parameters would make the scales keep float32 copies alive
+                self.pending = dict(enumerate(self.quantize(self.source.materialize().detach())))
         return self.pending.pop(index)
 
 
