@@ -1,15 +1,20 @@
 """The CUDA backend's quantized linear layers against the registry's reference ops: the
-weight-only INT8 and INT4 GEMV (one row) and GEMM (more rows) under Triton's interpreter
-at small shapes in float32 and float16, and on the GPU at Llama-3.1-8B's shapes in
-bfloat16, with FP8 through ``torch._scaled_mm``."""
+weight-only INT8 and INT4 GEMV (one row), GEMM (more rows) and dequantized-weight path
+(many rows) under Triton's interpreter at small shapes in float32 and float16, and on the
+GPU at Llama-3.1-8B's shapes in bfloat16, with FP8's GEMV and ``torch._scaled_mm``.
+
+Triton's interpreter rounds float32 to E4M3 wrongly near powers of two (127.2 becomes
+64), so the kernels that round activations into FP8 are checked on the GPU only."""
 
 import pytest
 import torch
 
 from kiln.ir import REGISTRY
-from kiln.passes.quantization.weights import quantize_fp8_weight, quantize_int4, quantize_int8
+from kiln.passes.quantization.weights import pack_int4_codes, quantize_fp8_weight, quantize_int4, quantize_int8
 
 quantized = pytest.importorskip("kiln.backends.cuda.quantized")
+from kiln.backends.cuda import fp8, quantized_gemm, quantized_gemv  # noqa: E402
+from kiln.backends.cuda.configs import shape_key  # noqa: E402
 
 GPU = pytest.mark.gpu
 CPU_CASES = [("cpu", torch.float32, 1e-5), ("cpu", torch.float16, 2e-3)]
@@ -39,25 +44,65 @@ def _check(op, x, operands, bias, tolerance, **config):
     assert _relative(got.cpu(), want) < tolerance
 
 
+def _small_tiles(n, k, dequantize_from=512):
+    """A stored configuration of small tiles for the interpreter's shapes."""
+    return {shape_key(n, k): {"gemv": {"block_n": 16, "block_k": 64, "groups_per_tile": 2},
+                              "gemm": {"block_m": 32, "block_n": 32, "block_k": 64},
+                              "dequantize_from": dequantize_from}}
+
+
 @pytest.mark.parametrize("device, dtype, tolerance", CPU_CASES)
-@pytest.mark.parametrize("rows, n, k", [(1, 40, 96), (1, 64, 256), (5, 40, 96), (33, 48, 256)])
+@pytest.mark.parametrize("rows, n, k, dequantize_from", [(1, 40, 96, 512), (1, 64, 256, 512), (5, 40, 96, 512),
+                                                         (33, 48, 256, 512), (33, 48, 256, 16)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_int8_kernels_match_the_reference(device, dtype, tolerance, rows, n, k, with_bias):
+def test_int8_kernels_match_the_reference(device, dtype, tolerance, rows, n, k, dequantize_from, with_bias):
     x, w, bias = _problem(rows, n, k, dtype, device, with_bias)
     codes, scale = quantize_int8(w)
     _check("linear_int8", x, (codes.to(device), scale.to(device)), bias, tolerance,
-           config=quantized.QuantLinearConfig(quantized.QuantGemvConfig(16, 64), quantized.QuantGemmConfig(32, 32, 32)))
+           config=_small_tiles(n, k, dequantize_from))
 
 
 @pytest.mark.parametrize("device, dtype, tolerance", CPU_CASES)
-@pytest.mark.parametrize("rows, n, k, group", [(1, 40, 192, 96), (1, 64, 256, 128), (4, 40, 192, 96),
-                                               (33, 48, 256, 64)])
+@pytest.mark.parametrize("rows, n, k, group, dequantize_from", [
+    (1, 40, 192, 96, 512), (1, 64, 256, 128, 512), (1, 40, 384, 64, 512), (4, 40, 192, 96, 512),
+    (33, 48, 256, 64, 512), (33, 48, 256, 64, 8)])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_int4_kernels_match_the_reference(device, dtype, tolerance, rows, n, k, group, symmetric):
+def test_int4_kernels_match_the_reference(device, dtype, tolerance, rows, n, k, group, dequantize_from, symmetric):
     x, w, bias = _problem(rows, n, k, dtype, device, with_bias=rows == 4)
     parts = [t.to(device) for t in quantize_int4(w.to(dtype), group, symmetric)]
-    _check("linear_int4", x, parts, bias, tolerance,
-           config=quantized.QuantLinearConfig(quantized.QuantGemvConfig(16, 64), quantized.QuantGemmConfig(32, 32, 64)))
+    _check("linear_int4", x, parts, bias, tolerance, config=_small_tiles(n, k, dequantize_from))
+
+
+def _grouped_problem(n, k, group, seed=0):
+    """Random INT8 codes with a float32 scale per (row, group of ``group`` inputs) and
+    random 4-bit codes with float zero points (GGUF's Q8_0 and Q4_1 in kiln's layout),
+    with the float32 weights they stand for."""
+    g = torch.Generator().manual_seed(seed)
+    codes8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale8 = torch.rand(n, k // group, generator=g) / 100
+    codes4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale4 = torch.rand(n, k // group, generator=g) / 10
+    zero4 = torch.rand(n, k // group, generator=g) * 15
+    w8 = (codes8.float().view(n, -1, group) * scale8[..., None]).view(n, k)
+    w4 = ((codes4.float().view(n, -1, group) - zero4[..., None]) * scale4[..., None]).view(n, k)
+    return (codes8, scale8, w8), (pack_int4_codes(codes4), scale4, zero4, w4)
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_grouped_int8_scales_and_float_zero_points(rows):
+    """The kernels' grouped INT8 scales and float INT4 zero points (the layouts GGUF
+    checkpoints repack into) against the weights they stand for."""
+    n, k, group = 24, 256, 32
+    (codes8, scale8, w8), (packed4, scale4, zero4, w4) = _grouped_problem(n, k, group)
+    x = torch.randn(rows, k)
+    gemv_config, gemm_config = quantized_gemv.QuantGemvConfig(8, 64, 2), quantized_gemm.QuantGemmConfig(16, 16, 64)
+    for w, run in ((w8, lambda: quantized_gemv.w8_gemv(x, codes8, scale8, None, gemv_config) if rows == 1 else
+                    quantized_gemm.weight_only_gemm(x, codes8, scale8, None, None, gemm_config)),
+                   (w4, lambda: quantized_gemv.int4_gemv(x, packed4, scale4, zero4, None, gemv_config) if rows == 1
+                    else quantized_gemm.weight_only_gemm(x, packed4, scale4, zero4, None, gemm_config))):
+        assert _relative(run(), x @ w.T) < 1e-5
+    assert torch.equal(quantized_gemm.dequantize(codes8, scale8, None, torch.float32), w8)
+    assert _relative(quantized_gemm.dequantize(packed4, scale4, zero4, torch.float32), w4) < 1e-6
 
 
 @pytest.mark.parametrize("device, dtype, tolerance", GPU_CASES)
@@ -71,20 +116,39 @@ def test_kernels_at_llama_shapes_on_the_gpu(device, dtype, tolerance, rows, n, k
 
 
 @GPU
-def test_fp8_uses_scaled_mm_per_token_and_channel():
-    x, w, bias = _problem(64, 256, 512, torch.bfloat16, "cuda", with_bias=True)
+@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_gemv_and_scaled_mm(rows, static):
+    """One row: the GEMV rounds the row into E4M3 as the reference does; more rows: one
+    quantizing kernel, then ``torch._scaled_mm`` with per-token and per-channel scales."""
+    x, w, bias = _problem(rows, 256, 512, torch.bfloat16, "cuda", with_bias=True)
     codes, scale = (t.cuda() for t in quantize_fp8_weight(w))
-    got = quantized.linear_fp8(x, codes, scale, None, bias)
-    want = REGISTRY["linear_fp8"].reference(x.float(), codes, scale, None, bias.float())
+    input_scale = (x.float().abs().amax() / 300).reshape(()) if static else None
+    got = quantized.linear_fp8(x, codes, scale, input_scale, bias)
+    want = REGISTRY["linear_fp8"].reference(x.float(), codes, scale, input_scale, bias.float())
     assert got.dtype == torch.bfloat16 and _relative(got, want) < 1e-2
+
+
+@GPU
+def test_fp8_row_quantization_matches_the_reference():
+    from kiln.ir.opdefs.quantized import fp8_token_scales, quantize_fp8
+
+    x = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16) * 5
+    codes, scales = fp8.quantize_rows(x)
+    want_scales = fp8_token_scales(x)
+    assert torch.equal(scales, want_scales)
+    assert (codes.float() == quantize_fp8(x, want_scales).float()).float().mean() > 0.999
 
 
 def test_the_kernel_table_takes_stored_configurations():
     from kiln.backends.cuda.kernels import cuda_kernels
 
-    kernels = cuda_kernels("cpu", {"linear_int4": {"gemv": {"block_n": 8, "block_k": 128}}})
-    assert kernels["linear_int4"].keywords["config"] == quantized.QuantLinearConfig(
-        gemv=quantized.QuantGemvConfig(block_n=8, block_k=128))
+    stored = {"4096x4096": {"gemv": {"block_n": 8, "block_k": 128}, "dequantize_from": 64}}
+    kernels = cuda_kernels("cpu", {"linear_int4": stored})
+    assert kernels["linear_int4"].keywords["config"] == stored
+    assert quantized.linear_config(stored, 4096, 4096) == quantized.QuantLinearConfig(
+        gemv=quantized.QuantGemvConfig(block_n=8, block_k=128), dequantize_from=64)
+    assert quantized.linear_config(stored, 4096, 1024) == quantized.QuantLinearConfig()
     assert kernels["linear_int8"] is quantized.linear_int8 and kernels["linear_fp8"] is quantized.linear_fp8
 
 

@@ -36,8 +36,10 @@ for part in "$@"; do
     agreement) smollm && python3 bench/agreement.py /tmp/smol/ckpt --out "$OUT/agreement.json" 2>&1 | grep "^{";;
     reference-shapes) python3 bench/reference_shapes.py 2>&1 | tail -12;;
     quant) for scheme in ${QUANT_SCHEMES:-none int8 int4 fp8}; do  # a process each: one engine's GPU memory at a time
-             python3 bench/quantization.py --schemes $scheme --out "$OUT/quant-$scheme.json" 2>&1 | grep -E '"pass": 2|Error' | cut -c1-400
+             python3 bench/quantization.py --schemes $scheme ${QUANT_ARGS:-} --out "$OUT/quant-$scheme.json" 2>&1 \
+               | grep -E '"pass": 2|Error' | cut -c1-400
            done;;
+    kernels) python3 bench/quantized_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | cut -c1-600;;
     *) echo "unknown part $part";;
   esac
 done

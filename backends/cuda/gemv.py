@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .configs import shape_key
+
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -64,11 +66,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
         num_stages=config.num_stages)
     return out
-
-
-def shape_key(n: int, k: int) -> str:
-    """How a weight shape is named in the tuned configurations."""
-    return f"{n}x{k}"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

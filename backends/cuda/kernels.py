@@ -7,8 +7,6 @@ registry op. Launch parameters tuned at build time come in as plain dicts."""
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -17,6 +15,7 @@ import torch
 
 from ..reference import Kernel, reference_kernels
 from . import activations, attention, gemv, moe, norms, quantized, rotary
+from .configs import config_from_dict
 
 # op -> (launcher, its configuration: a dataclass, or None where the stored dict is it)
 LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
@@ -29,9 +28,9 @@ LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
     "linear": (gemv.linear, None),  # weight shape -> GEMV parameters, where the GEMV beat cuBLAS
     "moe": (moe.moe, moe.MoeConfig),
     "moe_experts": (moe.moe_experts, moe.MoeConfig),
-    "linear_int8": (quantized.linear_int8, quantized.QuantLinearConfig),
-    "linear_int4": (quantized.linear_int4, quantized.QuantLinearConfig),
-    "linear_fp8": (quantized.linear_fp8, None),  # torch._scaled_mm, nothing to tune
+    "linear_int8": (quantized.linear_int8, None),  # weight shape -> QuantLinearConfig fields
+    "linear_int4": (quantized.linear_int4, None),
+    "linear_fp8": (quantized.linear_fp8, None),
 }
 
 
@@ -47,15 +46,3 @@ def cuda_kernels(device: torch.device | str, configs: Mapping[str, dict] | None 
             kernels[op] = partial(launcher, config=fields if config_type is None else
                                   config_from_dict(config_type, fields))
     return kernels
-
-
-def config_from_dict(config_type: type, fields: Mapping[str, Any]):
-    """A configuration dataclass from its fields as stored (nested dataclasses too)."""
-    hints = typing.get_type_hints(config_type)
-    values = {}
-    for f in dataclasses.fields(config_type):
-        if f.name in fields:
-            value = fields[f.name]
-            values[f.name] = config_from_dict(hints[f.name], value) if dataclasses.is_dataclass(hints[f.name]) \
-                else value
-    return config_type(**values)

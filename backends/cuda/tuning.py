@@ -6,8 +6,9 @@ and the model's head layout: decode of one sequence with a long context, decode 
 batch, prefill of one long prompt, each candidate timed with ``triton.testing.do_bench``
 (which clears the L2 cache before each run). So is ``linear`` at one row (batch-1
 decode): for each weight shape, the Triton GEMV's candidates against cuBLAS; the GEMV
-is kept only where it wins. The norm, activation
-and rotary kernels choose their parameters per shape at run time.
+is kept only where it wins. The quantized linears' GEMVs are tuned per weight shape the
+same way, over random operands of the layer's own layout. The norm, activation and
+rotary kernels choose their parameters per shape at run time.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ...ir import Graph
+from ...ir import Graph, Node, TensorType
+from ...ir.opdefs.quantized import QUANTIZED_LINEARS
 from ...passes.profiles import EngineLimits
+from . import quantized
 from .attention import AttentionConfig, decode_configs, multiprocessors, paged_attention, prefill_configs
-from .gemv import gemv, gemv_configs, shape_key
+from .configs import shape_key
+from .gemv import gemv, gemv_configs
+from .quantized_gemv import gemv_candidates
 from .targets import device_name, matches
 
 _BLOCK_SIZE = 16
@@ -53,7 +58,8 @@ def tune_engine_kernels(graph: Graph, target: str, limits: EngineLimits) -> tupl
     prefill = _fastest([AttentionConfig(prefill=c) for c in prefill_configs(heads // kv_heads)], [0], [prompt],
                        shape)
     best = AttentionConfig(decode.decode, wide.decode_wide, prefill.prefill)
-    return name, {"paged_attention": dataclasses.asdict(best), "linear": _gemv_choices(graph)}
+    return name, {"paged_attention": dataclasses.asdict(best), "linear": _gemv_choices(graph),
+                  **_quantized_gemv_choices(graph)}
 
 
 def _gemv_choices(graph: Graph) -> dict[str, dict]:
@@ -74,6 +80,42 @@ def _gemv_choices(graph: Graph) -> dict[str, dict]:
         if timed[config] < 0.97 * cublas:
             choices[shape_key(n, k)] = dataclasses.asdict(config)
     return choices
+
+
+def _quantized_gemv_choices(graph: Graph) -> dict[str, dict]:
+    """Quantized op -> weight shape -> the fastest GEMV's ``QuantLinearConfig`` fields,
+    timed on random operands of each layer's layout."""
+    import triton.testing
+
+    layers: dict[tuple[str, str], Node] = {}
+    for node in graph.nodes:
+        if node.op in QUANTIZED_LINEARS and node.inputs[1].is_constant:
+            layers.setdefault((node.op, shape_key(node.inputs[1].type.shape[0], node.inputs[0].type.shape[-1])), node)
+    choices: dict[str, dict] = {}
+    for (op, key), node in sorted(layers.items()):
+        operands = [_random_operand(v.type) if v is not None else None for v in node.inputs[1:]]
+        x = torch.randn(1, node.inputs[0].type.shape[-1], dtype=node.inputs[0].type.dtype.torch_dtype, device="cuda")
+        launcher = getattr(quantized, op)
+        bits = 4 if op == "linear_int4" else 8
+
+        def run(config, launcher=launcher, x=x, operands=operands, key=key):
+            return launcher(x, *operands, config={key: {"gemv": dataclasses.asdict(config)}})
+
+        timed = {config: triton.testing.do_bench(lambda c=config: run(c), warmup=5, rep=20, return_mode="median")
+                 for config in gemv_candidates(bits)}
+        choices.setdefault(op, {})[key] = {"gemv": dataclasses.asdict(min(timed, key=timed.get))}
+    return choices
+
+
+def _random_operand(type_: TensorType) -> torch.Tensor:
+    """A random tensor of a quantized layer operand's type (codes over their whole range)."""
+    shape, dtype = tuple(int(d) for d in type_.shape), type_.dtype.torch_dtype
+    if dtype in (torch.int8, torch.uint8):
+        info = torch.iinfo(dtype)
+        return torch.randint(info.min, info.max + 1, shape, dtype=dtype, device="cuda")
+    if dtype == torch.float8_e4m3fn:
+        return torch.randn(shape, device="cuda").to(dtype)
+    return (torch.rand(shape, device="cuda") / 100).to(dtype)
 
 
 def _fastest(candidates: list[AttentionConfig], cached: list[int], query_lens: list[int],
