@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="the engine's dtype (default: the model's)")
     parser.add_argument("--mixed", type=int, nargs=2, default=[63, 512], metavar=("DECODES", "CHUNK"),
                         help="profile a step that prefills CHUNK new tokens beside DECODES decodes")
+    parser.add_argument("--quantization", default=None, help="a quantization scheme (fp8, int8, int4, ...)")
+    parser.add_argument("--target", default="cuda", help="kiln's target: cuda (this GPU), h100 or h200")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.model is None:
@@ -131,8 +133,9 @@ def main() -> None:
         model = args.model
     max_batch = max(args.batch)
     start = time.perf_counter()
-    engine = kiln.compile(model, target="h100", dtype=args.dtype, max_batch_size=max_batch,
-                          max_seq_len=max(args.prefill, 512) + 64, max_num_tokens=max(max_batch * args.prompt, args.prefill))
+    engine = kiln.compile(model, target=args.target, dtype=args.dtype, max_batch_size=max_batch,
+                          max_seq_len=max(args.prefill, 512) + 64, quantization=args.quantization,
+                          max_num_tokens=max(max_batch * args.prompt, args.prefill))
     built = time.perf_counter() - start
     del model
     torch.cuda.empty_cache()

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the JSON file of results (rewritten per record)")
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     parser.add_argument("--model", default=None, help="a checkpoint directory (default: the 8B shape, random)")
-    parser.add_argument("--target", default="h100", help="kiln's target (cpu runs everything on the CPU)")
+    parser.add_argument("--target", default="cuda",
+                        help="kiln's target: cuda (this GPU, whichever it is), h100, h200, or cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)

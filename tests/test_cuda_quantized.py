@@ -46,9 +46,9 @@ def _check(op, x, operands, bias, tolerance, **config):
 
 def _small_tiles(n, k, dequantize_from=512):
     """A stored configuration of small tiles for the interpreter's shapes."""
-    return {shape_key(n, k): {"gemv": {"block_n": 16, "block_k": 64, "groups_per_tile": 2},
-                              "gemm": {"block_m": 32, "block_n": 32, "block_k": 64},
-                              "dequantize_from": dequantize_from}}
+    return quantized.per_shape({shape_key(n, k): {"gemv": {"block_n": 16, "block_k": 64, "groups_per_tile": 2},
+                                                  "gemm": {"block_m": 32, "block_n": 32, "block_k": 64},
+                                                  "dequantize_from": dequantize_from}})
 
 
 @pytest.mark.parametrize("device, dtype, tolerance", CPU_CASES)
@@ -145,10 +145,10 @@ def test_the_kernel_table_takes_stored_configurations():
 
     stored = {"4096x4096": {"gemv": {"block_n": 8, "block_k": 128}, "dequantize_from": 64}}
     kernels = cuda_kernels("cpu", {"linear_int4": stored})
-    assert kernels["linear_int4"].keywords["config"] == stored
-    assert quantized.linear_config(stored, 4096, 4096) == quantized.QuantLinearConfig(
+    assert kernels["linear_int4"].keywords["config"] == quantized.per_shape(stored)
+    assert quantized.linear_config(quantized.per_shape(stored), 4096, 4096) == quantized.QuantLinearConfig(
         gemv=quantized.QuantGemvConfig(block_n=8, block_k=128), dequantize_from=64)
-    assert quantized.linear_config(stored, 4096, 1024) == quantized.QuantLinearConfig()
+    assert quantized.linear_config(quantized.per_shape(stored), 4096, 1024) == quantized.QuantLinearConfig()
     assert kernels["linear_int8"] is quantized.linear_int8 and kernels["linear_fp8"] is quantized.linear_fp8
 
 

@@ -17,8 +17,9 @@ from ..reference import Kernel, reference_kernels
 from . import activations, attention, gemv, moe, norms, quantized, rotary
 from .configs import config_from_dict
 
-# op -> (launcher, its configuration: a dataclass, or None where the stored dict is it)
-LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
+# op -> (launcher, what its stored configuration becomes: a dataclass, a function of the
+# stored dict, or None where the stored dict is passed as it is)
+LAUNCHERS: dict[str, tuple[Callable[..., Any], type | Callable[[Mapping], Any] | None]] = {
     "rms_norm": (norms.rms_norm, norms.NormConfig),
     "add_rms_norm": (norms.add_rms_norm, norms.NormConfig),
     "add_layer_norm": (norms.add_layer_norm, norms.NormConfig),
@@ -28,9 +29,9 @@ LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
     "linear": (gemv.linear, None),  # weight shape -> GEMV parameters, where the GEMV beat cuBLAS
     "moe": (moe.moe, moe.MoeConfig),
     "moe_experts": (moe.moe_experts, moe.MoeConfig),
-    "linear_int8": (quantized.linear_int8, None),  # weight shape -> QuantLinearConfig fields
-    "linear_int4": (quantized.linear_int4, None),
-    "linear_fp8": (quantized.linear_fp8, None),
+    "linear_int8": (quantized.linear_int8, quantized.per_shape),  # weight shape -> QuantLinearConfig
+    "linear_int4": (quantized.linear_int4, quantized.per_shape),
+    "linear_fp8": (quantized.linear_fp8, quantized.per_shape),
 }
 
 
@@ -38,11 +39,14 @@ def cuda_kernels(device: torch.device | str, configs: Mapping[str, dict] | None 
     """Every op's kernel on ``device``, with the launch parameters in ``configs`` (op ->
     the fields of its configuration) where given."""
     kernels = reference_kernels(device)
-    for op, (launcher, config_type) in LAUNCHERS.items():
+    for op, (launcher, parse) in LAUNCHERS.items():
         fields = (configs or {}).get(op)
         if not fields:
             kernels[op] = launcher
+        elif parse is None:
+            kernels[op] = partial(launcher, config=fields)
+        elif isinstance(parse, type):
+            kernels[op] = partial(launcher, config=config_from_dict(parse, fields))
         else:
-            kernels[op] = partial(launcher, config=fields if config_type is None else
-                                  config_from_dict(config_type, fields))
+            kernels[op] = partial(launcher, config=parse(fields))
     return kernels

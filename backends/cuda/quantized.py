@@ -1,15 +1,18 @@
 """Quantized ``linear`` layers on the GPU (the ops of ``ir/opdefs/quantized.py``): which
 kernel runs a call, by the number of rows.
 
-| rows | ``linear_int8``, ``linear_int4`` | ``linear_fp8`` |
-|---|---|---|
-| 1 (batch-1 decode) | GEMV over the stored bits (``quantized_gemv.py``) | the same GEMV, the row rounded into E4M3 first |
-| 2 to ``dequantize_from - 1`` | Triton GEMM dequantizing weight tiles (``quantized_gemm.py``) | rows quantized by one kernel, ``torch._scaled_mm`` (``fp8.py``) |
-| ``dequantize_from`` and more | the weight dequantized once, cuBLAS | as above |
+- ``linear_int8``, ``linear_int4``: one row (batch-1 decode), a GEMV over the stored bits
+  (``quantized_gemv.py``); 2 to ``dequantize_from - 1`` rows, a Triton GEMM dequantizing
+  weight tiles (``quantized_gemm.py``); from ``dequantize_from`` rows, the weight
+  dequantized once and cuBLAS;
+- ``linear_fp8``: one row, the same GEMV with the row rounded into E4M3 first; more rows,
+  the rows quantized by one kernel, then ``torch._scaled_mm`` (``fp8.py``).
 
-Launch parameters come per weight shape from build-time tuning (``tuning.py``):
-``config`` maps ``shape_key(n, k)`` to the fields of a ``QuantLinearConfig``; shapes not
-tuned take the defaults. INT4 groups that are not a power of two (a hidden size of 576
+Launch parameters come per weight shape from build-time tuning (``tuning.py``): the
+engine stores ``shape_key(n, k)`` -> the fields of a ``QuantLinearConfig``, which
+``per_shape`` turns into the ``config`` the launchers take once, when the kernel table is
+made (a decode step's launches must cost the host nothing more); shapes not tuned take
+the defaults. INT4 groups that are not a power of two (a hidden size of 576
 takes groups of 96) go through the dequantized weight at every row count.
 """
 
@@ -38,10 +41,18 @@ class QuantLinearConfig:
     dequantize_from: int = 512
 
 
-def linear_config(config: Mapping[str, dict] | None, n: int, k: int) -> QuantLinearConfig:
-    """The configuration stored for weight shape ``[n, k]``, or the defaults."""
-    fields = (config or {}).get(shape_key(n, k))
-    return config_from_dict(QuantLinearConfig, fields) if fields else QuantLinearConfig()
+_DEFAULT = QuantLinearConfig()
+PerShape = Mapping[str, QuantLinearConfig]
+
+
+def per_shape(stored: Mapping[str, Mapping]) -> dict[str, QuantLinearConfig]:
+    """Weight shape -> configuration, from the fields an engine stores."""
+    return {key: config_from_dict(QuantLinearConfig, fields) for key, fields in stored.items()}
+
+
+def linear_config(config: PerShape | None, n: int, k: int) -> QuantLinearConfig:
+    """The configuration for weight shape ``[n, k]``, or the defaults."""
+    return config.get(shape_key(n, k), _DEFAULT) if config else _DEFAULT
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +60,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 bias: torch.Tensor | None, config: Mapping[str, dict] | None) -> torch.Tensor:
+                 bias: torch.Tensor | None, config: PerShape | None) -> torch.Tensor:
     x2 = _rows(x)
     rows, k = x2.shape
     n = qweight.shape[0]
@@ -68,20 +79,20 @@ def _weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-                config: Mapping[str, dict] | None = None) -> torch.Tensor:
+                config: PerShape | None = None) -> torch.Tensor:
     """The ``linear_int8`` op."""
     return _weight_only(x, qweight, scale, None, bias, config)
 
 
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                bias: torch.Tensor | None = None, *, config: Mapping[str, dict] | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, *, config: PerShape | None = None) -> torch.Tensor:
     """The ``linear_int4`` op."""
     return _weight_only(x, qweight, scales, zeros, bias, config)
 
 
 def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
-               config: Mapping[str, dict] | None = None) -> torch.Tensor:
+               config: PerShape | None = None) -> torch.Tensor:
     """The ``linear_fp8`` op: the GEMV for one row, ``torch._scaled_mm`` for more (bfloat16
     inputs on a GPU with FP8 tensor cores); the registry's reference elsewhere."""
     if x.device.type != "cuda" or x.dtype != torch.bfloat16:

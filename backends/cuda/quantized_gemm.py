@@ -32,9 +32,10 @@ class QuantGemmConfig:
 
 @triton.jit
 def _dequantized_tile(q, scales, zeros, cols, col_ok, start, k, stride_q, stride_s, group, BLOCK_K: tl.constexpr,
-                      INT4: tl.constexpr, GROUPED: tl.constexpr, HAS_ZEROS: tl.constexpr):
+                      INT4: tl.constexpr, GROUPED: tl.constexpr, HAS_ZEROS: tl.constexpr, ALIGNED: tl.constexpr):
     """The weight's tile of rows ``cols`` and inputs ``start + [0, BLOCK_K)`` in float32
-    (a per-channel INT8 scale left out), zero outside the weight."""
+    (a per-channel INT8 scale left out), zero outside the weight. ``ALIGNED``: the tile
+    lies inside one group, so each row has one scale and zero point in it."""
     ks = start + tl.arange(0, BLOCK_K)
     ok = col_ok[:, None] & (ks < k)[None, :]
     if INT4:
@@ -45,18 +46,23 @@ def _dequantized_tile(q, scales, zeros, cols, col_ok, start, k, stride_q, stride
     else:
         codes = tl.load(q + cols.to(tl.int64)[:, None] * stride_q + ks[None, :], mask=ok, other=0).to(tl.float32)
     if GROUPED:
-        at = cols.to(tl.int64)[:, None] * stride_s + (ks // group)[None, :]
+        if ALIGNED:
+            at = (cols.to(tl.int64) * stride_s + start // group)[:, None]
+            at_ok = col_ok[:, None]
+        else:
+            at = cols.to(tl.int64)[:, None] * stride_s + (ks // group)[None, :]
+            at_ok = ok
         if HAS_ZEROS:
-            codes -= tl.load(zeros + at, mask=ok, other=0).to(tl.float32)
-        codes *= tl.load(scales + at, mask=ok, other=0.0).to(tl.float32)
+            codes -= tl.load(zeros + at, mask=at_ok, other=0).to(tl.float32)
+        codes *= tl.load(scales + at, mask=at_ok, other=0.0).to(tl.float32)
     return tl.where(ok, codes, 0.0)
 
 
 @triton.jit
 def _weight_only_gemm_kernel(x, q, scales, zeros, bias, out, m, n, k, stride_x, stride_q, stride_s, stride_o, group,
                              INT4: tl.constexpr, GROUPED: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < m, cols < n
@@ -66,7 +72,7 @@ def _weight_only_gemm_kernel(x, q, scales, zeros, bias, out, m, n, k, stride_x, 
         a = tl.load(x + rows.to(tl.int64)[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & (ks < k)[None, :],
                     other=0.0)
         w = _dequantized_tile(q, scales, zeros, cols, col_ok, start, k, stride_q, stride_s, group, BLOCK_K, INT4,
-                              GROUPED, HAS_ZEROS)
+                              GROUPED, HAS_ZEROS, ALIGNED)
         acc += tl.dot(a, tl.trans(w.to(a.dtype)))
     if not GROUPED:
         acc *= tl.load(scales + cols, mask=col_ok, other=0.0)[None, :]
@@ -78,25 +84,36 @@ def _weight_only_gemm_kernel(x, q, scales, zeros, bias, out, m, n, k, stride_x, 
 
 @triton.jit
 def _dequantize_kernel(q, scales, zeros, out, n, k, stride_q, stride_s, group, INT4: tl.constexpr,
-                       GROUPED: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       GROUPED: tl.constexpr, HAS_ZEROS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < n
     w = _dequantized_tile(q, scales, zeros, cols, col_ok, tl.program_id(1) * BLOCK_K, k, stride_q, stride_s, group,
-                          BLOCK_K, INT4, GROUPED, HAS_ZEROS)
+                          BLOCK_K, INT4, GROUPED, HAS_ZEROS, ALIGNED)
     if not GROUPED:
         w *= tl.load(scales + cols, mask=col_ok, other=0.0)[:, None]
     tl.store(out + cols.to(tl.int64)[:, None] * k + ks[None, :], w.to(out.dtype.element_ty),
              mask=col_ok[:, None] & (ks < k)[None, :])
 
 
-def _layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> dict:
-    """The kernels' description of a quantized weight: code width, grouping, zero points."""
+def _layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, block_k: int) -> dict:
+    """The kernels' description of a quantized weight read in tiles of ``block_k``
+    inputs: code width, grouping, zero points, whether a tile lies inside one group."""
     int4 = zeros is not None and qweight.dtype == torch.uint8
     k = qweight.shape[1] * (2 if int4 else 1)
     grouped = scales.dim() == 2
-    return dict(k=k, group=k // scales.shape[1] if grouped else k, INT4=int4, GROUPED=grouped,
-                HAS_ZEROS=zeros is not None)
+    group = k // scales.shape[1] if grouped else k
+    return dict(k=k, group=group, INT4=int4, GROUPED=grouped, HAS_ZEROS=zeros is not None,
+                ALIGNED=group % block_k == 0)
+
+
+def _block_k(qweight: torch.Tensor, scales: torch.Tensor, wanted: int) -> int:
+    """``wanted``, or a group's size where groups are smaller and a power of two, so that
+    every tile lies inside one group."""
+    k = qweight.shape[1] * (2 if qweight.dtype == torch.uint8 else 1)
+    group = k // scales.shape[1] if scales.dim() == 2 else k
+    return group if group < wanted and group & (group - 1) == 0 and group >= 16 else wanted
 
 
 def weight_only_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -104,7 +121,8 @@ def weight_only_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     """``x2 @ dequantize(weight).T + bias`` for a 2-D ``x2`` of any number of rows."""
     m = x2.shape[0]
     n = qweight.shape[0]
-    layout = _layout(qweight, scales, zeros)
+    block_k = _block_k(qweight, scales, config.block_k)
+    layout = _layout(qweight, scales, zeros, block_k)
     k = layout.pop("k")
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     block_m = max(16, min(config.block_m, triton.next_power_of_2(m)))
@@ -112,7 +130,7 @@ def weight_only_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     _weight_only_gemm_kernel[grid](
         x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, m, n,
         k, x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), **layout, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, num_warps=config.num_warps,
         num_stages=config.num_stages)
     return out
 
@@ -122,10 +140,10 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     """The ``[n, k]`` weight in ``dtype`` that the stored codes, scales (and zero points)
     stand for."""
     n = qweight.shape[0]
-    layout = _layout(qweight, scales, zeros)
+    block_n, block_k = 32, _block_k(qweight, scales, 128)
+    layout = _layout(qweight, scales, zeros, block_k)
     k = layout.pop("k")
     out = torch.empty((n, k), dtype=dtype, device=qweight.device)
-    block_n, block_k = 32, 128
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         qweight, scales, zeros if zeros is not None else scales, out, n, k, qweight.stride(0), scales.stride(0),
         **layout, BLOCK_N=block_n, BLOCK_K=block_k)

@@ -85,8 +85,6 @@ def _gemv_choices(graph: Graph) -> dict[str, dict]:
 def _quantized_gemv_choices(graph: Graph) -> dict[str, dict]:
     """Quantized op -> weight shape -> the fastest GEMV's ``QuantLinearConfig`` fields,
     timed on random operands of each layer's layout."""
-    import triton.testing
-
     layers: dict[tuple[str, str], Node] = {}
     for node in graph.nodes:
         if node.op in QUANTIZED_LINEARS and node.inputs[1].is_constant:
@@ -99,12 +97,19 @@ def _quantized_gemv_choices(graph: Graph) -> dict[str, dict]:
         bits = 4 if op == "linear_int4" else 8
 
         def run(config, launcher=launcher, x=x, operands=operands, key=key):
-            return launcher(x, *operands, config={key: {"gemv": dataclasses.asdict(config)}})
+            return launcher(x, *operands, config={key: quantized.QuantLinearConfig(gemv=config)})
 
-        timed = {config: triton.testing.do_bench(lambda c=config: run(c), warmup=5, rep=20, return_mode="median")
-                 for config in gemv_candidates(bits)}
+        timed = {config: _graph_ms(lambda c=config: run(c)) for config in gemv_candidates(bits)}
         choices.setdefault(op, {})[key] = {"gemv": dataclasses.asdict(min(timed, key=timed.get))}
     return choices
+
+
+def _graph_ms(fn) -> float:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph, as decode steps run."""
+    import triton.testing
+
+    fn()  # compiles outside the capture
+    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
 
 
 def _random_operand(type_: TensorType) -> torch.Tensor:
