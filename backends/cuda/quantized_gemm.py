@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .quantized_gemv import integer_floats
+
 
 @dataclass(frozen=True)
 class QuantGemmConfig:
@@ -42,9 +44,10 @@ def _dequantized_tile(q, scales, zeros, cols, col_ok, start, k, stride_q, stride
         pairs = start // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(q + cols.to(tl.int64)[:, None] * stride_q + pairs[None, :],
                          mask=col_ok[:, None] & (pairs < k // 2)[None, :], other=0).to(tl.int32)
-        codes = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)
+        codes = integer_floats(tl.interleave(packed & 0xF, packed >> 4), 0)
     else:
-        codes = tl.load(q + cols.to(tl.int64)[:, None] * stride_q + ks[None, :], mask=ok, other=0).to(tl.float32)
+        codes = integer_floats(tl.load(q + cols.to(tl.int64)[:, None] * stride_q + ks[None, :], mask=ok,
+                                       other=0).to(tl.int32), 128)
     if GROUPED:
         if ALIGNED:
             at = (cols.to(tl.int64) * stride_s + start // group)[:, None]

@@ -13,6 +13,11 @@ converting the codes to float32 in registers:
   group's dot product of codes and input is taken unscaled, then
   ``scale * (dot - zero * sum(x over the group))`` is added, so the per-element work is a
   nibble extraction and one multiply-add.
+
+Integer codes become floats without the int-to-float unit, which converts 16 values a
+clock per multiprocessor on Hopper and capped the INT4 GEMV near 1.5 TB/s: a code below
+2^23 OR-ed into the bits of 2^23 is the float 2^23 + code, and one subtraction leaves the
+code (``integer_floats``).
 """
 
 from __future__ import annotations
@@ -46,9 +51,19 @@ def gemv_candidates(bits: int) -> list[QuantGemvConfig]:
             ((4, 8), (8, 4), (8, 8), (16, 2), (16, 4), (32, 1), (32, 2)) for warps in (4, 8)]
 
 
+_TWO_23 = tl.constexpr(8388608.0)  # 2^23: its float32 bits are 0x4B000000, with room for the code below them
+
+
+@triton.jit
+def integer_floats(codes, offset: tl.constexpr):
+    """``codes`` (int32, ``-offset <= code < 2^23 - offset``) as exact float32 values:
+    ``code + offset`` written into the mantissa of 2^23, then 2^23 + offset taken away."""
+    return (codes + (0x4B000000 + offset)).to(tl.float32, bitcast=True) - (_TWO_23 + offset)
+
+
 @triton.jit
 def _w8_gemv_kernel(x, q, scale, input_scale, bias, out, n, k, stride_q, stride_s,
-                    FP8_INPUT: tl.constexpr, STATIC_INPUT: tl.constexpr, GROUP: tl.constexpr,
+                    FP8_CODES: tl.constexpr, FP8_INPUT: tl.constexpr, STATIC_INPUT: tl.constexpr, GROUP: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
@@ -74,7 +89,11 @@ def _w8_gemv_kernel(x, q, scale, input_scale, bias, out, n, k, stride_q, stride_
             xv = tl.clamp(xv / x_scale, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv).to(tl.float32)
         codes = tl.load(q + rows.to(tl.int64)[:, None] * stride_q + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        products = codes.to(tl.float32) * xv[None, :]
+        if FP8_CODES:
+            weights = codes.to(tl.float32)
+        else:
+            weights = integer_floats(codes.to(tl.int32), 128)
+        products = weights * xv[None, :]
         if GROUP == 0:
             acc += products
         else:
@@ -107,7 +126,7 @@ def _int4_gemv_kernel(x, q, scales, zeros, bias, out, n, half_k, stride_q, strid
         x_odd = tl.load(x + 2 * pairs + 1, mask=pair_ok, other=0.0).to(tl.float32)
         codes = tl.load(q + rows.to(tl.int64)[:, None] * stride_q + pairs[None, :],
                         mask=row_ok[:, None] & pair_ok[None, :], other=0).to(tl.int32)
-        products = (codes & 0xF).to(tl.float32) * x_even[None, :] + (codes >> 4).to(tl.float32) * x_odd[None, :]
+        products = integer_floats(codes & 0xF, 0) * x_even[None, :] + integer_floats(codes >> 4, 0) * x_odd[None, :]
         dots = tl.sum(tl.reshape(products, [BLOCK_N, GROUPS_PER_TILE, HALF]), 2)
         x_sums = tl.sum(tl.reshape(x_even + x_odd, [GROUPS_PER_TILE, HALF]), 1)
         groups = start // HALF + tl.arange(0, GROUPS_PER_TILE)
@@ -139,8 +158,9 @@ def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: t
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _w8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, qweight, scale, input_scale if input_scale is not None else scale, bias if bias is not None else scale,
-        out, n, k, qweight.stride(0), scale.stride(0), FP8_INPUT=fp8_input, STATIC_INPUT=input_scale is not None,
-        GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=block_k, num_warps=config.num_warps)
+        out, n, k, qweight.stride(0), scale.stride(0), FP8_CODES=qweight.dtype == torch.float8_e4m3fn,
+        FP8_INPUT=fp8_input, STATIC_INPUT=input_scale is not None, GROUP=group, HAS_BIAS=bias is not None,
+        BLOCK_N=config.block_n, BLOCK_K=block_k, num_warps=config.num_warps)
     return out
 
 

@@ -100,8 +100,23 @@ def _quantized_gemv_choices(graph: Graph) -> dict[str, dict]:
             return launcher(x, *operands, config={key: quantized.QuantLinearConfig(gemv=config)})
 
         timed = {config: _graph_ms(lambda c=config: run(c)) for config in gemv_candidates(bits)}
-        choices.setdefault(op, {})[key] = {"gemv": dataclasses.asdict(min(timed, key=timed.get))}
+        best = quantized.QuantLinearConfig(gemv=min(timed, key=timed.get))
+        if op != "linear_fp8":
+            best = dataclasses.replace(best, dequantize_from=_dequantize_from(launcher, x, operands, key))
+        choices.setdefault(op, {})[key] = dataclasses.asdict(best)
     return choices
+
+
+def _dequantize_from(launcher, x: torch.Tensor, operands: list, key: str) -> int:
+    """The fewest rows (of 16, 64, 256) at which the dequantized weight with cuBLAS beats
+    the Triton GEMM, or the default where it never does."""
+    for rows in (16, 64, 256):
+        xs = x.expand(rows, -1).contiguous()
+        gemm, dequantized = (_graph_ms(lambda d=from_rows: launcher(xs, *operands, config={
+            key: quantized.QuantLinearConfig(dequantize_from=d)})) for from_rows in (1 << 30, 1))
+        if dequantized < gemm:
+            return rows
+    return quantized.QuantLinearConfig().dequantize_from
 
 
 def _graph_ms(fn) -> float:
