@@ -191,9 +191,6 @@ def _check_options(target: str, kv_cache_dtype: str, tp: int, pp: int, max_batch
         raise ValueError(f"target {target!r} is not available yet: kiln builds for {', '.join(TARGETS)}")
     if kv_cache_dtype not in ("auto", "fp8"):
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of 'auto' (the model's dtype) and 'fp8'")
-    if kv_cache_dtype == "fp8" and TARGETS[target][1] == "cuda":
-        raise ValueError(f"kv_cache_dtype 'fp8' is not available for target {target!r} yet: the CUDA attention "
-                         "kernels do not read E4M3 caches (target 'cpu' serves it)")
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be at least 1, got tp={tp}, pp={pp}")
     if pp != 1:

@@ -34,6 +34,15 @@ from serving import ResultsFile, checkpoint_model, llama_8b  # noqa: E402
 SCHEMES = ("none", "int8", "int4", "fp8")
 
 
+def kv_capacity(engine, memory_fraction: float = 0.9) -> dict:
+    """The KV cache's bytes a token and the tokens that fit in ``memory_fraction`` of this
+    GPU's memory beside the weights a step reads (as the runtime sizes its cache)."""
+    per_token = engine.cache_spec.bytes_per_token()
+    total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+    return {"kv_bytes_per_token": per_token,
+            "kv_tokens_fit": max(int(total * memory_fraction) - decode_bytes(engine), 0) // per_token}
+
+
 def bench_scheme(model, scheme: str, args: argparse.Namespace, limits, record) -> None:
     """Build the engine of ``scheme`` and run every workload on it."""
     runs = [(args.input_len, args.output_len, c) for c in args.concurrency]
@@ -41,10 +50,12 @@ def bench_scheme(model, scheme: str, args: argparse.Namespace, limits, record) -
         runs += [(args.input_len, 2048, args.concurrency[-1]), (2048, args.output_len, args.concurrency[-1])]
     options = {key: max(engine_options(*run)[key] for run in runs) for key in engine_options(1, 1, 1)}
     start = time.perf_counter()
-    engine = kiln.compile(model, target=args.target, dtype=args.dtype,
+    engine = kiln.compile(model, target=args.target, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
                           quantization=None if scheme == "none" else scheme, **options)
+    if args.kv_cache_dtype != "auto":
+        scheme = f"{scheme}+kv-{args.kv_cache_dtype}"
     record({"scheme": scheme, "what": "build", "seconds": time.perf_counter() - start,
-            "decode_bytes": decode_bytes(engine), "ops": engine.graph.op_counts()})
+            "decode_bytes": decode_bytes(engine), **kv_capacity(engine), "ops": engine.graph.op_counts()})
     llm_engine = LLMEngine(engine, RuntimeConfig(num_blocks=max(cache_blocks(*run) for run in runs)))
     for input_len, output_len, concurrency in runs:
         for number in (1, 2):
@@ -64,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", default="cuda",
                         help="kiln's target: cuda (this GPU, whichever it is), h100, h200, or cpu")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 256])

@@ -113,3 +113,21 @@ def test_smollm_shapes_window_softcap_in_bfloat16():
           device="cuda", tolerance=2e-2)
     check([1, 300, 1], [2000, 50, 17], heads=16, kv_heads=8, head_dim=256, dtype=torch.bfloat16, device="cuda",
           sliding_window=256, softcap=50.0, tolerance=2e-2)
+
+
+@GPU
+@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_fp8_caches_in_bfloat16(case):
+    """E4M3 caches (``kv_cache_dtype="fp8"``): the kernels write the step's keys and values
+    saturated to E4M3 exactly as the reference does, and attend to what the cache holds."""
+    shapes = {"decode": ([1] * 64, [int(x) for x in torch.randint(1, 3000, (64,))]),
+              "mixed": ([1] * 30 + [700, 1], [int(x) for x in torch.randint(1, 900, (30,))] + [0, 4000])}[case]
+    args = make_step(*shapes, heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16,
+                     device="cuda")
+    args = (*args[:3], *(c.to(torch.float8_e4m3fn) for c in args[3:5]), *args[5:])
+    want, want_k, want_v = REGISTRY["paged_attention"].reference(*(a.float() for a in args[:3]), *args[3:])
+    out, k_cache, v_cache = attention.paged_attention(*args)
+    written = ~torch.isnan(want_k.float())
+    assert torch.equal(k_cache.float()[written], want_k.float()[written])
+    assert torch.equal(v_cache.float()[written], want_v.float()[written])
+    assert (out.float() - want).norm() / want.norm() < 2e-2

@@ -39,6 +39,8 @@ for part in "$@"; do
              python3 bench/quantization.py --schemes $scheme ${QUANT_ARGS:-} --out "$OUT/quant-$scheme.json" 2>&1 \
                | grep -E '"pass": 2|Error' | cut -c1-400
            done;;
+    quant-kv) python3 bench/quantization.py --schemes ${QUANT_SCHEMES:-fp8} --kv-cache-dtype fp8 ${QUANT_ARGS:-} \
+               --out "$OUT/quant-kv.json" 2>&1 | grep -E '"pass": 2|Error' | cut -c1-400;;
     kernels) python3 bench/quantized_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | cut -c1-600;;
     *) echo "unknown part $part";;
   esac

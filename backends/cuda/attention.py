@@ -20,7 +20,9 @@ Everything the launch needs is a tensor shape or an engine limit: nothing is rea
 from the GPU, so a step can be captured in a CUDA graph. Integer arguments that change
 from step to step (sequence counts, splits, block-table widths) are not specialized on, so
 Triton compiles each kernel once per model, not again whenever one of them first becomes
-1 or a multiple of 16. A step whose token count equals
+1 or a multiple of 16. An E4M3 cache (``kv_cache_dtype="fp8"``) stores keys and values
+saturated to E4M3 with a scale of 1 and is read back into the queries' dtype, as the op's
+reference does; a decode step then reads half the cache bytes. A step whose token count equals
 its sequence count is all decodes (the scheduler never schedules an empty sequence; a
 padded sequence of a captured graph has one token and a negative slot).
 """
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .fp8 import E4M3_MAX
 
 _LOG2E = 1.4426950408889634
 
@@ -103,24 +107,39 @@ def _kv_rows(table_row, pos, valid, cached, new_start, head, stride_cb, stride_c
 
 
 @triton.jit
-def _gather(cache, new, cache_rows, in_cache, new_rows, is_new, d, d_mask):
-    """A [len(rows), D] tile of keys or values at the rows ``_kv_rows`` found."""
+def _as_cached(x, FP8_CACHE: tl.constexpr):
+    """Keys or values as the cache holds them: as they are, or saturated to E4M3 (scale 1)."""
+    if FP8_CACHE:
+        return tl.clamp(x.to(tl.float32), -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
+    return x
+
+
+@triton.jit
+def _gather(cache, new, cache_rows, in_cache, new_rows, is_new, d, d_mask, FP8_CACHE: tl.constexpr):
+    """A [len(rows), D] tile of keys or values at the rows ``_kv_rows`` found, in the new
+    keys' dtype; with an E4M3 cache the step's own keys are rounded as the cache stores
+    them, so every position attends to what a later step will read."""
     old = tl.load(cache + cache_rows[:, None] + d[None, :], mask=in_cache[:, None] & d_mask[None, :], other=0.0)
     fresh = tl.load(new + new_rows[:, None] + d[None, :], mask=is_new[:, None] & d_mask[None, :], other=0.0)
+    if FP8_CACHE:
+        return (old.to(tl.float32) + _as_cached(fresh, FP8_CACHE).to(tl.float32)).to(fresh.dtype)
     return old + fresh
 
 
 @triton.jit
 def _store_kv(k, v, k_cache, v_cache, slot_mapping, tokens, valid, head, d, d_mask,
-              stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr):
+              stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr,
+              FP8_CACHE: tl.constexpr):
     """Write the new keys and values of ``tokens`` (one KV head) at their slots."""
     slot = tl.load(slot_mapping + tokens, mask=valid, other=-1)
     keep = (valid & (slot >= 0))[:, None] & d_mask[None, :]
     slot = tl.maximum(slot, 0).to(tl.int64)
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + head * stride_ch
     src = tokens.to(tl.int64) * stride_nt + head * stride_nh
-    tl.store(k_cache + dst[:, None] + d[None, :], tl.load(k + src[:, None] + d[None, :], mask=keep), mask=keep)
-    tl.store(v_cache + dst[:, None] + d[None, :], tl.load(v + src[:, None] + d[None, :], mask=keep), mask=keep)
+    tl.store(k_cache + dst[:, None] + d[None, :], _as_cached(tl.load(k + src[:, None] + d[None, :], mask=keep),
+                                                             FP8_CACHE), mask=keep)
+    tl.store(v_cache + dst[:, None] + d[None, :], _as_cached(tl.load(v + src[:, None] + d[None, :], mask=keep),
+                                                             FP8_CACHE), mask=keep)
 
 
 @triton.jit
@@ -154,7 +173,7 @@ def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context
                    stride_ps, stride_ph, stride_pk,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                   DIRECT: tl.constexpr):
+                   DIRECT: tl.constexpr, FP8_CACHE: tl.constexpr):
     seq = tl.program_id(0)  # decode sequence s has token s
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -181,8 +200,8 @@ def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context
         valid = pos < hi
         kv_at = _kv_rows(table_row, pos, valid, cached, token, kv_head, stride_cb, stride_ct, stride_ch, stride_nt,
                         stride_nh, BLOCK_SIZE)
-        keys = _gather(k_cache, k, *kv_at, d, d_mask)
-        values = _gather(v_cache, v, *kv_at, d, d_mask)
+        keys = _gather(k_cache, k, *kv_at, d, d_mask, FP8_CACHE)
+        values = _gather(v_cache, v, *kv_at, d, d_mask, FP8_CACHE)
         s = _scores(qv, keys, scale_log2, softcap, SOFTCAP)
         allowed = valid
         if WINDOW:
@@ -192,7 +211,7 @@ def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context
     if (lo <= cached) & (cached < hi):
         one = tl.arange(0, 1)
         _store_kv(k, v, k_cache, v_cache, slot_mapping, token + one, one == 0, kv_head, d, d_mask,
-                  stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
+                  stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, FP8_CACHE)
     lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     rows = seq.to(tl.int64) * stride_ps + heads * stride_ph + split * stride_pk
@@ -247,7 +266,7 @@ def _prefill_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, contex
                     stride_ot, stride_oh,
                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):
+                    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, FP8_CACHE: tl.constexpr):
     block = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _sequence_of(query_start, block, num_seqs, BLOCK_Q)
@@ -261,7 +280,7 @@ def _prefill_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, contex
         d_mask = d < D
         local = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
         _store_kv(k, v, k_cache, v_cache, slot_mapping, first + local, local < q_len, kv_head, d, d_mask,
-                  stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
+                  stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, FP8_CACHE)
         rows = tl.arange(0, BLOCK_Q * G_PAD)
         row_token = q_block * BLOCK_Q + rows // G_PAD
         row_head = kv_head * G + rows % G_PAD
@@ -282,8 +301,8 @@ def _prefill_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, contex
             valid = pos < hi
             kv_at = _kv_rows(table_row, pos, valid, cached, first, kv_head, stride_cb, stride_ct, stride_ch,
                             stride_nt, stride_nh, BLOCK_SIZE)
-            keys = _gather(k_cache, k, *kv_at, d, d_mask)
-            values = _gather(v_cache, v, *kv_at, d, d_mask)
+            keys = _gather(k_cache, k, *kv_at, d, d_mask, FP8_CACHE)
+            values = _gather(v_cache, v, *kv_at, d, d_mask, FP8_CACHE)
             s = _scores(qv, keys, scale_log2, softcap, SOFTCAP)
             allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None]) & row_valid[:, None]
             if WINDOW:
@@ -317,7 +336,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     group = heads // kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
     common = dict(G=group, G_PAD=max(_pow2(group), 1), D=head_dim, D_PAD=_pow2(head_dim),
-                  BLOCK_SIZE=k_cache.shape[1], SOFTCAP=softcap is not None, WINDOW=sliding_window is not None)
+                  BLOCK_SIZE=k_cache.shape[1], SOFTCAP=softcap is not None, WINDOW=sliding_window is not None,
+                  FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn)
     args = (q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1),
                k_cache.stride(2), block_tables.stride(0))
