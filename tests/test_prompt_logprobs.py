@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 from kiln import LLM, RuntimeConfig, SamplingParams
 from kiln.runtime.batch import SequenceStep, step_inputs
 
-PROMPTS = ["The for statement is used to specify cleanup actions that must be executed. The while loop repeats "
-           "a block of statements as long as its condition holds",
+PROMPTS = [("The for statement is used to specify cleanup actions that must be executed. The while loop repeats "
+            "a block of statements as long as its condition holds"),
            "A class definition", "Exceptions are raised when", "x"]
 
 

@@ -68,7 +68,7 @@ def test_echo_streams_the_prompt_first(client):
 
 
 def test_best_of_returns_the_candidates_of_highest_cumulative_logprob(client):
-    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=7)
+    kwargs = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 7}
     candidates = client.completions.create(n=4, logprobs=0, **kwargs).choices
     total = {c.text: sum(c.logprobs.token_logprobs) for c in candidates}
     assert len(total) > 1  # the candidates differ
