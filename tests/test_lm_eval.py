@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 from kiln import LLM, RuntimeConfig, SamplingParams
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the test extras: pip install -e '.[test]'")
-from lm_eval.models.openai_completions import LocalCompletionsAPI  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.models.openai_completions import LocalCompletionsAPI
+from lm_eval.tasks import TaskManager
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 
