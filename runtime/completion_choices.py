@@ -40,13 +40,14 @@ def prompt_only(out: RequestOutput) -> RequestOutput:
 @dataclasses.dataclass
 class ChoiceRenderer:
     """Renders the choices of one prompt, whole or as stream chunks: ``echo`` puts the
-    prompt (``prompt_text``, ``prompt_ids``) before the first text rendered, and, with
+    prompt (as given, text or token ids, which are decoded only then, once the engine
+    has accepted them; and ``prompt_ids``) before the first text rendered, and, with
     ``logprobs`` (the request's top count), its tokens' log-probabilities before the
     completion's. ``text_offset`` counts characters from the start of the choice's text,
     across chunks."""
 
     tokenizer: Any
-    prompt_text: str
+    prompt: str | list[int]
     prompt_ids: list[int]
     echo: bool
     logprobs: int | None
@@ -60,12 +61,17 @@ class ChoiceRenderer:
         entries: list[TokenLogprobs | None] = list(items)
         if self.echo and not self.echoed:
             self.echoed = True
-            text = self.prompt_text + text
+            text = self._prompt_text() + text
             ids = self.prompt_ids + ids
             entries = list(out.prompt_logprobs or [None] * len(self.prompt_ids)) + entries
         logprobs = None if self.logprobs is None else self._logprobs(ids, entries)
         self.offset += len(text)
         return {"index": index, "text": text, "finish_reason": out.finish_reason, "logprobs": logprobs}
+
+    def _prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return self.tokenizer.decode(self.prompt_ids) if self.tokenizer is not None else ""
 
     def _logprobs(self, ids: list[int], entries: list[TokenLogprobs | None]) -> dict:
         tokens = [token_text(self.tokenizer, token) for token in ids]

@@ -99,7 +99,7 @@ class CompletionRequest(_Sampling):
             raise ValueError("max_tokens 0 takes echo: true (it returns the prompt alone)")
         if self.candidates < self.n:
             raise ValueError(f"best_of must be at least n, got best_of = {self.best_of} and n = {self.n}")
-        if self.stream and self.candidates > 1:
+        if self.stream and self.best_of not in (None, 1):
             raise ValueError(f"stream takes best_of = 1, got best_of = {self.best_of}")
         ranked = self.candidates > self.n  # the candidates are ranked by their log-probabilities
         params = super().sampling_params(max(max_tokens, 1), 0 if logprobs is None and ranked else logprobs)

@@ -148,8 +148,7 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, defau
             encoded = [await admission.encode(p) for p in prompts]
             params = [_params(body, admission.max_tokens(body.max_tokens, default_max_tokens, len(ids)), body.logprobs)
                       for ids in encoded]
-            renderers = [ChoiceRenderer(tokenizer, p if isinstance(p, str) else _decode(tokenizer, ids), ids,
-                                        body.echo, body.logprobs) for p, ids in zip(prompts, encoded)]
+            renderers = [ChoiceRenderer(tokenizer, p, ids, body.echo, body.logprobs) for p, ids in zip(prompts, encoded)]
             request_id = llm.new_request_id("cmpl")
             head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name}
             shown = prompt_only if body.prompt_only else (lambda out: out)
@@ -243,10 +242,6 @@ def _usage(outputs: list[RequestOutput]) -> dict:
     completion = sum(len(o.token_ids) for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in outputs)}}
-
-
-def _decode(tokenizer: Any, ids: list[int]) -> str:
-    return tokenizer.decode(ids) if tokenizer is not None else ""
 
 
 def _chat_logprobs(tokenizer: Any, items: list[TokenLogprobs]) -> list[dict]:
