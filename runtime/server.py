@@ -148,7 +148,8 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, defau
             encoded = [await admission.encode(p) for p in prompts]
             params = [_params(body, admission.max_tokens(body.max_tokens, default_max_tokens, len(ids)), body.logprobs)
                       for ids in encoded]
-            renderers = [ChoiceRenderer(tokenizer, p, ids, body.echo, body.logprobs) for p, ids in zip(prompts, encoded)]
+            renderers = [ChoiceRenderer(tokenizer, prompt, ids, body.echo, body.logprobs)
+                         for prompt, ids in zip(prompts, encoded)]
             request_id = llm.new_request_id("cmpl")
             head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name}
             shown = prompt_only if body.prompt_only else (lambda out: out)
