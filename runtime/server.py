@@ -148,16 +148,20 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, defau
             encoded = [await admission.encode(p) for p in prompts]
             params = [_params(body, admission.max_tokens(body.max_tokens, default_max_tokens, len(ids)), body.logprobs)
                       for ids in encoded]
-            renderers = [ChoiceRenderer(tokenizer, prompt, ids, body.echo, body.logprobs)
-                         for prompt, ids in zip(prompts, encoded)]
+
+            def renderer(k: int) -> ChoiceRenderer:  # for one choice of prompt k
+                return ChoiceRenderer(tokenizer, prompts[k], encoded[k], body.echo, body.logprobs)
+
             request_id = llm.new_request_id("cmpl")
             head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name}
             shown = prompt_only if body.prompt_only else (lambda out: out)
 
             if body.stream:
+                stream = renderer(0)
+
                 def chunk(out: RequestOutput) -> dict:
                     out = shown(out)
-                    return {**head, "choices": [renderers[0].render(0, out, out.delta_text, _new_logprobs(out))]}
+                    return {**head, "choices": [stream.render(0, out, out.delta_text, _new_logprobs(out))]}
 
                 response = await _sse(generate(encoded[0], params[0], request_id), chunk, ticket)
                 handed_off = True
@@ -165,7 +169,7 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, defau
             finals = [shown(out) for out in await _collect(generate, *_choices(encoded, params, body.candidates),
                                                           request_id, request)]
             chosen = rank(finals, body.candidates, body.n)
-            return {**head, "choices": [renderers[i // body.n].render(i, out, out.text, out.logprobs)
+            return {**head, "choices": [renderer(i // body.n).render(i, out, out.text, out.logprobs)
                                         for i, out in enumerate(chosen)], "usage": _usage(finals)}
         finally:
             if not handed_off:

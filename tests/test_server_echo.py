@@ -53,6 +53,10 @@ def test_echo_puts_the_prompt_before_the_completion(client):
     assert tail.text_offset[-5] == len(PROMPT)
     ids = client.completions.create(model="tiny", prompt=[[5, 6, 7]], max_tokens=0, echo=True)
     assert ids.choices[0].text and ids.choices[0].logprobs is None
+    two = client.completions.create(model="tiny", prompt=[PROMPT, "A class"], max_tokens=3, temperature=0, n=2,
+                                    echo=True, logprobs=0)
+    assert [c.text[:len(PROMPT)] for c in two.choices[:2]] == [PROMPT] * 2
+    assert all(c.text.startswith("A class") and c.logprobs.text_offset[0] == 0 for c in two.choices[2:])
 
 
 def test_echo_streams_the_prompt_first(client):
