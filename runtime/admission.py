@@ -79,8 +79,8 @@ class Admission:
         """A ticket for ``count`` more requests; 429 with ``Retry-After`` when they do not fit
         now, 400 when they never could."""
         if count > self.capacity:
-            raise APIError(f"the request makes {count} sequences (prompts times n); this server admits at most "
-                           f"{self.capacity}")
+            raise APIError(f"the request makes {count} sequences (prompts times n, or best_of); this server admits "
+                           f"at most {self.capacity}")
         if self.admitted + count > self.capacity:
             raise APIError(f"the server is at capacity ({self.capacity} requests admitted); retry later", 429,
                            "rate_limit_error", "server_busy", {"Retry-After": str(self.limits.retry_after)})

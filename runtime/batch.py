@@ -21,11 +21,12 @@ class SequenceStep:
 
 
 def step_inputs(steps: Sequence[SequenceStep], block_size: int, all_logits: bool = False,
-                sampling: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
+                sampling: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """``ids``, ``positions``, ``slot_mapping``, ``query_start``, ``context_lens``,
     ``block_tables`` and ``logits_indices`` for a mixed batch of prefills, prefill chunks
     and decodes. Logits are asked for every token, or for the last token of each
-    sequence (of those marked in ``sampling``, when given)."""
+    sequence, or, given ``sampling``, for the last ``sampling[i]`` tokens of sequence i
+    (a flag: its last token or none)."""
     count = len(steps)
     new = np.fromiter((len(s.token_ids) for s in steps), np.int64, count)
     cached = np.fromiter((s.cached for s in steps), np.int64, count)
@@ -48,8 +49,15 @@ def step_inputs(steps: Sequence[SequenceStep], block_size: int, all_logits: bool
     if all_logits:
         logits = np.arange(starts[-1])
     else:
-        logits = starts[1:] - 1 if sampling is None else (starts[1:] - 1)[np.asarray(sampling, dtype=bool)]
+        logits = starts[1:] - 1 if sampling is None else _last_rows(starts[1:], np.asarray(sampling, np.int64))
     return {"ids": torch.from_numpy(ids), "positions": torch.from_numpy(positions),
             "slot_mapping": torch.from_numpy(slots), "query_start": torch.from_numpy(starts.astype(np.int32)),
             "context_lens": torch.from_numpy(lengths.astype(np.int32)), "block_tables": torch.from_numpy(tables),
             "logits_indices": torch.from_numpy(logits.astype(np.int64))}
+
+
+def _last_rows(ends: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The last ``counts[i]`` row indices before ``ends[i]``, for each i, in order."""
+    if (counts <= 1).all():
+        return (ends - 1)[counts.astype(bool)]
+    return np.repeat(ends - counts, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)

@@ -49,13 +49,13 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def _prefix(self, seq: Sequence) -> list[tuple[int, int]]:
-        """(block id, hash) of the cached blocks that start ``seq``, leaving at least its
-        last token to compute (its logits are needed)."""
+        """(block id, hash) of the cached blocks that start ``seq``, within its
+        ``reusable_prefix`` (the tokens whose logits it needs are computed)."""
         found: list[tuple[int, int]] = []
         if not self.prefix_caching:
             return found
         parent = None
-        for index in range((seq.num_tokens - 1) // self.block_size):
+        for index in range(seq.reusable_prefix // self.block_size):
             tokens = tuple(seq.tokens[index * self.block_size:(index + 1) * self.block_size])
             digest = hash((parent, tokens))
             block_id = self.cached.get(digest)

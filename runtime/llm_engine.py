@@ -25,7 +25,7 @@ from .engine import Engine
 from .kv_cache import plan_num_blocks
 from .model_runner import Feed, ModelRunner
 from .outputs import RequestOutput
-from .sampler import Sampling, sample_async
+from .sampler import Sampling, sample_async, score
 from .sampling_params import SamplingParams
 from .scheduler import Scheduled, Scheduler
 from .sequence import PENDING, Sequence
@@ -235,10 +235,12 @@ class LLMEngine:
                 src.append(rows[id(item.seq)])
             steps.append(SequenceStep(tokens, item.num_cached, item.seq.block_table))
             offset += len(tokens)
-        flags = [item.samples for item in batch]
+        rows = [item.logit_rows for item in batch]
         feed = Feed(dst, src, previous.sampled.tokens) if dst else None
-        logits = self.runner.run(steps, flags, feed)
-        sampling = [item.seq for item, samples in zip(batch, flags) if samples]
+        logits = self.runner.run(steps, rows, feed)
+        sampling = [item.seq for item in batch if item.samples]
+        if sum(rows) > len(sampling):
+            logits = self._score_prompts(batch, rows, logits)
         for item in batch:
             item.seq.num_cached += item.num_tokens
         sampling, sampled = self._sample(logits, sampling, failed)
@@ -246,6 +248,26 @@ class LLMEngine:
             seq.tokens.append(PENDING)
             seq.pending += 1
         return InFlight([item.seq for item in batch], sampling, sampled)
+
+    def _score_prompts(self, batch: list[Scheduled], rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Record the prompt log-probabilities that the step's logits give (row ``r`` of a
+        sequence's last ``rows`` scores its next token); the logits of the sampling rows."""
+        scored, targets, owners, sampled = [], [], [], []
+        at = 0
+        for item, count in zip(batch, rows):
+            first = item.num_cached + item.num_tokens - count  # the position of the sequence's first row
+            for row in range(count - item.samples):
+                scored.append(at + row)
+                targets.append(item.seq.tokens[first + row + 1])
+                owners.append(item.seq)
+            if item.samples:
+                sampled.append(at + count - 1)
+            at += count
+        index = torch.tensor(scored, device=logits.device)
+        tops = [seq.params.prompt_logprobs for seq in owners]
+        for seq, entry in zip(owners, score(logits.index_select(0, index), targets, tops)):
+            seq.prompt_logprobs.append(entry)
+        return logits.index_select(0, torch.tensor(sampled, dtype=torch.int64, device=logits.device))
 
     def _sample(self, logits: torch.Tensor, sampling: list[Sequence],
                 failed: list[RequestOutput]) -> tuple[list[Sequence], Sampling]:
@@ -334,6 +356,7 @@ class LLMEngine:
         outputs = seq.output_ids
         delta_ids = outputs[seq.emitted_tokens:]
         seq.emitted_text, seq.emitted_tokens = visible, len(outputs)
+        prompt_logprobs = None if seq.params.prompt_logprobs is None else [None, *seq.prompt_logprobs]
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_ids, seq.text[:visible], list(outputs),
                              delta_text, delta_ids, seq.finished, seq.finish_reason, list(seq.logprobs),
-                             seq.cached_prompt_tokens, error)
+                             seq.cached_prompt_tokens, error, prompt_logprobs)

@@ -50,9 +50,10 @@ class ModelRunner:
             largest = _layout(self.graph_sizes[-1], max_blocks)[-1][1] + 2 * self.graph_sizes[-1]  # and a feed
             self._staging = torch.zeros(largest, dtype=torch.int64, device=device)
 
-    def run(self, steps: Sequence[SequenceStep], sampling: Sequence[bool], feed: Feed | None = None) -> torch.Tensor:
-        """Logits [number of sampling sequences, vocab] of one step; ``feed`` fills in the
-        input tokens that the previous step is still sampling, on the device."""
+    def run(self, steps: Sequence[SequenceStep], sampling: Sequence[int], feed: Feed | None = None) -> torch.Tensor:
+        """Logits [sum(sampling), vocab] of one step: of the last ``sampling[i]`` tokens of
+        sequence i (1 for a sequence that samples; more for one that scores its prompt);
+        ``feed`` fills in the input tokens that the previous step is still sampling, on the device."""
         inputs = step_inputs(steps, self.block_size, sampling=sampling)
         index = torch.tensor(feed.dst + feed.src if feed else [], dtype=torch.int64)
         with torch.inference_mode():

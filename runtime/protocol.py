@@ -3,12 +3,14 @@ their fields onto ``SamplingParams``. Fields vLLM adds (``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``) are accepted too.
 
 No field is ever silently ignored: an unknown field is refused by name, and so is a
-known one that kiln does not do yet (``echo``, ``best_of``, ``suffix``;
-in chat ``response_format`` other than text, ``tools``, ``tool_choice``).
+known one that kiln does not do yet (``suffix``; in chat ``response_format`` other than
+text, ``tools``, ``tool_choice``). ``user`` is accepted as OpenAI defines it: an
+end-user id for abuse monitoring, with no effect on the output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
@@ -69,17 +71,42 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    """``POST /v1/completions``."""
+    """``POST /v1/completions``. ``echo`` puts the prompt before the completion, and with
+    ``logprobs`` the prompt tokens' log-probabilities before the completion's (the first
+    token's is null); with ``max_tokens: 0`` only the prompt comes back (how lm-eval and
+    vLLM score a text). ``best_of`` candidates are generated for each prompt and the ``n``
+    of highest cumulative log-probability returned."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
 
+    @property
+    def candidates(self) -> int:
+        """How many completions are generated per prompt (``best_of``, or ``n``)."""
+        return self.best_of or self.n
+
+    @property
+    def prompt_only(self) -> bool:
+        """Whether the prompt alone comes back, with no completion (``max_tokens: 0``)."""
+        return self.max_tokens == 0
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        if self.prompt_only and not self.echo:
+            raise ValueError("max_tokens 0 takes echo: true (it returns the prompt alone)")
+        if self.candidates < self.n:
+            raise ValueError(f"best_of must be at least n, got best_of = {self.best_of} and n = {self.n}")
+        if self.stream and self.best_of not in (None, 1):
+            raise ValueError(f"stream takes best_of = 1, got best_of = {self.best_of}")
+        ranked = self.candidates > self.n  # the candidates are ranked by their log-probabilities
+        params = super().sampling_params(max(max_tokens, 1), 0 if logprobs is None and ranked else logprobs)
+        return dataclasses.replace(params, prompt_logprobs=logprobs if self.echo else None)
+
     def unsupported(self) -> list[str]:
-        return [*super().unsupported(), *(name for name, used in (
-            ("echo", self.echo), ("best_of", self.best_of not in (None, 1)), ("suffix", self.suffix)) if used)]
+        return [*super().unsupported(), *(["suffix"] if self.suffix is not None else [])]
 
 
 class ChatMessage(_Body):
@@ -98,6 +125,11 @@ class ChatRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs takes logprobs: true")
+        return super().sampling_params(max_tokens, logprobs)
 
     def unsupported(self) -> list[str]:
         text = self.response_format in (None, {"type": "text"})

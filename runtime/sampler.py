@@ -70,6 +70,16 @@ def sample_async(logits: torch.Tensor, seqs: Seq[Sequence], eos: Seq[int] = ()) 
     return Sampling(tokens, lambda: _results(values(), seqs, top))
 
 
+def score(logits: torch.Tensor, tokens: Seq[int], tops: Seq[int]) -> list[TokenLogprobs]:
+    """For each row of ``logits``, the log-probability of its token in ``tokens`` and the
+    ``tops[row]`` most likely tokens' (log-softmax in float32 of the logits as they are, no
+    penalty or bias): a prompt's log-probabilities. Waits for the device."""
+    top = max(tops, default=0)
+    rows = torch.arange(len(tokens), device=logits.device)
+    values = kernels.logprobs(logits, rows, torch.tensor(tokens, device=logits.device), top).tolist()
+    return [_token_logprobs(token, entry, k, top) for token, entry, k in zip(tokens, values, tops)]
+
+
 # the host's tables: columns of float64, which holds token ids exactly ---------------------
 
 def _tables(seqs: Seq[Sequence], eos: Seq[int], vocab: int) -> dict[str, Table]:

@@ -19,7 +19,9 @@ class SamplingParams:
     Generation stops at ``max_tokens``, at a ``stop`` string (left out of the text unless
     ``include_stop_str_in_output``), at a token of ``stop_token_ids``, or at the model's
     end-of-sequence tokens unless ``ignore_eos``; never before ``min_tokens``.
-    ``logprobs=k`` returns the sampled token's log-probability and the k most likely.
+    ``logprobs=k`` returns the sampled token's log-probability and the k most likely;
+    ``prompt_logprobs=k`` does the same for every prompt token after the first, given the
+    tokens before it (vLLM's name; such a request reuses no cached prefix whose logits it needs).
     ``logit_bias`` (a mapping or pairs of token id and bias in [-100, 100]) is added to
     those tokens' logits before anything else.
     """
@@ -38,6 +40,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
@@ -61,6 +64,8 @@ class SamplingParams:
              f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
             (self.logprobs is not None and not 0 <= self.logprobs <= 20,
              f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (any(not s for s in self.stop), "stop strings must not be empty"),
         ) if bad]
         if problems:

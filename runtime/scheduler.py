@@ -31,6 +31,17 @@ class Scheduled:
         """Whether the step reaches the sequence's last token, so that it samples one."""
         return self.num_cached + self.num_tokens == self.seq.num_tokens
 
+    @property
+    def logit_rows(self) -> int:
+        """How many of the step's last tokens need logits: the prompt positions whose
+        log-probabilities the sequence still needs, then the last token if it samples.
+        (They are always the last ones: prompt positions that need logits are never cached,
+        and a sequence has output tokens only once its prompt's logits are all taken.)"""
+        start = self.seq.prompt_logits_from
+        end = self.num_cached + self.num_tokens
+        scored = 0 if start is None else max(0, min(end, len(self.seq.prompt_ids) - 1) - max(start, self.num_cached))
+        return scored + self.samples
+
 
 class Scheduler:
     """Decides which tokens of which sequences each step runs."""

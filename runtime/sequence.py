@@ -50,6 +50,7 @@ class Sequence:
     emitted_text: int = 0  # characters of text already handed out
     emitted_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of prompt tokens 1, 2, ... so far
     detokenizer: IncrementalDetokenizer | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -77,6 +78,20 @@ class Sequence:
     def num_uncached(self) -> int:
         """Tokens still to run through the model (the whole prompt at first, then one)."""
         return len(self.tokens) - self.num_cached
+
+    @property
+    def prompt_logits_from(self) -> int | None:
+        """The first prompt position whose logits the prompt's log-probabilities still need
+        (position p's logits score token p + 1), or None when they need no more."""
+        done = len(self.prompt_logprobs)
+        return done if self.params.prompt_logprobs is not None and done < len(self.prompt_ids) - 1 else None
+
+    @property
+    def reusable_prefix(self) -> int:
+        """How many leading tokens may come from the prefix cache: all but the last (its
+        logits are needed), and none whose logits the prompt's log-probabilities still need."""
+        needed = self.prompt_logits_from
+        return self.num_tokens - 1 if needed is None else min(self.num_tokens - 1, needed)
 
     @property
     def finished(self) -> bool:

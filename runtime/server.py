@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from .admission import Admission, ServerLimits, Ticket
 from .api_error import APIError
 from .async_llm import AsyncLLM, EngineDeadError
+from .completion_choices import ChoiceRenderer, prompt_only, rank, token_text
 from .http_guard import Guard, ServerState
 from .outputs import RequestOutput
 from .protocol import ChatRequest, CompletionRequest
@@ -141,28 +142,35 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None, defau
         if body.stream and len(prompts) != 1:
             raise APIError("streaming takes one prompt")
         _params(body, body.max_tokens or default_max_tokens, body.logprobs)  # refuse bad values before any work
-        ticket = admission.admit(len(prompts) * body.n)
+        ticket = admission.admit(len(prompts) * body.candidates)
         handed_off = False
         try:
             encoded = [await admission.encode(p) for p in prompts]
             params = [_params(body, admission.max_tokens(body.max_tokens, default_max_tokens, len(ids)), body.logprobs)
                       for ids in encoded]
-            encoded, params = _choices(encoded, params, body.n)
+
+            def renderer(k: int) -> ChoiceRenderer:  # for one choice of prompt k
+                return ChoiceRenderer(tokenizer, prompts[k], encoded[k], body.echo, body.logprobs)
+
             request_id = llm.new_request_id("cmpl")
             head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name}
-
-            def choice(index: int, out: RequestOutput, text: str, logprobs: list[TokenLogprobs]) -> dict:
-                return {"index": index, "text": text, "finish_reason": out.finish_reason,
-                        "logprobs": _completion_logprobs(tokenizer, logprobs) if body.logprobs is not None else None}
+            shown = prompt_only if body.prompt_only else (lambda out: out)
 
             if body.stream:
-                response = await _sse(generate(encoded[0], params[0], request_id), lambda out: {
-                    **head, "choices": [choice(0, out, out.delta_text, _new_logprobs(out))]}, ticket)
+                stream = renderer(0)
+
+                def chunk(out: RequestOutput) -> dict:
+                    out = shown(out)
+                    return {**head, "choices": [stream.render(0, out, out.delta_text, _new_logprobs(out))]}
+
+                response = await _sse(generate(encoded[0], params[0], request_id), chunk, ticket)
                 handed_off = True
                 return response
-            finals = await _collect(generate, encoded, params, request_id, request)
-            return {**head, "choices": [choice(i, out, out.text, out.logprobs) for i, out in enumerate(finals)],
-                    "usage": _usage(finals)}
+            finals = [shown(out) for out in await _collect(generate, *_choices(encoded, params, body.candidates),
+                                                          request_id, request)]
+            chosen = rank(finals, body.candidates, body.n)
+            return {**head, "choices": [renderer(i // body.n).render(i, out, out.text, out.logprobs)
+                                        for i, out in enumerate(chosen)], "usage": _usage(finals)}
         finally:
             if not handed_off:
                 ticket.release()
@@ -241,20 +249,9 @@ def _usage(outputs: list[RequestOutput]) -> dict:
             "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in outputs)}}
 
 
-def _token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
-
-
-def _completion_logprobs(tokenizer: Any, items: list[TokenLogprobs]) -> dict:
-    return {"tokens": [_token_text(tokenizer, i.token_id) for i in items],
-            "token_logprobs": [i.logprob for i in items],
-            "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in i.top.items()} for i in items],
-            "text_offset": []}
-
-
 def _chat_logprobs(tokenizer: Any, items: list[TokenLogprobs]) -> list[dict]:
     def entry(token_id: int, logprob: float) -> dict:
-        text = _token_text(tokenizer, token_id)
+        text = token_text(tokenizer, token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     return [{**entry(i.token_id, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top.items()]}
