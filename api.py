@@ -127,7 +127,8 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
     stops = stop_token_ids or _ids(getattr(imported.config, "eos_token_id", None)) or _ids(eos)
     info = EngineInfo(architecture, target, backend, imported.dtype, limits.max_batch_size, limits.max_seq_len,
                       limits.max_num_tokens, select_profiles(limits, workload), stops, tp=tp,
-                      quantization=quantization.to_dict() if quantization else None, kv_cache_dtype=kv_cache_dtype)
+                      quantization=_quantization_record(quantization, imported.quantization),
+                      kv_cache_dtype=kv_cache_dtype)
     graph = imported.graph
     stage("optimizing")
     batches = _calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
@@ -152,6 +153,12 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
         engine.info = dataclasses.replace(info, tuned_on=tuned_on)
         engine.kernel_configs = configs
     return engine
+
+
+def _quantization_record(config: QuantConfig | None, checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the manifest records: the scheme the build applied and the one the checkpoint came in."""
+    record = config.to_dict() if config else None
+    return {**(record or {}), "checkpoint": checkpoint} if checkpoint else record
 
 
 def _calibration_batches(tokenizer: Any, texts: Sequence[str] | None, max_seq_len: int,
