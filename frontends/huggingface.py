@@ -73,7 +73,8 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, config: Any) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, config: Any) -> torch.dtype:
+    """The engine's weight dtype: ``dtype`` as given, else the config's, else float32."""
     if dtype is None:
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
@@ -83,7 +84,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None, config: Any) -> torch.dtype:
     return dtype
 
 
-def _build_model(config: Any, dtype: torch.dtype) -> nn.Module:
+def build_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The transformers causal LM of ``config``, its parameters on the meta device."""
     from transformers import AutoModelForCausalLM
 
     architectures = getattr(config, "architectures", None) or []
@@ -140,8 +142,8 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None, ma
     """Import the causal LM in checkpoint directory ``path``."""
     checkpoint = read_checkpoint(path)
     tensors, quantization = prequantized_tensors(checkpoint.config, checkpoint.tensors)
-    dtype = _resolve_dtype(dtype, checkpoint.config)
-    model = _build_model(checkpoint.config, dtype)
+    dtype = resolve_dtype(dtype, checkpoint.config)
+    model = build_model(checkpoint.config, dtype)
     tensors = model_tensors(dataclasses.replace(checkpoint, tensors=tensors), model)
     graph = import_weights(model, tensors, max_batch_size, max_seq_len, str(checkpoint.path))
     return ImportedLM(graph, checkpoint.tokenizer, checkpoint.config, dtype, quantization)
