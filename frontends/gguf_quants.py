@@ -25,9 +25,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..ir import LazyData, TensorType, dtypes
+from ..ir import TensorType, dtypes
 from ..passes.quantization.weights import pack_int4_codes
-from .quantized_linear import QuantizedLinear
+from .quantized_linear import QuantizedLinear, SharedParts
 
 # type name -> (block size in weights, bytes a block)
 BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q6_K": (256, 210)}
@@ -87,8 +87,7 @@ def _with_offsets(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
     """Codes ``[rows, in]``, scales and float zero points ``[rows, groups]`` for
     ``w = scale * q + offset`` per group."""
     flat = scale == 0  # all of the group's weights are ``offset``: (1 - 0) * offset
-    group = codes.shape[-1] // scale.shape[-1]
-    codes = torch.where(flat.repeat_interleave(group, dim=-1), torch.ones_like(codes), codes)
+    codes = codes.reshape(*scale.shape, -1).masked_fill(flat[..., None], 1).flatten(-2)
     zeros = torch.where(flat, torch.zeros_like(offset), -offset / torch.where(flat, torch.ones_like(scale), scale))
     return codes, torch.where(flat, offset, scale), zeros
 
@@ -126,15 +125,13 @@ def quantized_linear(kind: str, data: np.ndarray, in_features: int, dtype: torch
         raise ValueError(f"{where}: {in_features} input features are not whole {kind} blocks of {block}")
     op = REPACKERS[kind][0]
     out_features = data.shape[0]
-
-    def part(index: int) -> LazyData:
-        return LazyData(lambda: repack(kind, data, in_features, dtype, rows)[index], where)
-
+    parts = SharedParts(lambda: repack(kind, data, in_features, dtype, rows), where)
     if op == "linear_int8":
         groups = (out_features, in_features // (16 if kind == "Q6_K" else block))
-        return QuantizedLinear(op, (("qweight", TensorType(dtypes.int8, (out_features, in_features)), part(0)),
-                                    ("scale", TensorType(dtypes.float32, groups), part(1))))
+        return QuantizedLinear(op, (("qweight", TensorType(dtypes.int8, (out_features, in_features)), parts.lazy(0)),
+                                    ("scale", TensorType(dtypes.float32, groups), parts.lazy(1))))
     groups = (out_features, in_features // 32)
-    return QuantizedLinear(op, (("qweight", TensorType(dtypes.uint8, (out_features, in_features // 2)), part(0)),
-                                ("scales", TensorType(dtypes.dtype(dtype), groups), part(1)),
-                                ("zeros", TensorType(dtypes.float32, groups), part(2))))
+    return QuantizedLinear(op, (
+        ("qweight", TensorType(dtypes.uint8, (out_features, in_features // 2)), parts.lazy(0)),
+        ("scales", TensorType(dtypes.dtype(dtype), groups), parts.lazy(1)),
+        ("zeros", TensorType(dtypes.float32, groups), parts.lazy(2))))

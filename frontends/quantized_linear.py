@@ -16,12 +16,13 @@ The quantize stage rewrites only ``linear``, so these layers are never quantized
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..ir import ConstantData, Graph, TensorType, dtypes
+from ..ir import ConstantData, Graph, LazyData, TensorType, dtypes
 from ..ir.opdefs.quantized import dequantize_int4, dequantize_int8
 
 
@@ -83,6 +84,26 @@ class QuantizedRef:
         """The dequantized weight (in ``dtype``)."""
         weight = self.build(dtype or torch.float32).dequantize()
         return weight if dtype is None else weight.to(dtype)
+
+
+class SharedParts:
+    """Operands computed together (one repack of a checkpoint tensor gives codes, scales and
+    zero points): the first asked for computes all, each is handed out once, so that nothing
+    but their users keeps them."""
+
+    def __init__(self, compute: Callable[[], tuple[torch.Tensor, ...]], description: str):
+        self.compute, self.description = compute, description
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def part(self, index: int) -> torch.Tensor:
+        """The ``index``-th operand."""
+        if index not in self.pending:
+            self.pending = dict(enumerate(self.compute()))
+        return self.pending.pop(index)
+
+    def lazy(self, index: int) -> LazyData:
+        """The ``index``-th operand as lazy constant data."""
+        return LazyData(functools.partial(self.part, index), self.description)
 
 
 def use_quantized_weights(graph: Graph) -> int:
