@@ -79,6 +79,8 @@ def metadata_value(field: Any) -> Any:
     from gguf import GGUFValueType
 
     if field.types[0] == GGUFValueType.ARRAY:
+        if field.types[1] == GGUFValueType.ARRAY:
+            return None  # nested arrays: no key kiln reads holds one
         if field.types[1] == GGUFValueType.STRING:
             return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
         return np.concatenate([field.parts[i] for i in field.data]).tolist() if len(field.data) else []
@@ -128,9 +130,9 @@ def gguf_config(metadata: dict[str, Any], tied: bool) -> Any:
 def _hf_name(name: str) -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)  # a llama has no biases
     if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
     return None
 
 
@@ -184,5 +186,6 @@ def load_gguf(path: str | Path, dtype: str | torch.dtype | None = None, max_batc
     model = build_model(config, dtype)
     graph = import_weights(model, refs, max_batch_size, max_seq_len, str(path))
     types = Counter(t.tensor_type.name for t in tensors)
-    scheme = {"method": "gguf", "file_type": metadata.get("general.file_type"), "tensor_types": dict(sorted(types.items()))}
+    scheme = {"method": "gguf", "file_type": metadata.get("general.file_type"),
+              "tensor_types": dict(sorted(types.items()))}
     return ImportedLM(graph, tokenizer, config, dtype, scheme)

@@ -3,13 +3,16 @@
 Each row of a GGUF matrix is a run of blocks along the input dim (llama.cpp's
 ``ggml-common.h`` gives the layouts; ``d``, ``m``, ``dmin`` are float16):
 
-| type | block | stores | kiln op |
-|---|---|---|---|
-| Q8_0 | 32 | ``d``, 32 int8 ``q``: ``w = d q`` | ``linear_int8``, scales ``[out, in/32]`` |
-| Q4_0 | 32 | ``d``, 16 bytes (``q[j]`` low nibble, ``q[j + 16]`` high): ``w = d (q - 8)`` | ``linear_int4``, zero 8 |
-| Q4_1 | 32 | ``d``, ``m``, nibbles as Q4_0: ``w = d q + m`` | ``linear_int4``, float zero ``-m / d`` |
-| Q4_K | 256 | ``d``, ``dmin``, 12 bytes of 6-bit scales ``sc`` and mins ``mn`` for 8 sub-blocks of 32, 128 bytes of nibbles (each 32 bytes: a sub-block in the low nibbles, the next in the high): ``w = d sc q - dmin mn`` | ``linear_int4`` in groups of 32, float zeros |
-| Q6_K | 256 | 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales (sub-blocks of 16), ``d``: ``w = d sc (q - 32)`` | ``linear_int8``, scales ``[out, in/16]`` |
+- Q8_0, blocks of 32: ``d``, 32 int8 ``q``; ``w = d q``. -> ``linear_int8``, scales ``[out, in/32]``.
+- Q4_0, blocks of 32: ``d``, 16 bytes (``q[j]`` in the low nibble of byte j, ``q[j + 16]`` in
+  its high one); ``w = d (q - 8)``. -> ``linear_int4``, zero point 8.
+- Q4_1, blocks of 32: ``d``, ``m``, nibbles as Q4_0; ``w = d q + m``. -> ``linear_int4``,
+  float zero point ``-m / d``.
+- Q4_K, blocks of 256: ``d``, ``dmin``, 12 bytes of 6-bit scales ``sc`` and mins ``mn`` for 8
+  sub-blocks of 32, 128 bytes of nibbles (each run of 32 bytes: a sub-block in the low
+  nibbles, the next in the high); ``w = d sc q - dmin mn``. -> ``linear_int4``, groups of 32.
+- Q6_K, blocks of 256: 128 bytes of low nibbles, 64 of 2-bit high pairs, 16 int8 scales
+  (sub-blocks of 16), ``d``; ``w = d sc (q - 32)``. -> ``linear_int8``, scales ``[out, in/16]``.
 
 An offset ``m`` becomes the zero point ``-m / d`` of ``w = (q - zero) d``; a block whose
 scale is 0 (all its weights equal ``m``) gets codes 1, zero 0 and scale ``m`` instead. Scales

@@ -123,7 +123,8 @@ def use_quantized_weights(graph: Graph) -> int:
                                         for suffix, type, data in linear.operands]
             x = node.inputs[0]
             if linear.permutation is not None:
-                order = graph.add_constant(linear.permutation, TensorType(dtypes.int64, tuple(linear.permutation.shape)),
+                order = graph.add_constant(linear.permutation,
+                                           TensorType(dtypes.int64, tuple(linear.permutation.shape)),
                                            f"{base}.input_order")
                 x = graph.call("index_select", [x, order], {"dim": -1}, location=node.location).result
             bias = node.inputs[2] if len(node.inputs) > 2 else None

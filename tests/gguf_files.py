@@ -74,7 +74,8 @@ def write_llama_gguf(path: Path, types: dict[str, str], hidden: int = 256, inter
               "attn_q": (hidden, hidden), "attn_k": (kv_heads * head_dim, hidden),
               "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, hidden),
               "ffn_gate": (intermediate, hidden), "ffn_up": (intermediate, hidden), "ffn_down": (hidden, intermediate)}
-    names = [("token_embd", "token_embd"), ("output_norm", None)] + ([("output", "output")] if "output" in types else [])
+    names = [("token_embd", "token_embd"), ("output_norm", None)]
+    names += [("output", "output")] if "output" in types else []
     for layer in range(layers):
         names += [(f"blk.{layer}.attn_norm", None), (f"blk.{layer}.ffn_norm", None)]
         names += [(f"blk.{layer}.{part}", part) for part in shapes if part not in ("token_embd", "output")]

@@ -50,7 +50,7 @@ def mixed(tmp_path_factory):
 
 
 def test_mixed_types_match_transformers(mixed):
-    path, model, engine = mixed
+    _, model, engine = mixed
     ops = [n.op for n in engine.graph.nodes]
     # per layer: Q4_0, Q4_1 and two Q4_K as INT4; Q8_0 and Q6_K as INT8; the F16 up projection plain;
     # the Q6_K LM head as INT8 (the Q4_1 embedding table is dequantized)
