@@ -47,15 +47,12 @@ _CONFIG_KEYS = {"hidden_size": "embedding_length", "intermediate_size": "feed_fo
 class GGUFTensor:
     """A plain (F32, F16, BF16) GGUF tensor, as the importer sees a checkpoint tensor."""
 
-    data: np.ndarray
+    data: np.ndarray  # as the reader maps it (BF16 as bytes)
+    shape: tuple[int, ...]
     dtype: torch.dtype
     key: str
     file: str
     rows: torch.Tensor | None = None  # the row order (query and key projections)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
 
     @property
     def where(self) -> str:
@@ -68,8 +65,10 @@ class GGUFTensor:
     def load(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor (cast to ``dtype``)."""
         raw = np.array(self.data)
-        tensor = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if self.dtype == torch.bfloat16 \
-            else torch.from_numpy(raw)
+        if self.dtype == torch.bfloat16:
+            raw = raw.view(np.int16)
+        tensor = torch.from_numpy(raw.reshape(self.shape))
+        tensor = tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
         tensor = tensor if self.rows is None else tensor[self.rows]
         return tensor if dtype is None else tensor.to(dtype)
 
@@ -163,7 +162,8 @@ def gguf_tensors(tensors: list[Any], config: Any, file: str) -> dict[str, GGUFTe
         rows = rotary_rows(out_features, heads[projection]) if projection else None
         where = f"{file}:{tensor.name} ({kind})"
         if kind in PLAIN:
-            refs[name] = GGUFTensor(tensor.data, PLAIN[kind], tensor.name, file, rows)
+            shape = tuple(int(n) for n in reversed(tensor.shape))
+            refs[name] = GGUFTensor(tensor.data, shape, PLAIN[kind], tensor.name, file, rows)
         else:
             refs[name] = QuantizedRef((out_features, in_features), file, where,
                                       lambda dtype, t=tensor, k=kind, r=rows, w=where, n=in_features:

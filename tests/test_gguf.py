@@ -5,7 +5,6 @@ template come from the file; unsupported files are refused by name; and the real
 SmolLM2-135M-Instruct Q4_1 file answers its chat question."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -81,17 +80,24 @@ def test_tokenizer_and_chat_template_come_from_the_file(mixed):
                                                                                                 tokenize=False)
 
 
-def test_engine_saves_loads_and_the_cli_takes_gguf(mixed, tmp_path, capsys):
+def test_plain_tensors_through_the_cli(tmp_path, capsys):
+    """F32, F16 and BF16 matrices (the query and key rows permuted too) load as they are;
+    ``kiln build`` writes an engine that loads with the same logits; ``kiln generate`` runs."""
+    from transformers import AutoModelForCausalLM
+
     from kiln.cli import main
 
-    path, _, engine = mixed
-    engine.save(tmp_path / "saved")
-    ids = torch.randint(0, VOCAB, (1, 7))
-    assert torch.equal(kiln.load(tmp_path / "saved").logits(ids), engine.logits(ids))
+    path = write_llama_gguf(tmp_path / "plain.gguf", {"ffn_up": "F16", "ffn_gate": "BF16"}, layers=1)
     assert main(["build", str(path), "-o", str(tmp_path / "built"), "--max-seq-len", "32",
                  "--max-batch-size", "2"]) == 0
-    manifest = json.loads((tmp_path / "built" / "manifest.json").read_text())
-    assert manifest["quantization"]["checkpoint"]["method"] == "gguf"
+    engine = kiln.load(tmp_path / "built")
+    assert engine.info.quantization["checkpoint"]["method"] == "gguf"
+    assert not any(n.op.startswith("linear_") for n in engine.graph.nodes)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    assert (engine.logits(ids) - expected).abs().max().item() <= TOLERANCE
     assert main(["generate", str(path), "--prompt", "Python", "--max-tokens", "3", "--temperature", "0"]) == 0
     assert "Python" in capsys.readouterr().out
 
