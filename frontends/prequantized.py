@@ -17,6 +17,9 @@
   ``weight_scale`` per tensor (a scalar or ``[1]``) or per output channel (``[out]`` or
   ``[out, 1]``), and with ``activation_scheme: static`` a scalar ``input_scale``; they become
   ``linear_fp8``. ``dynamic`` activations are scaled per token at run time.
+- ``compressed-tensors`` (llm-compressor) with ``format: float-quantized``: the same
+  tensors, the scheme read from its one config group (8-bit float weights per tensor or
+  channel; activations dynamic, or static per tensor).
 
 Each quantized layer is found from its tensors (``*.qweight``, or an E4M3 ``*.weight`` with a
 ``*.weight_scale``), so layers a checkpoint left in high precision load as they are. A
@@ -144,7 +147,7 @@ def _fp8_linear(refs: dict[str, TensorRef], static: bool, name: str) -> Quantize
         ref = refs.get("input_scale")
         if ref is None or ref.shape not in ((), (1,)):
             found = "none" if ref is None else f"shape {list(ref.shape)}"
-            raise FrontendError(f"{name}: activation_scheme: 'static' needs a scalar input_scale, found {found}")
+            raise FrontendError(f"{name}: static activations need a scalar input_scale, found {found}")
         input_scale = LazyData(lambda: ref.load(torch.float32).reshape(()), ref.describe)
     return QuantizedLinear("linear_fp8", (
         ("qweight", TensorType(dtypes.float8_e4m3fn, weight.shape), LazyData(weight.load, weight.describe)),
@@ -208,7 +211,36 @@ def _fp8(qc: dict[str, Any], tensors: Mapping[str, TensorRef]) -> tuple[dict[str
     if qc.get("weight_block_size") is not None:
         raise _refuse("weight_block_size", qc["weight_block_size"],
                       "block-wise FP8 scales are not served; kiln reads per-tensor and per-channel scales")
-    scheme = {"method": "fp8", "activation_scheme": activations}
+    return {"method": "fp8", "activation_scheme": activations}, _fp8_refs(tensors, activations == "static")
+
+
+def _compressed_tensors(qc: dict[str, Any], tensors: Mapping[str, TensorRef]
+                        ) -> tuple[dict[str, Any], dict[str, QuantizedRef]]:
+    """llm-compressor's FP8 W8A8 (``format: float-quantized``): one config group of 8-bit
+    float weights per tensor or channel, activations per token (dynamic) or per tensor."""
+    if qc.get("format") != "float-quantized":
+        raise _refuse("format", qc.get("format"), "kiln reads compressed-tensors' float-quantized (FP8) checkpoints")
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise _refuse("config_groups", sorted(groups), "kiln reads one config group")
+    name, group = next(iter(groups.items()))
+    weights, inputs = group.get("weights") or {}, group.get("input_activations")
+    for field, value, allowed in (("weights.num_bits", weights.get("num_bits"), (8,)),
+                                  ("weights.type", weights.get("type"), ("float",)),
+                                  ("weights.strategy", weights.get("strategy"), ("tensor", "channel")),
+                                  ("input_activations", inputs and inputs.get("num_bits"), (8,))):
+        if value not in allowed:
+            raise _refuse(f"config_groups.{name}.{field}", value, f"kiln reads {', '.join(map(str, allowed))}")
+    static = not inputs.get("dynamic", False)
+    if static and inputs.get("strategy") != "tensor":
+        raise _refuse(f"config_groups.{name}.input_activations.strategy", inputs.get("strategy"),
+                      "static input scales are read per tensor")
+    scheme = {"method": "compressed-tensors", "weights": weights["strategy"],
+              "activations": "static" if static else "dynamic"}
+    return scheme, _fp8_refs(tensors, static)
+
+
+def _fp8_refs(tensors: Mapping[str, TensorRef], static: bool) -> dict[str, QuantizedRef]:
     refs = {}
     for prefix, parts in _modules(tensors, ".weight_scale").items():
         _require(parts, ("weight", "weight_scale"), prefix)
@@ -217,8 +249,8 @@ def _fp8(qc: dict[str, Any], tensors: Mapping[str, TensorRef]) -> tuple[dict[str
                                 "needs an F8_E4M3 weight")
         refs[prefix + ".weight"] = QuantizedRef(
             parts["weight"].shape, parts["weight"].where, f"FP8 {prefix} ({parts['weight'].where})",
-            lambda dtype, parts=parts, prefix=prefix: _fp8_linear(parts, activations == "static", prefix))
-    return scheme, refs
+            lambda dtype, parts=parts, prefix=prefix: _fp8_linear(parts, static, prefix))
+    return refs
 
 
 def _require(parts: Mapping[str, TensorRef], names: tuple[str, ...], prefix: str) -> None:
@@ -227,7 +259,7 @@ def _require(parts: Mapping[str, TensorRef], names: tuple[str, ...], prefix: str
         raise FrontendError(f"quantized layer {prefix} has no {', '.join(missing)} tensor")
 
 
-FORMATS = {"gptq": _gptq, "awq": _awq, "fp8": _fp8}
+FORMATS = {"gptq": _gptq, "awq": _awq, "fp8": _fp8, "compressed-tensors": _compressed_tensors}
 
 
 def prequantized_tensors(config: Any, tensors: Mapping[str, TensorRef]

@@ -12,7 +12,8 @@ becomes the float reference of the checkpoint.
   ``zero - 1``; ``scales`` fp16 ``[groups, out]``; ``g_idx`` int32, each input's group.
 - AWQ (AutoAWQ GEMM): ``qweight`` int32 ``[in, out / 8]``, ``qzeros`` int32 ``[groups, out / 8]``,
   nibble ``k`` of word ``j`` holding output ``8 j + [0, 2, 4, 6, 1, 3, 5, 7][k]``.
-- FP8: ``weight`` E4M3, ``weight_scale`` (scalar or ``[out, 1]``), ``input_scale`` scalar.
+- FP8: ``weight`` E4M3, ``weight_scale`` (scalar or ``[out, 1]``), ``input_scale`` scalar;
+  llm-compressor's ``compressed-tensors`` the same, its scheme in ``config_groups``.
 """
 
 from __future__ import annotations
@@ -99,15 +100,17 @@ def write_awq(model, directory: Path, group: int = 32, seed: int = 0) -> Path:
     return _write(model, directory, tensors, config)
 
 
-def write_fp8(model, directory: Path, per_channel: bool, static: bool, seed: int = 0) -> Path:
-    """An FP8 checkpoint of ``model``'s projections; returns the directory and sets each
-    projection's ``input_scale`` attribute (static) for the reference."""
+def write_fp8(model, directory: Path, per_channel: bool, static: bool, compressed: bool = False,
+              seed: int = 0) -> Path:
+    """An FP8 checkpoint of ``model``'s projections (``quant_method: fp8``, or llm-compressor's
+    ``compressed-tensors``, whose per-tensor scales are ``[1]``); sets each projection's
+    ``input_scale`` attribute (static) for the reference."""
     generator = torch.Generator().manual_seed(seed)
     tensors = _plain_tensors(model)
     for prefix, linear in _linears(model):
         out_features, in_features = linear.weight.shape
         codes = (torch.randn(out_features, in_features, generator=generator) * 100).to(torch.float8_e4m3fn)
-        shape = (out_features, 1) if per_channel else ()
+        shape = (out_features, 1) if per_channel else (1,) if compressed else ()
         scale = torch.rand(shape, generator=generator) * 1e-3 + 1e-4
         linear.weight.data = codes.float() * scale
         tensors[f"{prefix}.weight"] = codes
@@ -116,6 +119,14 @@ def write_fp8(model, directory: Path, per_channel: bool, static: bool, seed: int
             linear.input_scale = torch.tensor(0.02 + 0.01 * torch.rand((), generator=generator).item())
             tensors[f"{prefix}.input_scale"] = linear.input_scale.clone()
     config = {"quant_method": "fp8", "activation_scheme": "static" if static else "dynamic"}
+    if compressed:
+        group = {"targets": ["Linear"],
+                 "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+                             "strategy": "channel" if per_channel else "tensor"},
+                 "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": not static,
+                                       "strategy": "tensor" if static else "token"}}
+        config = {"quant_method": "compressed-tensors", "format": "float-quantized",
+                  "config_groups": {"group_0": group}, "ignore": ["lm_head"]}
     return _write(model, directory, tensors, config)
 
 

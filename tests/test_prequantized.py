@@ -100,14 +100,17 @@ def _fp8_reference(model, static):
             linear.forward = forward
 
 
-@pytest.mark.parametrize("per_channel, static", [(False, False), (True, False), (True, True), (False, True)])
-def test_fp8(per_channel, static, tmp_path):
+@pytest.mark.parametrize("per_channel, static, compressed", [
+    (False, False, False), (True, True, False), (True, False, True), (False, True, True)])
+def test_fp8(per_channel, static, compressed, tmp_path):
     model = random_model("llama")
-    directory = write_fp8(model, tmp_path, per_channel, static)
+    directory = write_fp8(model, tmp_path, per_channel, static, compressed)
     _fp8_reference(model, static)
     engine = _check_against(model, directory, ["linear_fp8"])
-    assert engine.info.quantization["checkpoint"] == {"method": "fp8",
-                                                      "activation_scheme": "static" if static else "dynamic"}
+    activations = "static" if static else "dynamic"
+    assert engine.info.quantization["checkpoint"] == (
+        {"method": "compressed-tensors", "weights": "channel" if per_channel else "tensor", "activations": activations}
+        if compressed else {"method": "fp8", "activation_scheme": activations})
 
 
 @pytest.mark.parametrize("change, message", [
@@ -127,7 +130,11 @@ def test_unservable_gptq_configs_are_refused_by_name(change, message, tmp_path):
     (write_awq, {"version": "gemv"}, "version: 'gemv'"),
     (write_awq, {"zero_point": False}, "zero_point: False"),
     (lambda m, d: write_fp8(m, d, True, False), {"weight_block_size": [128, 128]}, "weight_block_size"),
-    (lambda m, d: write_fp8(m, d, True, False), {"activation_scheme": "static"}, "needs a scalar input_scale"),
+    (lambda m, d: write_fp8(m, d, True, False), {"activation_scheme": "static"}, "need a scalar input_scale"),
+    (lambda m, d: write_fp8(m, d, True, False, compressed=True), {"format": "pack-quantized"},
+     "format: 'pack-quantized'"),
+    (lambda m, d: write_fp8(m, d, True, False, compressed=True), {"config_groups": {"group_0": {
+        "weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}}, "group_0.weights.num_bits: 4"),
 ])
 def test_unservable_awq_and_fp8_configs_are_refused_by_name(write, change, message, tmp_path):
     write(random_model("llama"), tmp_path)
