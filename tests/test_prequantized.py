@@ -65,8 +65,12 @@ def test_gptq_zero_layouts(v1, sym, tmp_path):
 
 def test_gptq_act_order_gathers_the_input(tmp_path):
     model = random_model("llama")
-    engine = _check_against(model, write_gptq(model, tmp_path, act_order=True), ["linear_int4", "index_select"])
+    engine = _check_against(model, write_gptq(model, tmp_path / "ckpt", act_order=True),
+                            ["linear_int4", "index_select"])
     _generates_like(model, engine)
+    engine.save(tmp_path / "engine")
+    ids = torch.randint(0, VOCAB, (1, 5))
+    assert torch.equal(kiln.load(tmp_path / "engine").logits(ids), engine.logits(ids))
 
 
 def test_gptq_eight_bits_symmetric(tmp_path):
