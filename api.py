@@ -37,8 +37,9 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             calibration: Sequence[str] | None = None) -> Engine | CompiledModule:
     """Compile a model for ``target``.
 
-    ``model`` is a Hugging Face checkpoint directory or an in-memory ``transformers``
-    causal LM (giving an ``Engine``), or any ``nn.Module`` with ``example_inputs`` (and
+    ``model`` is a Hugging Face checkpoint directory (pre-quantized GPTQ, AWQ and FP8 ones
+    are detected), a llama.cpp ``.gguf`` file or an in-memory ``transformers`` causal LM
+    (giving an ``Engine``), or any ``nn.Module`` with ``example_inputs`` (and
     optionally torch.export ``dynamic_shapes``) or an ``.onnx`` file, giving a
     ``CompiledModule`` with the module's outputs. ``max_num_tokens`` (tokens per step, default ``max(max_seq_len,
     max_batch_size)``) and ``workload`` (expected decode batch sizes and prompt lengths)
@@ -61,7 +62,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     if isinstance(model, (str, os.PathLike)):
         with _stages(progress) as stage:
             stage("importing")
-            imported = load_checkpoint(model, dtype, max_batch_size, max_seq_len)
+            imported = _load_path(model, dtype, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, tp, quant,
                            kv_cache_dtype, calibration)
     if not isinstance(model, nn.Module):
@@ -80,6 +81,16 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
                          f"model), not to a plain {type(model).__name__}")
     imported = import_module(model, example_inputs, dynamic_shapes)
     return CompiledModule(_optimize(imported.graph), imported.unflatten)
+
+
+def _load_path(path: str | os.PathLike, dtype: str | torch.dtype | None, max_batch_size: int,
+               max_seq_len: int) -> ImportedLM:
+    """A checkpoint directory, or a llama.cpp ``.gguf`` file."""
+    if os.fspath(path).endswith(".gguf"):
+        from .frontends.gguf import load_gguf
+
+        return load_gguf(path, dtype, max_batch_size, max_seq_len)
+    return load_checkpoint(path, dtype, max_batch_size, max_seq_len)
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -127,7 +138,8 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
     stops = stop_token_ids or _ids(getattr(imported.config, "eos_token_id", None)) or _ids(eos)
     info = EngineInfo(architecture, target, backend, imported.dtype, limits.max_batch_size, limits.max_seq_len,
                       limits.max_num_tokens, select_profiles(limits, workload), stops, tp=tp,
-                      quantization=quantization.to_dict() if quantization else None, kv_cache_dtype=kv_cache_dtype)
+                      quantization=_quantization_record(quantization, imported.quantization),
+                      kv_cache_dtype=kv_cache_dtype)
     graph = imported.graph
     stage("optimizing")
     batches = _calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
@@ -152,6 +164,12 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
         engine.info = dataclasses.replace(info, tuned_on=tuned_on)
         engine.kernel_configs = configs
     return engine
+
+
+def _quantization_record(config: QuantConfig | None, checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the manifest records: the scheme the build applied and the one the checkpoint came in."""
+    record = config.to_dict() if config else None
+    return {**(record or {}), "checkpoint": checkpoint} if checkpoint else record
 
 
 def _calibration_batches(tokenizer: Any, texts: Sequence[str] | None, max_seq_len: int,

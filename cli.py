@@ -167,6 +167,10 @@ def _load_graph(source: str) -> Graph:
         from .frontends.huggingface import load_checkpoint
 
         return load_checkpoint(source).graph
+    if source.endswith(".gguf"):
+        from .frontends.gguf import load_gguf
+
+        return load_gguf(source).graph
     graph = parse(sys.stdin.read() if source == "-" else Path(source).read_text())
     verify(graph)
     return graph
@@ -227,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(parser)
     commands = parser.add_subparsers(dest="command")
     build = commands.add_parser("build", help="build an engine directory from a checkpoint directory")
-    build.add_argument("model", help="a Hugging Face checkpoint directory")
+    build.add_argument("model", help="a Hugging Face checkpoint directory or a llama.cpp .gguf file")
     build.add_argument("-o", "--output", required=True, help="the engine directory to write")
     build.add_argument("--target", default="cpu", choices=sorted(TARGETS))
     build.add_argument("--dtype", default=None, help="weights and activations dtype (default: the checkpoint's)")
@@ -239,13 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     _quantization_options(build)
     build.set_defaults(run=_build)
     generate = commands.add_parser("generate", help="generate text from an engine or checkpoint directory")
-    generate.add_argument("model", help="an engine directory or a checkpoint directory")
+    generate.add_argument("model", help="an engine directory, a checkpoint directory or a .gguf file")
     generate.add_argument("--device", default=None, help="cpu or cuda (default: the engine's target)")
     _sampling_options(generate)
     generate.set_defaults(run=_generate)
     serve = commands.add_parser("serve", help="serve an engine or checkpoint directory over an OpenAI-compatible "
                                 "HTTP API")
-    serve.add_argument("model", help="an engine directory or a checkpoint directory")
+    serve.add_argument("model", help="an engine directory, a checkpoint directory or a .gguf file")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require this bearer token on every route but /health")
@@ -270,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
     ir = commands.add_parser("ir", help="print a graph (a .kiln text file or a checkpoint directory), "
                              "optionally after a pipeline")
-    ir.add_argument("source", help="a .kiln text file, - for standard input, or a Hugging Face checkpoint directory")
+    ir.add_argument("source", help="a .kiln text file, - for standard input, a Hugging Face checkpoint directory "
+                    "or a .gguf file")
     ir.add_argument("--pipeline", choices=sorted(PIPELINES), help="run this pipeline first")
     ir.add_argument("--after", action="append", choices=sorted({*PASSES, "quantize", "fp8_kv_cache"}), metavar="PASS",
                     help="print the graph after this pass of the pipeline (repeatable)")

@@ -10,6 +10,7 @@ its own tensors as the weights. Nothing here is architecture-specific.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from torch.export import Dim
 
 from ..ir import ConstantData, Graph, LazyData, MissingData
 from .attention import register_with_transformers
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import read_checkpoint
 from .errors import FrontendError
 from .experts import register_with_transformers as register_experts
+from .prequantized import prequantized_tensors
+from .quantized_linear import QuantizedRef, use_quantized_weights
 from .torch_export import import_program
 from .weight_map import model_tensors
 
@@ -34,12 +37,14 @@ PREFIX = "model."  # the attribute under which _Logits holds the model
 @dataclass
 class ImportedLM:
     """A causal LM as kiln sees it: the graph (token ids [batch, seq] -> logits
-    [batch, seq, vocab]), its tokenizer, its transformers config and weight dtype."""
+    [batch, seq, vocab]), its tokenizer, its transformers config and weight dtype, and the
+    quantization its checkpoint came in (None for plain weights)."""
 
     graph: Graph
     tokenizer: Any
     config: Any
     dtype: torch.dtype
+    quantization: dict[str, Any] | None = None
 
 
 class _Logits(nn.Module):
@@ -68,7 +73,8 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, config: Any) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, config: Any) -> torch.dtype:
+    """The engine's weight dtype: ``dtype`` as given, else the config's, else float32."""
     if dtype is None:
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
@@ -78,7 +84,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None, config: Any) -> torch.dtype:
     return dtype
 
 
-def _build_model(config: Any, dtype: torch.dtype) -> nn.Module:
+def build_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The transformers causal LM of ``config``, its parameters on the meta device."""
     from transformers import AutoModelForCausalLM
 
     architectures = getattr(config, "architectures", None) or []
@@ -101,11 +108,10 @@ def _export(model: nn.Module, max_batch_size: int, max_seq_len: int, device: str
         return torch.export.export(_Logits(model), (example,), dynamic_shapes=(dims,), strict=False)
 
 
-def _weight_source(checkpoint: Checkpoint, model: nn.Module, problems: list[str]):
+def _weight_source(tensors: dict[str, Any], model: nn.Module, problems: list[str]):
     """The constant source for ``import_program``: lazy checkpoint tensors, cast to the
-    dtype the model was exported in; module buffers where the checkpoint has none.
-    What does not fit is appended to ``problems``."""
-    tensors = model_tensors(checkpoint, model)
+    dtype the model was exported in (quantized ones kept in their bits); module buffers
+    where the checkpoint has none. What does not fit is appended to ``problems``."""
     tied = getattr(model, "_tied_weights_keys", None) or {}
     if not isinstance(tied, dict) or not getattr(model.config, "tie_word_embeddings", False):
         tied = {}
@@ -124,6 +130,8 @@ def _weight_source(checkpoint: Checkpoint, model: nn.Module, problems: list[str]
         elif not (ref.dtype.is_floating_point or ref.dtype == fake.dtype):
             problems.append(f"tensor {name} has dtype {ref.dtype}, the model needs {fake.dtype}")
         target = fake.dtype
+        if isinstance(ref, QuantizedRef):
+            return ref.constant(target)
         return LazyData(lambda: ref.load(target), ref.describe)
 
     return source
@@ -133,18 +141,29 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None, ma
                     max_seq_len: int = 8192) -> ImportedLM:
     """Import the causal LM in checkpoint directory ``path``."""
     checkpoint = read_checkpoint(path)
-    dtype = _resolve_dtype(dtype, checkpoint.config)
-    model = _build_model(checkpoint.config, dtype)
+    tensors, quantization = prequantized_tensors(checkpoint.config, checkpoint.tensors)
+    dtype = resolve_dtype(dtype, checkpoint.config)
+    model = build_model(checkpoint.config, dtype)
+    tensors = model_tensors(dataclasses.replace(checkpoint, tensors=tensors), model)
+    graph = import_weights(model, tensors, max_batch_size, max_seq_len, str(checkpoint.path))
+    return ImportedLM(graph, checkpoint.tokenizer, checkpoint.config, dtype, quantization)
+
+
+def import_weights(model: nn.Module, tensors: dict[str, Any], max_batch_size: int, max_seq_len: int,
+                   where: str) -> Graph:
+    """Export ``model`` (built on the meta device) and import it with ``tensors`` (checkpoint
+    references by parameter name) as its weights; quantized ones become quantized linears."""
     program = _export(model, max_batch_size, max_seq_len, device="meta")
     problems: list[str] = []
-    graph = import_program(program, name=_graph_name(checkpoint.config), input_dims=[{0: "batch", 1: "seq"}],
-                           constant_source=_weight_source(checkpoint, model, problems), prefix=PREFIX)
+    graph = import_program(program, name=_graph_name(model.config), input_dims=[{0: "batch", 1: "seq"}],
+                           constant_source=_weight_source(tensors, model, problems), prefix=PREFIX)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise FrontendError(f"checkpoint {checkpoint.path} does not fit its config ({len(problems)} problems):\n"
+        raise FrontendError(f"checkpoint {where} does not fit its config ({len(problems)} problems):\n"
                             f"{listing}{more}")
-    return ImportedLM(graph, checkpoint.tokenizer, checkpoint.config, dtype)
+    use_quantized_weights(graph)
+    return graph
 
 
 def import_model(model: nn.Module, tokenizer: Any = None, max_batch_size: int = 256,

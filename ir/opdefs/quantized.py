@@ -3,10 +3,14 @@
 Each carries its weight in its stored form and its scales (and zero points) as operands,
 and computes ``x @ dequantize(weight).T + bias`` in float32, rounded once to ``x``'s dtype:
 
-- ``linear_int8``: weight-only INT8, ``w = q * scale[n]`` (per output channel, symmetric);
+- ``linear_int8``: weight-only INT8, symmetric, ``w = q * scale[n]`` with one f32 scale per
+  output channel (``[out]``) or ``w = q * scale[n, group]`` with one per output channel and
+  group of input features (``[out, groups]``, GGUF's Q8_0 and Q6_K);
 - ``linear_int4``: weight-only INT4 in groups along the input dim, two 4-bit codes a byte
   (even input index in the low nibble), ``w = (q - zero) * scale`` per (row, group); the
-  group size is ``in_features / scales.shape[1]``; a symmetric scheme stores zero 8;
+  group size is ``in_features / scales.shape[1]``; a symmetric scheme stores zero 8; the
+  zero points are ``u8`` codes, or floats (f32 or the input's dtype) where the format
+  stores an offset instead (GGUF's Q4_1 and Q4_K: ``w = d * q + m``, so ``zero = -m / d``);
 - ``linear_fp8``: W8A8 with E4M3 weights scaled per output channel; the input is scaled
   into E4M3 per token from its own absolute maximum (dynamic) or by one calibrated
   ``input_scale`` (static), and the product is scaled back by both.
@@ -42,10 +46,21 @@ def _check_channel_scale(scale: TensorType, weight: TensorType) -> None:
         raise ShapeError(f"the scales must be f32[{weight.shape[0]}] (one per output channel), got {scale}")
 
 
+def _check_groups(groups, in_features, even: bool) -> None:
+    if not isinstance(groups, int) or groups < 1 or in_features % groups or (even and (in_features // groups) % 2):
+        kind = "even groups" if even else "equal groups"
+        raise ShapeError(f"{groups} groups do not divide {in_features} input features into {kind}")
+
+
 def _linear_int8(x: TensorType, qweight: TensorType, scale: TensorType, bias: TensorType | None) -> TensorType:
     if qweight.dtype != dtypes.int8 or qweight.rank != 2:
         raise ShapeError(f"linear_int8 needs an i8[out, in] weight, got {qweight}")
-    _check_channel_scale(scale, qweight)
+    if scale.rank == 2:
+        if scale.dtype != dtypes.float32 or not dims_equal(scale.shape[0], qweight.shape[0]):
+            raise ShapeError(f"grouped scales must be f32[{qweight.shape[0]}, groups], got {scale}")
+        _check_groups(scale.shape[1], qweight.shape[1], even=False)
+    else:
+        _check_channel_scale(scale, qweight)
     return _check_input("linear_int8", x, qweight, qweight.shape[1], bias)
 
 
@@ -56,11 +71,10 @@ def _linear_int4(x: TensorType, qweight: TensorType, scales: TensorType, zeros: 
     in_features = 2 * qweight.shape[1]
     if scales.rank != 2 or scales.dtype != x.dtype or not dims_equal(scales.shape[0], qweight.shape[0]):
         raise ShapeError(f"the scales must be [out, groups] in the input's dtype {x.dtype}, got {scales}")
-    groups = scales.shape[1]
-    if not isinstance(groups, int) or groups < 1 or in_features % groups or (in_features // groups) % 2:
-        raise ShapeError(f"{groups} groups do not divide {in_features} input features into even groups")
-    if zeros.dtype != dtypes.uint8 or not zeros.shape == scales.shape:
-        raise ShapeError(f"the zero points must be u8 of the scales' shape {scales.shape}, got {zeros}")
+    _check_groups(scales.shape[1], in_features, even=True)
+    if zeros.dtype not in (dtypes.uint8, dtypes.float32, x.dtype) or not zeros.shape == scales.shape:
+        raise ShapeError(f"the zero points must be u8, f32 or {x.dtype} of the scales' shape {scales.shape}, "
+                         f"got {zeros}")
     return _check_input("linear_int4", x, qweight, in_features, bias)
 
 
@@ -91,8 +105,15 @@ def _linear_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return (out if bias is None else out + bias.float()).to(x.dtype)
 
 
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 ``[out, in]`` weight that ``linear_int8``'s operands stand for (scales per
+    output channel ``[out]`` or per channel and group ``[out, groups]``)."""
+    scale = scale.float().reshape(qweight.shape[0], -1, 1)
+    return (qweight.float().view(qweight.shape[0], scale.shape[1], -1) * scale).view(qweight.shape)
+
+
 def _linear_int8_reference(x, qweight, scale, bias):
-    return _linear_float32(x, qweight.float() * scale[:, None], bias)
+    return _linear_float32(x, dequantize_int8(qweight, scale), bias)
 
 
 def _linear_int4_reference(x, qweight, scales, zeros, bias):
@@ -119,7 +140,7 @@ def _linear_fp8_reference(x, qweight, weight_scale, input_scale, bias):
 
 OPS = [
     OpDef("linear_int8", ("x", "qweight", "scale", "bias?"), _linear_int8, _linear_int8_reference,
-          doc="x @ (qweight * scale[:, None]).T + bias: weight-only INT8, per output channel"),
+          doc="x @ (qweight * scale[n(, group)]).T + bias: weight-only INT8, per output channel (or group)"),
     OpDef("linear_int4", ("x", "qweight", "scales", "zeros", "bias?"), _linear_int4, _linear_int4_reference,
           doc="x @ ((q - zero) * scale).T + bias: weight-only INT4 in groups, two codes a byte"),
     OpDef("linear_fp8", ("x", "qweight", "weight_scale", "input_scale?", "bias?"), _linear_fp8, _linear_fp8_reference,
