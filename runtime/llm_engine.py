@@ -38,7 +38,8 @@ class RuntimeConfig:
     ``memory_fraction`` of the device's memory less what is in use; ``max_num_seqs`` and
     ``max_num_tokens`` (per step) default to the engine's limits. ``cuda_graphs`` says
     when decode steps' CUDA graphs are captured (for engines of the CUDA backend on a
-    GPU): all at start, on first use, or never."""
+    GPU): all at start, on first use, or never. ``microbatches`` cuts each step of a
+    pipeline-parallel engine into that many micro-batches (default: one per stage)."""
 
     device: str | None = None
     block_size: int = 16
@@ -48,6 +49,7 @@ class RuntimeConfig:
     max_num_tokens: int | None = None
     prefix_caching: bool = True
     cuda_graphs: str = "all"
+    microbatches: int | None = None  # per step, under pipeline parallelism (default: one per stage)
 
     def __post_init__(self) -> None:
         if self.cuda_graphs not in ("all", "lazy", "off"):
@@ -81,15 +83,17 @@ class LLMEngine:
         reserve = max(info.workspace_bytes.values(), default=0)
         num_blocks = config.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
                                                            config.memory_fraction, useful, reserve)
-        self.caches = spec.allocate(num_blocks, self.block_size, self.device)
-        fast = info.backend == "cuda" and self.device.type == "cuda" and info.tp == 1  # kernels that never sync
+        parallel = info.tp * info.pp > 1
+        fast = info.backend == "cuda" and self.device.type == "cuda" and not parallel  # kernels that never sync
         sizes = [s for s in info.profiles.cuda_graph_batch_sizes if s <= self.max_num_seqs]
         self.workers = None
-        if info.tp > 1:
-            from .distributed import TensorParallelGroup
+        if parallel:
+            from .distributed import WorkerGroup
 
-            self.workers = TensorParallelGroup.start(engine, num_blocks, self.block_size, self.device)
+            self.workers = WorkerGroup.start(engine, num_blocks, self.block_size, self.device, config.microbatches)
             weakref.finalize(self, self.workers.close)
+        # a parallel engine's caches are its ranks' (rank 0's: its stage's layers, its shard)
+        self.caches = self.workers.caches if parallel else spec.allocate(num_blocks, self.block_size, self.device)
         step = self.workers.step if self.workers else engine.step_function(self.device)
         self.runner = ModelRunner(step, self.caches, self.device, self.block_size,
                                   -(-info.max_seq_len // self.block_size),
@@ -109,7 +113,7 @@ class LLMEngine:
         self.prompt_tokens = 0
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (also done when the engine is collected)."""
+        """Stop the parallel workers, if any (also done when the engine is collected)."""
         if self.workers is not None:
             self.workers.close()
 
