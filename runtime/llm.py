@@ -30,8 +30,16 @@ class LLM:
         self.llm_engine = LLMEngine(self.engine, runtime)
 
     def close(self) -> None:
-        """Stop the engine's tensor-parallel workers, if it has any."""
+        """Stop the engine's parallel workers, if it has any."""
         self.llm_engine.close()
+
+    def pipeline_stats(self):
+        """The steps' wall time and each pipeline stage's busy time so far, with the bubble
+        measured and predicted (``kiln.runtime.pipeline.PipelineStats``), for an engine
+        served by workers (tp or pp > 1)."""
+        if self.llm_engine.workers is None:
+            raise ValueError("this engine runs in one process (tp = pp = 1): it has no stages to report on")
+        return self.llm_engine.workers.stats()
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
