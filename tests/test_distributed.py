@@ -76,7 +76,7 @@ def test_the_parallel_benchmark_runs_alone_and_under_torchrun(saved_engine, tp2_
     script = ROOT / "bench" / "parallel.py"
     monkeypatch.setattr(sys, "argv", [str(script), str(saved_engine), "--tp", "1", *options])
     runpy.run_path(str(script), run_name="__main__")  # world size 1, in this process
-    assert "tp=1 concurrency=2:" in capsys.readouterr().out
+    assert "tp=1 pp=1 concurrency=2:" in capsys.readouterr().out
     report = tmp_path / "tp2.json"
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                str(script), str(tp2_engine), "--tp", "2", *options,
