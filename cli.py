@@ -96,7 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError(f"engine {args.model} was built for {name}={getattr(engine.info, name)}, not "
                              f"--{name} {ranks}: rebuild it")
     runtime = RuntimeConfig(device=args.device, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction,
-                            max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching)
+                            max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching,
+                            prefill_workers=args.prefill_workers)
     llm = AsyncLLM(LLMEngine(engine, runtime))
     name = args.model_name or Path(args.model).name
     limits = ServerLimits(max_queued=args.max_queued, request_timeout=args.request_timeout or None,
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pp", type=int, default=None,
                        help="pipeline-parallel stages, each a worker process per tensor-parallel rank "
                        "(default: the engine's)")
+    serve.add_argument("--prefill-workers", type=int, default=0,
+                       help="disaggregated serving: prompts prefilled by this many worker processes, their KV cache "
+                       "sent back layer by layer (default: 0, prefill here)")
     serve.set_defaults(run=_serve)
     ir = commands.add_parser("ir", help="print a graph (a .kiln text file or a checkpoint directory), "
                              "optionally after a pipeline")

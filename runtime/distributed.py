@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,8 @@ from .pipeline_files import Stage, read_stage
 
 STEP, STOP, STATS = 0, -1, -2  # what rank 0 broadcasts: a step, the end, or a request for the stage times
 TIMEOUT_S = 60.0
+COMMAND_TAG = 1 << 28  # rank 0's commands to each worker (the pipeline's messages have small tags)
+IDLE_WAIT = datetime.timedelta(days=365)  # how long a worker waits for rank 0's next command: a server may idle
 
 
 class WorkerError(RuntimeError):
@@ -73,15 +75,19 @@ def _check_group(ranks: int, size: int) -> None:
 def broadcast_command(command: int, device: torch.device, inputs: Mapping[str, torch.Tensor] | None = None,
                       microbatches: int = 1) -> tuple[int, int, dict[str, torch.Tensor] | None]:
     """From rank 0 to every rank: ``command`` (``STEP``, ``STOP`` or ``STATS``) and, for a
-    step, its micro-batch count and integer inputs (one header of shapes, one packed int64
-    tensor). Returns what rank 0 sent: (command, micro-batches, inputs or None)."""
+    step, its micro-batch count and integer inputs (one header of shapes, sent to each
+    rank, which waits for it without a time limit; then one packed int64 tensor,
+    broadcast). Returns what rank 0 sent: (command, micro-batches, inputs or None)."""
     header = torch.zeros(2 + 2 * len(INPUTS), dtype=torch.int64, device=device)
     if dist.get_rank() == 0:
         header[0], header[1] = command, microbatches
         if command == STEP:
             shapes = [tuple(inputs[name].shape) + (1,) * (2 - inputs[name].dim()) for name, _ in INPUTS]
             header[2:] = torch.tensor([d for shape in shapes for d in shape])
-    dist.broadcast(header, 0)
+        for work in [dist.isend(header, rank, tag=COMMAND_TAG) for rank in range(1, dist.get_world_size())]:
+            work.wait()
+    else:
+        receive_from_rank0(header, COMMAND_TAG)
     command, microbatches = int(header[0]), int(header[1])
     if command != STEP:
         return command, microbatches, None
@@ -98,6 +104,13 @@ def broadcast_command(command: int, device: torch.device, inputs: Mapping[str, t
         out[name] = (view.view(rows, cols) if name == "block_tables" else view).to(dtype)
         at += size
     return STEP, microbatches, out
+
+
+def receive_from_rank0(tensor: torch.Tensor, tag: int) -> None:
+    """Receive ``tensor`` from rank 0, however long it takes: a worker waits for the next
+    command while the server idles (a rank 0 that dies closes the connection, which ends
+    the wait with an error)."""
+    dist.irecv(tensor, 0, tag=tag).wait(IDLE_WAIT)
 
 
 def _cache_layout(num_blocks: int, block_size: int, device: torch.device) -> tuple[int, int]:
@@ -172,22 +185,61 @@ def _threads_per_rank(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
-def run_worker(directory: str, rank: int, world_size: int, init_method: str, timeout_s: float) -> None:
-    """A spawned worker: join the group (gloo) as ``rank`` and serve until told to stop."""
+def run_worker(directory: str, rank: int, world_size: int, init_method: str, timeout_s: float,
+               serve: Callable[[str, int, torch.device], None] = serve_rank) -> None:
+    """A spawned worker: join the group (gloo) as ``rank`` and ``serve`` until told to stop."""
     torch.set_num_threads(_threads_per_rank(world_size))  # the ranks share this host's cores
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        serve_rank(directory, rank, torch.device("cpu"))
+        serve(directory, rank, torch.device("cpu"))
     finally:
         dist.destroy_process_group()
 
 
-def _failure(processes: list[subprocess.Popen], exc: Exception) -> WorkerError:
+def spawn_workers(engine: Engine, world_size: int, module: str,
+                  timeout_s: float) -> tuple[str, list[subprocess.Popen], tempfile.TemporaryDirectory]:
+    """Start ``python -m module DIRECTORY RANK WORLD_SIZE INIT_METHOD TIMEOUT`` for ranks
+    1.. on this host (the engine saved to a scratch directory if it has none) and join
+    them as rank 0 (gloo); the engine's directory, the processes and the scratch directory."""
+    scratch = tempfile.TemporaryDirectory(prefix="kiln-workers-")  # the rendezvous file, and the engine if unsaved
+    directory = engine.directory
+    if directory is None:
+        directory = os.path.join(scratch.name, "engine")
+        engine.save(directory)
+    torch.set_num_threads(_threads_per_rank(world_size))  # the ranks share this host's cores
+    init_method = f"file://{os.path.join(scratch.name, 'rendezvous')}"
+    processes = [subprocess.Popen([sys.executable, "-m", module, str(directory), str(rank), str(world_size),
+                                   init_method, str(timeout_s)]) for rank in range(1, world_size)]
+    try:
+        dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        for p in processes:
+            p.kill()
+        scratch.cleanup()
+        raise failure(processes, exc) from exc
+    return str(directory), processes, scratch
+
+
+def stop_workers(processes: list[subprocess.Popen], scratch: tempfile.TemporaryDirectory | None) -> None:
+    """Wait for the workers to exit (killing those that do not within 10 s), and leave the group."""
+    for p in processes:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    if processes:
+        dist.destroy_process_group()
+    if scratch is not None:
+        scratch.cleanup()
+
+
+def failure(processes: list[subprocess.Popen], exc: Exception, kind: str = "parallel") -> WorkerError:
     """The error that names the workers (ranks 1..) that exited, or says that one hangs."""
     dead = [f"rank {rank} exited with code {p.poll()}" for rank, p in enumerate(processes, 1) if p.poll() is not None]
     who = ", ".join(dead) if dead else "a rank stopped answering"
-    return WorkerError(f"parallel worker failed: {who}: {exc}")
+    return WorkerError(f"{kind} worker failed: {who}: {exc}")
 
 
 class WorkerGroup:
@@ -226,22 +278,7 @@ class WorkerGroup:
         if device.type != "cpu":
             raise ValueError("workers spawned on one host run on the CPU (gloo); on GPUs start one process per "
                              "rank with torchrun (see docs/parallelism.md)")
-        scratch = tempfile.TemporaryDirectory(prefix="kiln-workers-")  # the rendezvous file, and the engine if unsaved
-        directory = engine.directory
-        if directory is None:
-            directory = os.path.join(scratch.name, "engine")
-            engine.save(directory)
-        torch.set_num_threads(_threads_per_rank(world_size))  # the ranks share this host's cores
-        init_method = f"file://{os.path.join(scratch.name, 'rendezvous')}"
-        processes = [subprocess.Popen([sys.executable, "-m", "kiln.runtime.distributed", str(directory), str(rank),
-                                       str(world_size), init_method, str(timeout_s)]) for rank in range(1, world_size)]
-        try:
-            dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
-        except RuntimeError as exc:
-            for p in processes:
-                p.kill()
-            raise _failure(processes, exc) from exc
+        directory, processes, scratch = spawn_workers(engine, world_size, "kiln.runtime.distributed", timeout_s)
         return cls(engine, directory, device, processes, num_blocks, block_size, microbatches, scratch)
 
     def step(self, **tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -271,7 +308,7 @@ class WorkerGroup:
         try:
             return fn()
         except RuntimeError as exc:
-            raise _failure(self.processes, exc) from exc
+            raise failure(self.processes, exc) from exc
 
     def close(self) -> None:
         """Tell the workers to stop, wait for them, and leave the process group (once)."""
@@ -282,15 +319,7 @@ class WorkerGroup:
             if all(p.poll() is None for p in self.processes):
                 broadcast_command(STOP, self.device)
         finally:
-            for p in self.processes:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            if self.processes:
-                dist.destroy_process_group()
-            if self._scratch is not None:
-                self._scratch.cleanup()
+            stop_workers(self.processes, self._scratch)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ class LLM:
             raise ValueError("this engine runs in one process (tp = pp = 1): it has no stages to report on")
         return self.llm_engine.workers.stats()
 
+    def prefill_stats(self):
+        """The prefills of disaggregated serving so far: the workers' compute time and how
+        much of the KV transfer hid behind it (``kiln.runtime.disaggregated.PrefillStats``)."""
+        if self.llm_engine.prefill is None:
+            raise ValueError("this engine prefills its prompts itself (RuntimeConfig(prefill_workers=0))")
+        return self.llm_engine.prefill.stats()
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:

@@ -39,7 +39,9 @@ class RuntimeConfig:
     ``max_num_tokens`` (per step) default to the engine's limits. ``cuda_graphs`` says
     when decode steps' CUDA graphs are captured (for engines of the CUDA backend on a
     GPU): all at start, on first use, or never. ``microbatches`` cuts each step of a
-    pipeline-parallel engine into that many micro-batches (default: one per stage)."""
+    pipeline-parallel engine into that many micro-batches (default: one per stage);
+    ``prefill_workers`` > 0 has prompts prefilled by that many worker processes, their KV
+    cache sent back layer by layer (``runtime/disaggregated.py``)."""
 
     device: str | None = None
     block_size: int = 16
@@ -50,6 +52,7 @@ class RuntimeConfig:
     prefix_caching: bool = True
     cuda_graphs: str = "all"
     microbatches: int | None = None  # per step, under pipeline parallelism (default: one per stage)
+    prefill_workers: int = 0  # > 0: disaggregated serving, prompts prefilled by that many worker processes
 
     def __post_init__(self) -> None:
         if self.cuda_graphs not in ("all", "lazy", "off"):
@@ -103,8 +106,19 @@ class LLMEngine:
             self.runner.warm_up(self.max_num_tokens, info.max_seq_len)
         if config.cuda_graphs == "all":
             self.runner.capture_all()
-        self.blocks = BlockManager(num_blocks, self.block_size, config.prefix_caching and not spec.linear)
+        self.prefill = None  # the prefill workers of disaggregated serving (which turns prefix caching off)
+        self.blocks = BlockManager(num_blocks, self.block_size,
+                                   config.prefix_caching and not spec.linear and not config.prefill_workers)
         self.scheduler = Scheduler(self.blocks, self.max_num_seqs, self.max_num_tokens)
+        if config.prefill_workers:
+            from .disaggregated import DisaggregatedScheduler, PrefillWorkers
+
+            if parallel:
+                raise ValueError("disaggregated prefill workers serve engines of one rank (tp = pp = 1)")
+            self.prefill = PrefillWorkers.start(engine, self.caches, num_blocks, self.block_size,
+                                                config.prefill_workers)
+            weakref.finalize(self, self.prefill.close)
+            self.scheduler = DisaggregatedScheduler(self.blocks, self.max_num_seqs, self.max_num_tokens, self.prefill)
         self.sequences: dict[str, Sequence] = {}
         self.eos = tuple(info.stop_token_ids)
         self._ids = itertools.count()
@@ -113,9 +127,10 @@ class LLMEngine:
         self.prompt_tokens = 0
 
     def close(self) -> None:
-        """Stop the parallel workers, if any (also done when the engine is collected)."""
-        if self.workers is not None:
-            self.workers.close()
+        """Stop the parallel and prefill workers, if any (also done when the engine is collected)."""
+        for workers in (self.workers, self.prefill):
+            if workers is not None:
+                workers.close()
 
     # requests -----------------------------------------------------------------------
 

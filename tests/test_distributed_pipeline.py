@@ -80,3 +80,4 @@ def test_kiln_serve_over_two_by_two_ranks_answers_the_openai_client(bundled_tp2_
     with_stages(bundled_tp2_engine, 2).save(path)
     assert {f"weights.stage{s}.rank{r}.safetensors" for s in (0, 1) for r in (0, 1)} <= set(os.listdir(path))
     serve_and_compare(path, ["--tp", "2", "--pp", "2"], greedy)
+
