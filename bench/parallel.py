@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks of 16 (default: what the batch needs)")
+    parser.add_argument("--num-blocks", type=int, default=None,
+                        help="KV-cache blocks of 16 (default: what the batch needs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
