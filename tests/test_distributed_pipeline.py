@@ -62,6 +62,7 @@ def test_two_stages_generate_what_one_process_does_and_a_killed_worker_is_named(
     params, want = greedy
     llm = kiln.LLM(pp2_engine)
     try:
+        assert sorted(llm.llm_engine.caches) == ["k_cache_0", "k_cache_1", "v_cache_0", "v_cache_1"]  # stage 0's
         assert [o.token_ids for o in llm.generate(PROMPTS, params)] == [o.token_ids for o in want]
         stats = llm.pipeline_stats()
         assert stats.steps >= params.max_tokens and len(stats.stage_busy_s) == 2
