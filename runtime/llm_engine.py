@@ -55,6 +55,9 @@ class RuntimeConfig:
     prefill_workers: int = 0  # > 0: disaggregated serving, prompts prefilled by that many worker processes
 
     def __post_init__(self) -> None:
+        if (self.microbatches is not None and self.microbatches < 1) or self.prefill_workers < 0:
+            raise ValueError(f"microbatches must be at least 1 and prefill_workers at least 0, got "
+                             f"{self.microbatches} and {self.prefill_workers}")
         if self.cuda_graphs not in ("all", "lazy", "off"):
             raise ValueError(f"cuda_graphs must be 'all' (captured at start), 'lazy' (on first use) or 'off', "
                              f"got {self.cuda_graphs!r}")
@@ -87,6 +90,9 @@ class LLMEngine:
         num_blocks = config.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
                                                            config.memory_fraction, useful, reserve)
         parallel = info.tp * info.pp > 1
+        if parallel and config.prefill_workers:
+            raise ValueError("disaggregated prefill workers serve engines of one rank (tp = pp = 1), not "
+                             f"tp={info.tp} x pp={info.pp}")
         fast = info.backend == "cuda" and self.device.type == "cuda" and not parallel  # kernels that never sync
         sizes = [s for s in info.profiles.cuda_graph_batch_sizes if s <= self.max_num_seqs]
         self.workers = None
@@ -113,8 +119,6 @@ class LLMEngine:
         if config.prefill_workers:
             from .disaggregated import DisaggregatedScheduler, PrefillWorkers
 
-            if parallel:
-                raise ValueError("disaggregated prefill workers serve engines of one rank (tp = pp = 1)")
             self.prefill = PrefillWorkers.start(engine, self.caches, num_blocks, self.block_size,
                                                 config.prefill_workers)
             weakref.finalize(self, self.prefill.close)
