@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
 from .ir import Graph, verify
-from .passes import EngineLimits, QuantConfig, Workload, pipeline_manager, run_pipeline, select_profiles
+from .passes import EngineLimits, QuantConfig, Workload, pipeline_manager, run_pipeline, select_profiles, split_pipeline
 from .passes.workspace import plan_workspace
 from .runtime import CompiledModule, Engine, EngineInfo, RuntimeConfig, load_engine
 from .runtime import LLM as EngineLLM
@@ -64,7 +64,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             stage("importing")
             imported = _load_path(model, dtype, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, tp, quant,
-                           kv_cache_dtype, calibration)
+                           kv_cache_dtype, calibration, pp)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
@@ -73,7 +73,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             imported = import_model(model, tokenizer, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload,
                            _ids(getattr(model.generation_config, "eos_token_id", None)), stage, tp, quant,
-                           kv_cache_dtype, calibration)
+                           kv_cache_dtype, calibration, pp)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
     if quant is not None or kv_cache_dtype != "auto":
@@ -131,13 +131,13 @@ BUILD_STAGES = ("importing", "optimizing", "generating the executor", "tuning ke
 
 def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
             stop_token_ids: tuple[int, ...], stage, tp: int = 1, quantization: QuantConfig | None = None,
-            kv_cache_dtype: str = "auto", calibration: Sequence[str] | None = None) -> Engine:
+            kv_cache_dtype: str = "auto", calibration: Sequence[str] | None = None, pp: int = 1) -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
     pipeline, backend = TARGETS[target]
     eos = getattr(imported.tokenizer, "eos_token_id", None)
     stops = stop_token_ids or _ids(getattr(imported.config, "eos_token_id", None)) or _ids(eos)
     info = EngineInfo(architecture, target, backend, imported.dtype, limits.max_batch_size, limits.max_seq_len,
-                      limits.max_num_tokens, select_profiles(limits, workload), stops, tp=tp,
+                      limits.max_num_tokens, select_profiles(limits, workload), stops, tp=tp, pp=pp,
                       quantization=_quantization_record(quantization, imported.quantization),
                       kv_cache_dtype=kv_cache_dtype)
     graph = imported.graph
@@ -146,6 +146,8 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
         if quantization and quantization.activations == "static" else ()
     run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches)
     verify(graph)
+    if pp > 1:
+        split_pipeline(graph, pp)  # refused here, with the reason, if the graph has too few places to cut
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
     engine = Engine(graph, imported.tokenizer, imported.config, info)
@@ -211,9 +213,9 @@ def _check_options(target: str, kv_cache_dtype: str, tp: int, pp: int, max_batch
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of 'auto' (the model's dtype) and 'fp8'")
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be at least 1, got tp={tp}, pp={pp}")
-    if pp != 1:
-        raise ValueError("pipeline-parallel engines cannot be served yet (pp=1): the stages are cut and checked in the "
-                         "simulator only (kiln.passes.split_pipeline; docs/parallelism.md)")
+    if pp > 1 and TARGETS[target][1] == "tensorrt":
+        raise ValueError("pipeline parallelism (pp > 1) is not available for target 'tensorrt': its plan holds the "
+                         "whole model")
     if max_batch_size < 1 or max_seq_len < 2:
         raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
 

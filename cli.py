@@ -89,11 +89,15 @@ def _serve(args: argparse.Namespace) -> int:
     from .runtime.serving import run_server
 
     start = time.perf_counter()
-    engine = as_engine(args.model, progress=True, **({"tp": args.tp} if args.tp else {}))
-    if args.tp and engine.info.tp != args.tp:
-        raise ValueError(f"engine {args.model} was built for tp={engine.info.tp}, not --tp {args.tp}: rebuild it")
+    parallel = {name: getattr(args, name) for name in ("tp", "pp") if getattr(args, name)}
+    engine = as_engine(args.model, progress=True, **parallel)
+    for name, ranks in parallel.items():
+        if getattr(engine.info, name) != ranks:
+            raise ValueError(f"engine {args.model} was built for {name}={getattr(engine.info, name)}, not "
+                             f"--{name} {ranks}: rebuild it")
     runtime = RuntimeConfig(device=args.device, num_blocks=args.num_blocks, memory_fraction=args.memory_fraction,
-                            max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching)
+                            max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching,
+                            prefill_workers=args.prefill_workers)
     llm = AsyncLLM(LLMEngine(engine, runtime))
     name = args.model_name or Path(args.model).name
     limits = ServerLimits(max_queued=args.max_queued, request_timeout=args.request_timeout or None,
@@ -271,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a browser origin allowed to call the API (CORS; repeatable; default: none)")
     serve.add_argument("--tp", type=int, default=None,
                        help="tensor-parallel ranks, each a worker process (default: the engine's)")
+    serve.add_argument("--pp", type=int, default=None,
+                       help="pipeline-parallel stages, each a worker process per tensor-parallel rank "
+                       "(default: the engine's)")
+    serve.add_argument("--prefill-workers", type=int, default=0,
+                       help="disaggregated serving: prompts prefilled by this many worker processes, their KV cache "
+                       "sent back layer by layer (default: 0, prefill here)")
     serve.set_defaults(run=_serve)
     ir = commands.add_parser("ir", help="print a graph (a .kiln text file or a checkpoint directory), "
                              "optionally after a pipeline")

@@ -1,14 +1,17 @@
-"""Tensor-parallel serving throughput: one process per rank, under torchrun or alone.
+"""Tensor- and pipeline-parallel serving throughput: one process per rank, under torchrun or alone.
 
     python bench/parallel.py models --tp 1                         # world size 1
     torchrun --nproc-per-node 2 bench/parallel.py CKPT_OR_ENGINE --tp 2 --target h100 --json out.json
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 bench/parallel.py ENGINE --tp 16
+    torchrun --nproc-per-node 4 bench/parallel.py CKPT_OR_ENGINE --tp 2 --pp 2 --microbatches 4
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 bench/parallel.py ENGINE --tp 8 --pp 2
 
 Rank 0 builds the engine (when given a checkpoint) into ``--engine-dir``, every rank
 loads its own weights from there, rank 0 serves batches of random prompts
 (``--input-len`` tokens in, ``--output-len`` out, ``ignore_eos``) at each concurrency
-and prints output tokens/s (and writes ``--json``); the other ranks run the steps rank 0
-broadcasts. NCCL on GPUs, gloo on CPUs.
+and prints output tokens/s (and writes ``--json``), with the pipeline's bubble measured and
+predicted when ``--pp`` > 1; the other ranks run the steps rank 0 broadcasts. Ranks are
+laid out as TensorRT-LLM does: rank = stage * tp + tensor-parallel rank, so the ranks of a
+stage share a node. NCCL on GPUs, gloo on CPUs.
 """
 
 from __future__ import annotations
@@ -26,25 +29,31 @@ import kiln
 from kiln.runtime.distributed import serve_rank
 from kiln.runtime.engine_files import MANIFEST
 from kiln.runtime.llm_engine import RuntimeConfig
+from kiln.runtime.pipeline import PipelineStats
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a checkpoint directory or an engine directory")
-    parser.add_argument("--tp", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (default: WORLD_SIZE / pp)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
+    parser.add_argument("--microbatches", type=int, default=None, help="per step (default: one per stage)")
     parser.add_argument("--target", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--engine-dir", default=None, help="where rank 0 builds the engine (default: under /tmp)")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks of 16 (default: what the batch needs)")
+    parser.add_argument("--num-blocks", type=int, default=None,
+                        help="KV-cache blocks of 16 (default: what the batch needs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world != args.tp:
-        raise SystemExit(f"--tp {args.tp} needs {args.tp} processes; {world} are running (start them with torchrun)")
+    args.tp = args.tp or max(1, world // args.pp)
+    if world != args.tp * args.pp:
+        raise SystemExit(f"--tp {args.tp} --pp {args.pp} needs {args.tp * args.pp} processes; {world} are running "
+                         "(start them with torchrun)")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.target != "cpu" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -63,11 +72,11 @@ def _engine_directory(args, rank: int, world: int) -> str:
     """The engine every rank loads: the one given, or the one rank 0 builds."""
     if (Path(args.model) / MANIFEST).is_file():
         return args.model
-    directory = args.engine_dir or f"/tmp/kiln-parallel-{Path(args.model).name}-tp{args.tp}"
+    directory = args.engine_dir or f"/tmp/kiln-parallel-{Path(args.model).name}-tp{args.tp}-pp{args.pp}"
     if rank == 0:
         max_seq_len = args.input_len + args.output_len
-        kiln.compile(args.model, target=args.target, dtype=args.dtype, tp=args.tp, max_batch_size=max(args.concurrency),
-                     max_seq_len=max_seq_len).save(directory)
+        kiln.compile(args.model, target=args.target, dtype=args.dtype, tp=args.tp, pp=args.pp,
+                     max_batch_size=max(args.concurrency), max_seq_len=max_seq_len).save(directory)
     if world > 1:
         dist.barrier()
     return directory
@@ -76,7 +85,8 @@ def _engine_directory(args, rank: int, world: int) -> str:
 def _bench(args, directory: str, device: torch.device) -> None:
     engine = kiln.load(directory)
     blocks = args.num_blocks or max(args.concurrency) * -(-(args.input_len + args.output_len) // 16)
-    llm = kiln.LLM(engine, RuntimeConfig(device=str(device), num_blocks=blocks))
+    llm = kiln.LLM(engine, RuntimeConfig(device=str(device), num_blocks=blocks, microbatches=args.microbatches))
+    parallel = engine.info.tp * engine.info.pp > 1
     vocab = engine.vocab_size
     params = kiln.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
@@ -84,16 +94,32 @@ def _bench(args, directory: str, device: torch.device) -> None:
     results = []
     for concurrency in args.concurrency:
         prompts = [torch.randint(0, vocab, (args.input_len,), generator=gen).tolist() for _ in range(concurrency)]
+        before = llm.pipeline_stats() if parallel else None
         start = time.perf_counter()
         outputs = llm.generate(prompts, params)
         seconds = time.perf_counter() - start
         tokens = sum(len(o.token_ids) for o in outputs)
-        results.append({"tp": args.tp, "concurrency": concurrency, "output_tokens": tokens, "seconds": seconds,
-                        "output_tokens_per_s": tokens / seconds})
-        print(f"tp={args.tp} concurrency={concurrency}: {tokens / seconds:,.1f} output tok/s ({seconds:.2f} s)")
+        result = {"tp": args.tp, "pp": args.pp, "concurrency": concurrency, "output_tokens": tokens,
+                  "seconds": seconds, "output_tokens_per_s": tokens / seconds}
+        line = f"tp={args.tp} pp={args.pp} concurrency={concurrency}: {tokens / seconds:,.1f} output tok/s"
+        if parallel:
+            stats = _since(before, llm.pipeline_stats())
+            result.update(bubble=stats.bubble, predicted_bubble=stats.predicted_bubble,
+                          microbatches=stats.microbatches, stage_busy_s=list(stats.stage_busy_s))
+            line += f", bubble {stats.bubble:.1%} (model: {stats.predicted_bubble:.1%})"
+        results.append(result)
+        print(f"{line} ({seconds:.2f} s)")
     llm.close()
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "results": results}, indent=2) + "\n")
+
+
+def _since(before: PipelineStats, after: PipelineStats) -> PipelineStats:
+    """The stats of the steps between two readings."""
+    steps = after.steps - before.steps
+    split = (after.microbatches * after.steps - before.microbatches * before.steps) / max(steps, 1)
+    return PipelineStats(steps, after.wall_s - before.wall_s,
+                         tuple(a - b for a, b in zip(after.stage_busy_s, before.stage_busy_s)), split)
 
 
 if __name__ == "__main__":

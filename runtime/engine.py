@@ -18,6 +18,7 @@ from ..version import __version__
 from .batch import SequenceStep, step_inputs
 from .engine_files import EngineLoadError, read_engine, read_manifest, write_engine
 from .executor import Step, generate_executor, load_executor
+from .pipeline_files import pipeline_files
 
 _MAX_SEQ_LEN = sym("max_seq_len")  # the linear cache layout's block size
 
@@ -108,7 +109,7 @@ class Engine:
     info: EngineInfo
     executor_source: str = ""
     kernel_configs: dict[str, dict] = field(default_factory=dict)  # op -> tuned launch parameters
-    loaded_rank: int | None = None  # loaded from a directory with one tensor-parallel rank's weights
+    loaded_rank: int | None = None  # loaded from a directory with one tensor-parallel rank's weights (or none: pp > 1)
     directory: str | None = None  # the directory it was loaded from
     artifacts: dict[str, bytes] = field(default_factory=dict, repr=False)  # backend files (TensorRT plans)
     artifact_info: dict[str, Any] = field(default_factory=dict)  # what the manifest says of them
@@ -198,10 +199,16 @@ class Engine:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the engine directory (see ``kiln.runtime.engine_files``)."""
-        ranks = [self._constants(rank) for rank in range(self.info.tp)] if self.info.tp > 1 else [self.weights("cpu")]
+        texts: dict[str, str] = {}
+        if self.info.pp > 1:  # one graph, executor and weights file per stage (and rank)
+            texts, ranks = pipeline_files(self.graph, self.info.pp, self.info.tp, self.info.backend, __version__)
+        elif self.info.tp > 1:
+            ranks = [self._constants(rank) for rank in range(self.info.tp)]
+        else:
+            ranks = [self.weights("cpu")]
         write_engine(path, self.graph, self.executor_source, ranks, self.config, self.tokenizer,
                      {**self.info.manifest_fields(), "kernel_configs": self.kernel_configs,
-                      "artifact_info": self.artifact_info}, self.artifacts)
+                      "artifact_info": self.artifact_info}, self.artifacts, texts)
 
 
 def load_engine(path: str | os.PathLike, target: str | None = None, rank: int = 0) -> Engine:
@@ -217,5 +224,5 @@ def load_engine(path: str | os.PathLike, target: str | None = None, rank: int = 
                               f"{type(exc).__name__}: {exc}") from None
     directory = read_engine(path, target, rank)
     return Engine(directory.graph, directory.tokenizer, directory.config, info, directory.executor_source,
-                  kernel_configs, loaded_rank=rank if info.tp > 1 else None, directory=str(path),
+                  kernel_configs, loaded_rank=rank if info.tp * info.pp > 1 else None, directory=str(path),
                   artifacts=directory.artifacts, artifact_info=artifact_info)

@@ -8,7 +8,8 @@ the files; ``runtime/engine.py`` says what an engine's manifest holds.
     graph.kiln         the final IR as text
     tensorrt.plan      (tensorrt backend) the serialized TensorRT plan, and its timing cache
     executor.py        the executor generated from it (readable; regenerated and compared on load)
-    weights.safetensors   (weights.rank<r>.safetensors, one per rank, under tensor parallelism)
+    weights.safetensors   (weights.rank<r>.safetensors, one per rank, under tensor parallelism;
+                       per stage under pipeline parallelism: see ``runtime/pipeline_files.py``)
     config.json, tokenizer files, chat template
 
 ``read_engine`` checks the manifest (format, kiln version, target, and the GPU at hand
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from ..ir import Graph, parse, verify
 from ..version import __version__
 from .executor import generate_executor
+from .pipeline_files import stage_files
 
 FORMAT = 2
 MANIFEST, GRAPH, EXECUTOR, WEIGHTS = "manifest.json", "graph.kiln", "executor.py", "weights.safetensors"
@@ -67,19 +69,24 @@ def weights_file(rank: int, ranks: int) -> str:
 
 
 def write_engine(path: str | os.PathLike, graph: Graph, executor_source: str,
-                 weights: Sequence[Mapping[str, torch.Tensor]], config: Any, tokenizer: Any,
-                 fields: Mapping[str, Any], artifacts: Mapping[str, bytes] | None = None) -> Path:
+                 weights: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, Mapping[str, torch.Tensor]],
+                 config: Any, tokenizer: Any, fields: Mapping[str, Any], artifacts: Mapping[str, bytes] | None = None,
+                 texts: Mapping[str, str] | None = None) -> Path:
     """Write an engine directory at ``path`` (created; its engine files are replaced): the
-    graph's text, the executor, each rank's weights, config and tokenizer, the backend's
-    ``artifacts`` (file name -> bytes: TensorRT plans), and a manifest of ``fields`` with
-    the format, the kiln version and every file's hash."""
+    graph's text, the executor, each rank's weights (or weights files by name), the text
+    files ``texts`` (file name -> text: a pipeline's stages), config and tokenizer, the
+    backend's ``artifacts`` (file name -> bytes: TensorRT plans), and a manifest of
+    ``fields`` with the format, the kiln version and every file's hash."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     (out / GRAPH).write_text(str(graph))
     (out / EXECUTOR).write_text(executor_source)
-    for rank, tensors in enumerate(weights):
-        save_file({name: t.contiguous() for name, t in tensors.items()}, str(out / weights_file(rank, len(weights))),
-                  metadata={"format": "pt"})
+    for name, text in (texts or {}).items():
+        (out / name).write_text(text)
+    named = weights if isinstance(weights, Mapping) else \
+        {weights_file(rank, len(weights)): tensors for rank, tensors in enumerate(weights)}
+    for name, tensors in named.items():
+        save_file({key: t.contiguous() for key, t in tensors.items()}, str(out / name), metadata={"format": "pt"})
     if isinstance(config, dict):
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     elif config is not None:
@@ -132,8 +139,9 @@ def _check_files(root: Path, manifest: dict) -> None:
         if _sha256(file) != digest:
             raise EngineLoadError(f"engine file {file} does not match its hash in {MANIFEST}: it was changed "
                                   "after the build")
-    ranks = manifest.get("tp", 1)
-    for required in (GRAPH, EXECUTOR, *(weights_file(rank, ranks) for rank in range(ranks))):
+    ranks, stages = manifest.get("tp", 1), manifest.get("pp", 1)
+    weights = stage_files(stages, ranks) if stages > 1 else [weights_file(rank, ranks) for rank in range(ranks)]
+    for required in (GRAPH, EXECUTOR, *weights):
         if required not in listed:
             raise EngineLoadError(f"engine {root} is missing {required}")
 
@@ -154,9 +162,11 @@ class EngineDirectory:
 
 
 def read_engine(path: str | os.PathLike, target: str | None = None, rank: int = 0) -> EngineDirectory:
-    """Read the engine in directory ``path``, with tensor-parallel rank ``rank``'s weights;
-    refuse one built for another ``target`` (when given), by another kiln version, with a
-    changed file, or, where a GPU is present, a CUDA engine built for another GPU."""
+    """Read the engine in directory ``path``, with tensor-parallel rank ``rank``'s weights
+    (a pipeline-parallel engine's graph has no weights: its ranks read their stage's, see
+    ``pipeline_files.read_stage``); refuse one built for another ``target`` (when given),
+    by another kiln version, with a changed file, or, where a GPU is present, a CUDA
+    engine built for another GPU."""
     root = Path(path)
     manifest = read_manifest(root)
     if target is not None and manifest["target"] != target:
@@ -164,15 +174,11 @@ def read_engine(path: str | os.PathLike, target: str | None = None, rank: int = 
     _check_files(root, manifest)
     _check_gpu(root, manifest)
     graph = parse((root / GRAPH).read_text())
-    ranks = manifest.get("tp", 1)
-    if not 0 <= rank < ranks:
-        raise EngineLoadError(f"engine {root} has {ranks} tensor-parallel ranks; there is no rank {rank}")
-    file = root / weights_file(rank, ranks)
-    weights = load_file(str(file))
-    missing = [n for n, v in graph.constants.items() if (v.uses or v in graph.outputs) and n not in weights]
-    if missing:
-        raise EngineLoadError(f"{file} lacks constants {missing[:5]}")
-    graph.bind_constants({n: weights[n] for n in graph.constants if n in weights})
+    ranks, stages = manifest.get("tp", 1), manifest.get("pp", 1)
+    if not 0 <= rank < ranks * stages:
+        raise EngineLoadError(f"engine {root} has {ranks * stages} ranks; there is no rank {rank}")
+    if stages == 1:
+        _bind_weights(graph, root / weights_file(rank, ranks))
     verify(graph)
     source = (root / EXECUTOR).read_text()
     if source != generate_executor(graph, manifest["backend"], __version__):
@@ -182,6 +188,14 @@ def read_engine(path: str | os.PathLike, target: str | None = None, rank: int = 
         raise EngineLoadError(f"{root / MANIFEST} names artifacts {names!r} that are not files of the engine")
     artifacts = {name: (root / name).read_bytes() for name in names}
     return EngineDirectory(root, manifest, graph, source, _tokenizer(root), _config(root), artifacts)
+
+
+def _bind_weights(graph: Graph, file: Path) -> None:
+    weights = load_file(str(file))
+    missing = [n for n, v in graph.constants.items() if (v.uses or v in graph.outputs) and n not in weights]
+    if missing:
+        raise EngineLoadError(f"{file} lacks constants {missing[:5]}")
+    graph.bind_constants({n: weights[n] for n in graph.constants if n in weights})
 
 
 def _check_gpu(root: Path, manifest: dict) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -17,6 +17,10 @@ from .engine import Engine, load_engine
 from .llm_engine import LLMEngine, RuntimeConfig
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .disaggregated import PrefillStats
+    from .pipeline import PipelineStats
 
 Prompt = str | Sequence[int]
 
@@ -30,8 +34,23 @@ class LLM:
         self.llm_engine = LLMEngine(self.engine, runtime)
 
     def close(self) -> None:
-        """Stop the engine's tensor-parallel workers, if it has any."""
+        """Stop the engine's parallel workers, if it has any."""
         self.llm_engine.close()
+
+    def pipeline_stats(self) -> PipelineStats:
+        """The steps' wall time and each pipeline stage's busy time so far, with the bubble
+        measured and predicted (``kiln.runtime.pipeline.PipelineStats``), for an engine
+        served by workers (tp or pp > 1)."""
+        if self.llm_engine.workers is None:
+            raise ValueError("this engine runs in one process (tp = pp = 1): it has no stages to report on")
+        return self.llm_engine.workers.stats()
+
+    def prefill_stats(self) -> PrefillStats:
+        """The prefills of disaggregated serving so far: the workers' compute time and how
+        much of the KV transfer hid behind it (``kiln.runtime.disaggregated.PrefillStats``)."""
+        if self.llm_engine.prefill is None:
+            raise ValueError("this engine prefills its prompts itself (RuntimeConfig(prefill_workers=0))")
+        return self.llm_engine.prefill.stats()
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

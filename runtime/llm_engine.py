@@ -38,7 +38,10 @@ class RuntimeConfig:
     ``memory_fraction`` of the device's memory less what is in use; ``max_num_seqs`` and
     ``max_num_tokens`` (per step) default to the engine's limits. ``cuda_graphs`` says
     when decode steps' CUDA graphs are captured (for engines of the CUDA backend on a
-    GPU): all at start, on first use, or never."""
+    GPU): all at start, on first use, or never. ``microbatches`` cuts each step of a
+    pipeline-parallel engine into that many micro-batches (default: one per stage);
+    ``prefill_workers`` > 0 has prompts prefilled by that many worker processes, their KV
+    cache sent back layer by layer (``runtime/disaggregated.py``)."""
 
     device: str | None = None
     block_size: int = 16
@@ -48,8 +51,13 @@ class RuntimeConfig:
     max_num_tokens: int | None = None
     prefix_caching: bool = True
     cuda_graphs: str = "all"
+    microbatches: int | None = None  # per step, under pipeline parallelism (default: one per stage)
+    prefill_workers: int = 0  # > 0: disaggregated serving, prompts prefilled by that many worker processes
 
     def __post_init__(self) -> None:
+        if (self.microbatches is not None and self.microbatches < 1) or self.prefill_workers < 0:
+            raise ValueError(f"microbatches must be at least 1 and prefill_workers at least 0, got "
+                             f"{self.microbatches} and {self.prefill_workers}")
         if self.cuda_graphs not in ("all", "lazy", "off"):
             raise ValueError(f"cuda_graphs must be 'all' (captured at start), 'lazy' (on first use) or 'off', "
                              f"got {self.cuda_graphs!r}")
@@ -81,15 +89,20 @@ class LLMEngine:
         reserve = max(info.workspace_bytes.values(), default=0)
         num_blocks = config.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
                                                            config.memory_fraction, useful, reserve)
-        self.caches = spec.allocate(num_blocks, self.block_size, self.device)
-        fast = info.backend == "cuda" and self.device.type == "cuda" and info.tp == 1  # kernels that never sync
+        parallel = info.tp * info.pp > 1
+        if parallel and config.prefill_workers:
+            raise ValueError("disaggregated prefill workers serve engines of one rank (tp = pp = 1), not "
+                             f"tp={info.tp} x pp={info.pp}")
+        fast = info.backend == "cuda" and self.device.type == "cuda" and not parallel  # kernels that never sync
         sizes = [s for s in info.profiles.cuda_graph_batch_sizes if s <= self.max_num_seqs]
         self.workers = None
-        if info.tp > 1:
-            from .distributed import TensorParallelGroup
+        if parallel:
+            from .distributed import WorkerGroup
 
-            self.workers = TensorParallelGroup.start(engine, num_blocks, self.block_size, self.device)
+            self.workers = WorkerGroup.start(engine, num_blocks, self.block_size, self.device, config.microbatches)
             weakref.finalize(self, self.workers.close)
+        # a parallel engine's caches are its ranks' (rank 0's: its stage's layers, its shard)
+        self.caches = self.workers.caches if parallel else spec.allocate(num_blocks, self.block_size, self.device)
         step = self.workers.step if self.workers else engine.step_function(self.device)
         self.runner = ModelRunner(step, self.caches, self.device, self.block_size,
                                   -(-info.max_seq_len // self.block_size),
@@ -99,8 +112,17 @@ class LLMEngine:
             self.runner.warm_up(self.max_num_tokens, info.max_seq_len)
         if config.cuda_graphs == "all":
             self.runner.capture_all()
-        self.blocks = BlockManager(num_blocks, self.block_size, config.prefix_caching and not spec.linear)
+        self.prefill = None  # the prefill workers of disaggregated serving (which turns prefix caching off)
+        self.blocks = BlockManager(num_blocks, self.block_size,
+                                   config.prefix_caching and not spec.linear and not config.prefill_workers)
         self.scheduler = Scheduler(self.blocks, self.max_num_seqs, self.max_num_tokens)
+        if config.prefill_workers:
+            from .disaggregated import DisaggregatedScheduler, PrefillWorkers
+
+            self.prefill = PrefillWorkers.start(engine, self.caches, num_blocks, self.block_size,
+                                                config.prefill_workers)
+            weakref.finalize(self, self.prefill.close)
+            self.scheduler = DisaggregatedScheduler(self.blocks, self.max_num_seqs, self.max_num_tokens, self.prefill)
         self.sequences: dict[str, Sequence] = {}
         self.eos = tuple(info.stop_token_ids)
         self._ids = itertools.count()
@@ -109,9 +131,10 @@ class LLMEngine:
         self.prompt_tokens = 0
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (also done when the engine is collected)."""
-        if self.workers is not None:
-            self.workers.close()
+        """Stop the parallel and prefill workers, if any (also done when the engine is collected)."""
+        for workers in (self.workers, self.prefill):
+            if workers is not None:
+                workers.close()
 
     # requests -----------------------------------------------------------------------
 

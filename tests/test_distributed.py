@@ -47,22 +47,27 @@ def test_two_ranks_generate_what_one_does_and_a_killed_worker_is_named(tp2_engin
         llm.close()
 
 
-def test_kiln_serve_over_two_ranks_answers_the_openai_client(tp2_engine, greedy):
+def serve_and_compare(engine_dir, options, greedy):
+    """``kiln serve ENGINE OPTIONS`` answers the openai client with the greedy texts of one rank."""
     params, want = greedy
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(tp2_engine), "--tp", "2", "--port",
+    process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(engine_dir), *options, "--port",
                                 str(port), "--num-blocks", "64"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     try:
         url = _wait_until_healthy(process, port)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         for prompt, expected in zip(PROMPTS, want):
-            got = client.completions.create(model=tp2_engine.name, prompt=prompt, max_tokens=params.max_tokens,
+            got = client.completions.create(model=engine_dir.name, prompt=prompt, max_tokens=params.max_tokens,
                                             temperature=0)
             assert got.choices[0].text == expected.text
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_kiln_serve_over_two_ranks_answers_the_openai_client(tp2_engine, greedy):
+    serve_and_compare(tp2_engine, ["--tp", "2"], greedy)
 
 
 def test_the_parallel_benchmark_runs_alone_and_under_torchrun(saved_engine, tp2_engine, tmp_path, monkeypatch,
@@ -71,7 +76,7 @@ def test_the_parallel_benchmark_runs_alone_and_under_torchrun(saved_engine, tp2_
     script = ROOT / "bench" / "parallel.py"
     monkeypatch.setattr(sys, "argv", [str(script), str(saved_engine), "--tp", "1", *options])
     runpy.run_path(str(script), run_name="__main__")  # world size 1, in this process
-    assert "tp=1 concurrency=2:" in capsys.readouterr().out
+    assert "tp=1 pp=1 concurrency=2:" in capsys.readouterr().out
     report = tmp_path / "tp2.json"
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                str(script), str(tp2_engine), "--tp", "2", *options,

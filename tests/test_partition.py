@@ -169,8 +169,8 @@ def test_a_model_whose_heads_cannot_be_split_is_refused():
                           (3, "the key/value heads divide among them or divide the ranks")]:
         with pytest.raises(PartitionError, match=reason):
             run_pipeline("reference", graph.clone(), ranks)
-    with pytest.raises(ValueError, match="pipeline-parallel engines cannot be served yet"):
-        kiln.compile(str(BUNDLED), pp=2)
+    with pytest.raises(ValueError, match="pipeline parallelism .pp > 1. is not available for target 'tensorrt'"):
+        kiln.compile(str(BUNDLED), target="tensorrt", pp=2)
 
 
 def test_collectives_meet_every_ranks_tensor():

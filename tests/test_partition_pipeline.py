@@ -1,18 +1,21 @@
 """Pipeline parallelism: the cost model's cuts balance the stages, the stages run in
-order give the graph's outputs (alone and over tensor-parallel ranks), and the schedule
-of micro-batches gives the textbook bubble."""
+order give the graph's outputs (the bundled model alone and over tensor-parallel ranks,
+random graphs with planted blocks exactly), and the schedule of micro-batches gives the
+textbook bubble."""
 
 import itertools
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from test_partition import PLANTED
 
 from kiln.ir import interpret
-from kiln.passes import PartitionError
+from kiln.passes import PartitionError, eliminate_dead_code
 from kiln.passes.partition_pipeline import _balanced_cuts, pipeline_schedule, run_stages, split_pipeline
 from kiln.runtime.batch import SequenceStep, step_inputs
+from kiln.testing import graphs, inputs
 
 
 def _feed(graph):
@@ -64,3 +67,17 @@ def test_equal_stages_idle_the_textbook_bubble(stages, microbatches):
     makespan, bubble = pipeline_schedule([1.0] * stages, microbatches)
     assert makespan == pytest.approx((microbatches + stages - 1) / microbatches)
     assert bubble == pytest.approx((stages - 1) / (microbatches + stages - 1))
+
+
+@settings(max_examples=60)  # most drawn graphs are too small to cut: each example costs a few draws
+@given(st.data(), st.sampled_from([2, 3]))
+def test_stages_preserve_random_graphs_with_planted_blocks(data, pp):
+    graph = data.draw(graphs(max_steps=8, extra_generators=PLANTED))
+    feed = dict(zip((v.name for v in graph.inputs), data.draw(inputs(graph))))
+    eliminate_dead_code(graph)
+    try:
+        split = split_pipeline(graph, pp)
+    except PartitionError:
+        assume(False)  # too few places to cut
+    for got, want in zip(run_stages(split, feed), interpret(graph, feed)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # the same ops on the same values
