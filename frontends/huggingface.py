@@ -22,7 +22,7 @@ from torch.export import Dim
 
 from ..ir import ConstantData, Graph, LazyData, MissingData
 from .attention import register_with_transformers
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import read_checkpoint
 from .errors import FrontendError
 from .experts import register_with_transformers as register_experts
 from .torch_export import import_program
@@ -101,11 +101,19 @@ def _export(model: nn.Module, max_batch_size: int, max_seq_len: int, device: str
         return torch.export.export(_Logits(model), (example,), dynamic_shapes=(dims,), strict=False)
 
 
-def _weight_source(checkpoint: Checkpoint, model: nn.Module, problems: list[str]):
-    """The constant source for ``import_program``: lazy checkpoint tensors, cast to the
+def _checkpoint_buffers_on_meta(model: nn.Module, tensors: dict[str, Any]) -> None:
+    """Move the persistent buffers that the checkpoint holds (DeepSeek's router correction
+    bias) to the meta device, beside the parameters: they are weights, read lazily."""
+    for name, buffer in list(model.named_buffers()):
+        if name in tensors and buffer.device.type != "meta":
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(attr, buffer.to("meta"))
+
+
+def _weight_source(tensors: dict[str, Any], model: nn.Module, problems: list[str]):
+    """The constant source for ``import_program``: lazy checkpoint ``tensors``, cast to the
     dtype the model was exported in; module buffers where the checkpoint has none.
     What does not fit is appended to ``problems``."""
-    tensors = model_tensors(checkpoint, model)
     tied = getattr(model, "_tied_weights_keys", None) or {}
     if not isinstance(tied, dict) or not getattr(model.config, "tie_word_embeddings", False):
         tied = {}
@@ -135,10 +143,12 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None, ma
     checkpoint = read_checkpoint(path)
     dtype = _resolve_dtype(dtype, checkpoint.config)
     model = _build_model(checkpoint.config, dtype)
+    tensors = model_tensors(checkpoint, model)
+    _checkpoint_buffers_on_meta(model, tensors)
     program = _export(model, max_batch_size, max_seq_len, device="meta")
     problems: list[str] = []
     graph = import_program(program, name=_graph_name(checkpoint.config), input_dims=[{0: "batch", 1: "seq"}],
-                           constant_source=_weight_source(checkpoint, model, problems), prefix=PREFIX)
+                           constant_source=_weight_source(tensors, model, problems), prefix=PREFIX)
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
