@@ -15,13 +15,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .backends.support import check_backend_support
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
-from .ir import Graph, verify
+from .ir import Graph, dtypes, verify
 from .passes import EngineLimits, QuantConfig, Workload, pipeline_manager, run_pipeline, select_profiles
 from .passes.workspace import plan_workspace
 from .runtime import CompiledModule, Engine, EngineInfo, RuntimeConfig, load_engine
 from .runtime import LLM as EngineLLM
+from .runtime.engine import CACHE_PREFIXES
 from .runtime.engine_files import MANIFEST
 
 # target -> (pipeline, backend)
@@ -134,6 +136,8 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
         if quantization and quantization.activations == "static" else ()
     run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches)
     verify(graph)
+    check_backend_support(graph, backend)
+    _check_cache_dtype(graph, kv_cache_dtype)
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
     engine = Engine(graph, imported.tokenizer, imported.config, info)
@@ -152,6 +156,16 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
         engine.info = dataclasses.replace(info, tuned_on=tuned_on)
         engine.kernel_configs = configs
     return engine
+
+
+def _check_cache_dtype(graph: Graph, kv_cache_dtype: str) -> None:
+    """Refuse an E4M3 KV cache that the pipeline could not give every cache (a latent cache)."""
+    if kv_cache_dtype != "fp8":
+        return
+    wide = [v.name for v in graph.inputs if v.name.startswith(CACHE_PREFIXES) and v.dtype != dtypes.float8_e4m3fn]
+    if wide:
+        raise ValueError(f"kv_cache_dtype='fp8' does not apply to caches {', '.join(wide)} yet (an E4M3 cache of "
+                         "multi-head latent attention is not done): use kv_cache_dtype='auto'")
 
 
 def _calibration_batches(tokenizer: Any, texts: Sequence[str] | None, max_seq_len: int,

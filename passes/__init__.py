@@ -13,6 +13,7 @@ from .fusion import FUSION_RULES, RAISE_RULES, ROTARY_RULES, SELECTION_RULES
 from .profiles import EngineLimits, ProfilePlan, Workload, select_profiles
 from .kv_layout import linear_kv_cache, specialize
 from .paged import METADATA, PagedAttentionError, page_attention
+from .mla import MLA_RULES
 from .moe import MOE_RULES
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
 from .partition import PartitionError, partition, partition_tensor_parallel
@@ -29,8 +30,8 @@ canonicalize = rewrite_pass("canonicalize", CANONICAL_RULES,
 fold = Pass("fold_constants", fold_constants, "ops over constants become (lazy) constants")
 cse = Pass("cse", eliminate_common_subexpressions, "merge identical nodes and small constants")
 dce = Pass("dce", eliminate_dead_code, "drop unused nodes and constants")
-raise_ops = rewrite_pass("raise", RAISE_RULES + MOE_RULES,
-                         "recognize rms_norm, rotary and mixture-of-experts routing among primitives")
+raise_ops = rewrite_pass("raise", RAISE_RULES + MOE_RULES + MLA_RULES,
+                         "recognize rms_norm, rotary, MoE routing and latent attention among primitives")
 fuse = rewrite_pass("fuse", FUSION_RULES + QUANTIZED_FUSION_RULES,
                     "residual+RMSNorm, QKV and gate/up GEMMs (quantized too), gated activations")
 fuse_rotary = rewrite_pass("fuse_rotary", ROTARY_RULES + CANONICAL_RULES,
@@ -115,5 +116,5 @@ __all__ = [
     "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache",
     "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite", "rewrite_pass",
     "select_logits", "trace", "PartitionError", "partition", "partition_tensor_parallel", "run_pipeline",
-    "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks", "split_pipeline",
+    "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks", "split_pipeline", "MLA_RULES",
 ]

@@ -102,6 +102,10 @@ NOT_LOWERED = {
     "linear_int8": "quantized linears are not lowered to TensorRT yet (add_dynamic_quantize_v2 and dequantize layers)",
     "linear_int4": "quantized linears are not lowered to TensorRT yet (add_dynamic_quantize_v2 and dequantize layers)",
     "linear_fp8": "quantized linears are not lowered to TensorRT yet (add_dynamic_quantize_v2 and dequantize layers)",
+    "mla_attention": "multi-head latent attention is not lowered to TensorRT yet (its native attention takes keys "
+                     "and values of one shape, not a latent cache)",
+    "paged_mla_attention": "multi-head latent attention is not lowered to TensorRT yet (its native attention takes "
+                           "keys and values of one shape, not a latent cache)",
 }
 
 
