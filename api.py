@@ -36,7 +36,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             max_batch_size: int = 256, max_seq_len: int = 8192, max_num_tokens: int | None = None,
             workload: Workload | None = None, example_inputs: Sequence[torch.Tensor] | None = None,
             dynamic_shapes: Any = None, tokenizer: Any = None, progress: bool = False,
-            calibration: Sequence[str] | None = None) -> Engine | CompiledModule:
+            calibration: Sequence[str] | None = None, ep: int = 1) -> Engine | CompiledModule:
     """Compile a model for ``target``.
 
     ``model`` is a Hugging Face checkpoint directory or an in-memory ``transformers``
@@ -49,8 +49,13 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     (``int8``, ``int4``, ``fp8``) or a ``QuantConfig`` (skip list, LM head, INT4 groups);
     ``kv_cache_dtype="fp8"`` stores the KV cache in E4M3. ``calibration`` is the text that
     schemes with static activation scales calibrate on (default: Python's documentation).
+    ``ep=tp`` splits the experts of mixture-of-experts layers across the ``tp`` ranks
+    (expert parallelism) instead of holding every expert on every rank.
     """
     _check_options(target, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
+    if ep not in (1, tp):
+        raise ValueError(f"ep must be 1 or equal to tp ({tp}): expert parallelism splits the experts across the "
+                         f"tensor-parallel ranks, got ep={ep}")
     quant = QuantConfig.of(quantization) if quantization is not None else None
     if calibration is not None and (quant is None or quant.activations != "static"):
         raise ValueError("calibration text is used by static activation scales only "
@@ -65,7 +70,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             stage("importing")
             imported = load_checkpoint(model, dtype, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, tp, quant,
-                           kv_cache_dtype, calibration)
+                           kv_cache_dtype, calibration, ep)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
@@ -74,7 +79,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             imported = import_model(model, tokenizer, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload,
                            _ids(getattr(model.generation_config, "eos_token_id", None)), stage, tp, quant,
-                           kv_cache_dtype, calibration)
+                           kv_cache_dtype, calibration, ep)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
     if quant is not None or kv_cache_dtype != "auto":
@@ -122,7 +127,7 @@ BUILD_STAGES = ("importing", "optimizing", "generating the executor", "tuning ke
 
 def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
             stop_token_ids: tuple[int, ...], stage, tp: int = 1, quantization: QuantConfig | None = None,
-            kv_cache_dtype: str = "auto", calibration: Sequence[str] | None = None) -> Engine:
+            kv_cache_dtype: str = "auto", calibration: Sequence[str] | None = None, ep: int = 1) -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
     pipeline, backend = TARGETS[target]
     eos = getattr(imported.tokenizer, "eos_token_id", None)
@@ -134,7 +139,7 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
     stage("optimizing")
     batches = _calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
         if quantization and quantization.activations == "static" else ()
-    run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches)
+    run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches, ep=ep)
     verify(graph)
     check_backend_support(graph, backend)
     _check_cache_dtype(graph, kv_cache_dtype)

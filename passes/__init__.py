@@ -92,18 +92,23 @@ def pipeline_manager(name: str, quantization: QuantConfig | None = None, kv_cach
 
 
 def run_pipeline(name: str, graph: Graph, tp: int = 1, quantization: QuantConfig | None = None,
-                 kv_cache_dtype: str = "auto", calibration: Sequence = (), **options) -> list[PassRecord]:
+                 kv_cache_dtype: str = "auto", calibration: Sequence = (), ep: int = 1,
+                 **options) -> list[PassRecord]:
     """Run the named pipeline (quantized, its KV cache in ``kv_cache_dtype``: see
     ``pipeline``) on ``graph`` to a fixpoint; with ``tp`` > 1, the passes before fusion run
     first, then ``partition`` (once), then the whole pipeline but its run-once stages, so
-    that the fusions see the sharded graph."""
+    that the fusions see the sharded graph. ``ep`` (1 or ``tp``) splits the experts of
+    mixture-of-experts layers across the ``tp`` ranks too."""
+    if ep not in (1, tp):
+        raise ValueError(f"expert parallelism splits experts across the tensor-parallel ranks: ep must be 1 or "
+                         f"tp ({tp}), got {ep}")
     passes = pipeline(name, quantization, kv_cache_dtype, calibration)
     if tp == 1:
         return PassManager(passes, until_stable=True, **options).run(graph)
     before = passes[:[p.name for p in passes].index("fuse")]
     debug = options.get("debug", False)
     records = PassManager(before, until_stable=True, debug=debug).run(graph)
-    records += PassManager([partition(tp)], debug=debug).run(graph)
+    records += PassManager([partition(tp, expert_parallel=ep > 1)], debug=debug).run(graph)
     return records + PassManager([p for p in passes if not p.once], until_stable=True, **options).run(graph)
 
 

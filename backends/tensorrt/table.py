@@ -96,6 +96,7 @@ NOT_LOWERED = {
     "all_gather": "tensor-parallel TensorRT networks (add_dist_collective) are not built yet",
     "moe": "mixture-of-experts layers are not lowered to TensorRT yet",
     "moe_experts": "mixture-of-experts layers are not lowered to TensorRT yet",
+    "moe_route": "mixture-of-experts layers are not lowered to TensorRT yet",
     "topk": "top-k routing is lowered only inside moe, which TensorRT does not take yet",
     "expm1": "not lowered to TensorRT yet",
     "softplus": "not lowered to TensorRT yet",
