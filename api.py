@@ -15,13 +15,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .backends.support import check_backend_support
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
-from .ir import Graph, verify
+from .ir import Graph, dtypes, verify
 from .passes import EngineLimits, QuantConfig, Workload, pipeline_manager, run_pipeline, select_profiles, split_pipeline
 from .passes.workspace import plan_workspace
 from .runtime import CompiledModule, Engine, EngineInfo, RuntimeConfig, load_engine
 from .runtime import LLM as EngineLLM
+from .runtime.engine import CACHE_PREFIXES
 from .runtime.engine_files import MANIFEST
 
 # target -> (pipeline, backend)
@@ -34,7 +36,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             max_batch_size: int = 256, max_seq_len: int = 8192, max_num_tokens: int | None = None,
             workload: Workload | None = None, example_inputs: Sequence[torch.Tensor] | None = None,
             dynamic_shapes: Any = None, tokenizer: Any = None, progress: bool = False,
-            calibration: Sequence[str] | None = None) -> Engine | CompiledModule:
+            calibration: Sequence[str] | None = None, ep: int = 1) -> Engine | CompiledModule:
     """Compile a model for ``target``.
 
     ``model`` is a Hugging Face checkpoint directory (pre-quantized GPTQ, AWQ and FP8 ones
@@ -48,8 +50,13 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     (``int8``, ``int4``, ``fp8``) or a ``QuantConfig`` (skip list, LM head, INT4 groups);
     ``kv_cache_dtype="fp8"`` stores the KV cache in E4M3. ``calibration`` is the text that
     schemes with static activation scales calibrate on (default: Python's documentation).
+    ``ep=tp`` splits the experts of mixture-of-experts layers across the ``tp`` ranks
+    (expert parallelism) instead of holding every expert on every rank.
     """
     _check_options(target, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
+    if ep not in (1, tp):
+        raise ValueError(f"ep must be 1 or equal to tp ({tp}): expert parallelism splits the experts across the "
+                         f"tensor-parallel ranks, got ep={ep}")
     quant = QuantConfig.of(quantization) if quantization is not None else None
     if calibration is not None and (quant is None or quant.activations != "static"):
         raise ValueError("calibration text is used by static activation scales only "
@@ -64,7 +71,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             stage("importing")
             imported = _load_path(model, dtype, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, tp, quant,
-                           kv_cache_dtype, calibration, pp)
+                           kv_cache_dtype, calibration, pp, ep)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
@@ -73,7 +80,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             imported = import_model(model, tokenizer, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload,
                            _ids(getattr(model.generation_config, "eos_token_id", None)), stage, tp, quant,
-                           kv_cache_dtype, calibration, pp)
+                           kv_cache_dtype, calibration, pp, ep)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
     if quant is not None or kv_cache_dtype != "auto":
@@ -131,7 +138,8 @@ BUILD_STAGES = ("importing", "optimizing", "generating the executor", "tuning ke
 
 def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
             stop_token_ids: tuple[int, ...], stage, tp: int = 1, quantization: QuantConfig | None = None,
-            kv_cache_dtype: str = "auto", calibration: Sequence[str] | None = None, pp: int = 1) -> Engine:
+            kv_cache_dtype: str = "auto", calibration: Sequence[str] | None = None, pp: int = 1,
+            ep: int = 1) -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
     pipeline, backend = TARGETS[target]
     eos = getattr(imported.tokenizer, "eos_token_id", None)
@@ -144,8 +152,10 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
     stage("optimizing")
     batches = _calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
         if quantization and quantization.activations == "static" else ()
-    run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches)
+    run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches, ep=ep)
     verify(graph)
+    check_backend_support(graph, backend)
+    _check_cache_dtype(graph, kv_cache_dtype)
     if pp > 1:
         split_pipeline(graph, pp)  # refused here, with the reason, if the graph has too few places to cut
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
@@ -172,6 +182,16 @@ def _quantization_record(config: QuantConfig | None, checkpoint: dict[str, Any] 
     """What the manifest records: the scheme the build applied and the one the checkpoint came in."""
     record = config.to_dict() if config else None
     return {**(record or {}), "checkpoint": checkpoint} if checkpoint else record
+
+
+def _check_cache_dtype(graph: Graph, kv_cache_dtype: str) -> None:
+    """Refuse an E4M3 KV cache that the pipeline could not give every cache (a latent cache)."""
+    if kv_cache_dtype != "fp8":
+        return
+    wide = [v.name for v in graph.inputs if v.name.startswith(CACHE_PREFIXES) and v.dtype != dtypes.float8_e4m3fn]
+    if wide:
+        raise ValueError(f"kv_cache_dtype='fp8' does not apply to caches {', '.join(wide)} yet (an E4M3 cache of "
+                         "multi-head latent attention is not done): use kv_cache_dtype='auto'")
 
 
 def _calibration_batches(tokenizer: Any, texts: Sequence[str] | None, max_seq_len: int,

@@ -1,7 +1,8 @@
 """The reference backend's kernels: torch ops on any device.
 
 Every op runs its registry reference implementation, except where the runtime needs
-something the oracle does not give: ``paged_attention`` writes the new keys and values
+something the oracle does not give: ``paged_attention`` (and ``paged_mla_attention``, in
+``mla.py``) writes the new keys and values
 into the caches in place (the oracle copies them, which is right for a pure graph and
 ruinous for a cache of gigabytes) and attends all sequences of a step in one batched
 call over their padded contexts; the creation ops make their tensors on the device.
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from ..ir import REGISTRY
 from ..ir.opdefs.paged import to_cache
+from .mla import paged_mla_attention
 
 Kernel = Callable[..., Any]
 
@@ -72,6 +74,7 @@ def reference_kernels(device: torch.device | str = "cpu") -> dict[str, Kernel]:
     device = torch.device(device)
     kernels: dict[str, Kernel] = {op.name: op.reference for op in REGISTRY}
     kernels["paged_attention"] = paged_attention
+    kernels["paged_mla_attention"] = paged_mla_attention
     kernels["full"] = lambda shape, value, dtype: torch.full(shape, value, dtype=dtype.torch_dtype, device=device)
     kernels["arange"] = lambda end, start, step, dtype: torch.arange(start, end, step, dtype=dtype.torch_dtype,
                                                                      device=device)

@@ -364,3 +364,42 @@ IGNORED = {
     "aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_constrain_range_for_size.default",
     "aten._assert_async.msg", "aten.sym_constrain_range.default",
 }
+
+
+# -- DeepSeek-V3's grouped router: a mask of the chosen groups ---------------------------
+
+def _like(value: float) -> Converter:
+    return lambda cx, x, **kwargs: ops.full(graph=cx.graph, shape=tuple(x.shape), value=value,
+                                            dtype=cx.result_dtype)
+
+
+def _scatter_value(cx: Conversion, x: Value, dim: int, index: Value, value: Any) -> Value:
+    """``x`` with ``value`` written where ``index`` points along ``dim``: the index compared
+    with every position along ``dim`` (one-hot), any hit among its entries selects ``value``."""
+    from ..ir.shapes import dims_equal
+
+    rank = x.type.rank
+    dim %= rank
+    if rank != index.type.rank or any(i != dim and not dims_equal(a, b)
+                                      for i, (a, b) in enumerate(zip(x.shape, index.shape))):
+        raise NotImplementedError("scatter whose index differs from the tensor beyond the scattered dim")
+    size = x.shape[dim]
+    positions = ops.reshape(ops.arange(graph=cx.graph, end=size, dtype=index.dtype),
+                            shape=(*[1] * (dim + 1), size, *[1] * (rank - dim - 1)))
+    hits = ops.cast(ops.eq(ops.unsqueeze(index, dim=dim + 1), positions), dtype=dtypes.float32)
+    chosen = ops.cast(ops.max(hits, dims=(dim,), keepdim=False), dtype=dtypes.bool_)
+    return ops.where(chosen, cx.value(value, x.dtype), x)
+
+
+def _bitwise_not(cx: Conversion, x: Value) -> Value:
+    if x.dtype != dtypes.bool_:
+        raise NotImplementedError("bitwise_not of integers")
+    return ops.logical_not(x)
+
+
+CONVERTERS.update({
+    "aten.zeros_like.default": _like(0.0),
+    "aten.ones_like.default": _like(1.0),
+    "aten.scatter.value": _scatter_value,
+    "aten.bitwise_not.default": _bitwise_not,
+})

@@ -108,6 +108,15 @@ def _export(model: nn.Module, max_batch_size: int, max_seq_len: int, device: str
         return torch.export.export(_Logits(model), (example,), dynamic_shapes=(dims,), strict=False)
 
 
+def _checkpoint_buffers_on_meta(model: nn.Module, tensors: dict[str, Any]) -> None:
+    """Move the persistent buffers that the checkpoint holds (DeepSeek's router correction
+    bias) to the meta device, beside the parameters: they are weights, read lazily."""
+    for name, buffer in list(model.named_buffers()):
+        if name in tensors and buffer.device.type != "meta":
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(attr, buffer.to("meta"))
+
+
 def _weight_source(tensors: dict[str, Any], model: nn.Module, problems: list[str]):
     """The constant source for ``import_program``: lazy checkpoint tensors, cast to the
     dtype the model was exported in (quantized ones kept in their bits); module buffers
@@ -153,6 +162,7 @@ def import_weights(model: nn.Module, tensors: dict[str, Any], max_batch_size: in
                    where: str) -> Graph:
     """Export ``model`` (built on the meta device) and import it with ``tensors`` (checkpoint
     references by parameter name) as its weights; quantized ones become quantized linears."""
+    _checkpoint_buffers_on_meta(model, tensors)
     program = _export(model, max_batch_size, max_seq_len, device="meta")
     problems: list[str] = []
     graph = import_program(program, name=_graph_name(model.config), input_dims=[{0: "batch", 1: "seq"}],

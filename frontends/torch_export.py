@@ -22,6 +22,7 @@ from ..ir import ConstantData, Graph, LazyData, TensorType, Value, dtypes, sym
 from ..ir.shapes import Dim, dims_equal, normalize_dim
 from .aten import CONVERTERS, IGNORED, Conversion
 from .errors import FrontendError, UnsupportedOpsError
+from .fills import COPY_OP, EMPTY_OPS, SLICE_OP, Fill, FillSlice, slice_of, view_base
 
 ConstantSource = Callable[[str, torch.Tensor], ConstantData]
 
@@ -107,6 +108,10 @@ class _Importer:
 
     def _live_nodes(self) -> set[str]:
         output = next(n for n in self.program.graph.nodes if n.op == "output")
+        writes: dict[str, list[torch.fx.Node]] = {}  # a tensor's name -> the copy_ nodes that write into it
+        for node in self.program.graph.nodes:
+            if str(node.target) == COPY_OP and isinstance(node.args[0], torch.fx.Node):
+                writes.setdefault(view_base(node.args[0]).name, []).append(node)
         live: set[str] = set()
         stack = list(output.all_input_nodes)
         while stack:
@@ -114,11 +119,21 @@ class _Importer:
             if node.name not in live:
                 live.add(node.name)
                 stack.extend(node.all_input_nodes)
+                stack.extend(writes.get(node.name, ()))
         return live
 
     def _arg(self, arg: Any) -> Any:
         if isinstance(arg, torch.fx.Node):
-            return self.env.get(arg.name, _MISSING)
+            value = self.env.get(arg.name, _MISSING)
+            if isinstance(value, FillSlice):
+                value = value.fill
+            if isinstance(value, Fill):
+                try:
+                    return value.read()
+                except NotImplementedError as exc:
+                    self.unsupported.setdefault(f"{EMPTY_OPS[0]} ({exc})", []).append("")
+                    return _MISSING
+            return value
         if isinstance(arg, (list, tuple)):
             return type(arg)(self._arg(a) for a in arg)
         if isinstance(arg, torch.SymInt):
@@ -132,6 +147,8 @@ class _Importer:
             return
         if isinstance(fake, (torch.SymInt, int)) and not isinstance(fake, bool):
             self.env[node.name] = self.dim(fake)
+            return
+        if self._fill(node, name, fake):
             return
         converter, mutated = CONVERTERS.get(name), None
         in_place = node.args and isinstance(node.args[0], torch.fx.Node)
@@ -157,6 +174,25 @@ class _Importer:
         self.env[node.name] = self._check(node, name, result, fake, cx)
         if mutated is not None:
             self.env[mutated.name] = self.env[node.name]
+
+    def _fill(self, node: torch.fx.Node, name: str, fake: Any) -> bool:
+        """Track a tensor allocated empty and filled through slices (see ``fills``); True
+        when ``node`` was such an allocation, a view of one, or a write into one."""
+        target = self.env.get(node.args[0].name) if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        try:
+            if name in EMPTY_OPS:
+                self.env[node.name] = Fill(self.tensor_type(fake))
+            elif name == SLICE_OP and isinstance(target, Fill):
+                self.env[node.name] = slice_of(target, *self._arg(node.args[1:]))
+            elif name == COPY_OP and isinstance(target, FillSlice):
+                source = self._arg(node.args[1])
+                if source is not _MISSING:
+                    target.fill.write(target, source)
+            else:
+                return False
+        except NotImplementedError as exc:
+            self.unsupported.setdefault(f"{name} ({exc})", []).append(self.location(node) or "")
+        return True
 
     def _check(self, node: torch.fx.Node, name: str, result: Any, fake: Any, cx: Conversion) -> Any:
         if isinstance(result, (tuple, list)):

@@ -13,7 +13,9 @@ from .fusion import FUSION_RULES, RAISE_RULES, ROTARY_RULES, SELECTION_RULES
 from .profiles import EngineLimits, ProfilePlan, Workload, select_profiles
 from .kv_layout import linear_kv_cache, specialize
 from .paged import METADATA, PagedAttentionError, page_attention
+from .mla import MLA_RULES
 from .moe import MOE_RULES
+from .moe_grouped import GROUPED_MOE_RULES
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
 from .partition import PartitionError, partition, partition_tensor_parallel
 from .partition_pipeline import CostModel, PipelineStages, pipeline_schedule, run_stages, split_pipeline
@@ -29,8 +31,8 @@ canonicalize = rewrite_pass("canonicalize", CANONICAL_RULES,
 fold = Pass("fold_constants", fold_constants, "ops over constants become (lazy) constants")
 cse = Pass("cse", eliminate_common_subexpressions, "merge identical nodes and small constants")
 dce = Pass("dce", eliminate_dead_code, "drop unused nodes and constants")
-raise_ops = rewrite_pass("raise", RAISE_RULES + MOE_RULES,
-                         "recognize rms_norm, rotary and mixture-of-experts routing among primitives")
+raise_ops = rewrite_pass("raise", RAISE_RULES + MOE_RULES + GROUPED_MOE_RULES + MLA_RULES,
+                         "recognize rms_norm, rotary, MoE routing and latent attention among primitives")
 fuse = rewrite_pass("fuse", FUSION_RULES + QUANTIZED_FUSION_RULES,
                     "residual+RMSNorm, QKV and gate/up GEMMs (quantized too), gated activations")
 fuse_rotary = rewrite_pass("fuse_rotary", ROTARY_RULES + CANONICAL_RULES,
@@ -91,18 +93,23 @@ def pipeline_manager(name: str, quantization: QuantConfig | None = None, kv_cach
 
 
 def run_pipeline(name: str, graph: Graph, tp: int = 1, quantization: QuantConfig | None = None,
-                 kv_cache_dtype: str = "auto", calibration: Sequence = (), **options) -> list[PassRecord]:
+                 kv_cache_dtype: str = "auto", calibration: Sequence = (), ep: int = 1,
+                 **options) -> list[PassRecord]:
     """Run the named pipeline (quantized, its KV cache in ``kv_cache_dtype``: see
     ``pipeline``) on ``graph`` to a fixpoint; with ``tp`` > 1, the passes before fusion run
     first, then ``partition`` (once), then the whole pipeline but its run-once stages, so
-    that the fusions see the sharded graph."""
+    that the fusions see the sharded graph. ``ep`` (1 or ``tp``) splits the experts of
+    mixture-of-experts layers across the ``tp`` ranks too."""
+    if ep not in (1, tp):
+        raise ValueError(f"expert parallelism splits experts across the tensor-parallel ranks: ep must be 1 or "
+                         f"tp ({tp}), got {ep}")
     passes = pipeline(name, quantization, kv_cache_dtype, calibration)
     if tp == 1:
         return PassManager(passes, until_stable=True, **options).run(graph)
     before = passes[:[p.name for p in passes].index("fuse")]
     debug = options.get("debug", False)
     records = PassManager(before, until_stable=True, debug=debug).run(graph)
-    records += PassManager([partition(tp)], debug=debug).run(graph)
+    records += PassManager([partition(tp, expert_parallel=ep > 1)], debug=debug).run(graph)
     return records + PassManager([p for p in passes if not p.once], until_stable=True, **options).run(graph)
 
 
@@ -115,5 +122,6 @@ __all__ = [
     "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache",
     "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite", "rewrite_pass",
     "select_logits", "trace", "PartitionError", "partition", "partition_tensor_parallel", "run_pipeline",
-    "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks", "split_pipeline",
+    "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks", "split_pipeline", "MLA_RULES",
+    "GROUPED_MOE_RULES",
 ]

@@ -221,7 +221,8 @@ ROTARY_RULES = [
 # Selecting rows early: ``index_select`` along a token axis moves above the ops that work
 # token by token, so the LM head and the final norm run only on the selected tokens.
 def _not_last(m: Match) -> bool:
-    return m["dim"] % m["x"].type.rank != m["x"].type.rank - 1
+    rank = m["x"].type.rank  # a 0-d x (a scalar broadcast into the product) has no token axis to select along
+    return rank > 0 and m["dim"] % rank != rank - 1
 
 
 def _select_tanh(x, index, dim: int):

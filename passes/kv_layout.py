@@ -17,7 +17,7 @@ import sympy
 from ..ir import Graph, sym
 from ..ir.graph import infer_result_types
 from ..ir.shapes import substitute_dims
-from .paged import BLOCK_SIZE, BLOCKS, MAX_BLOCKS
+from .paged import BLOCK_SIZE, BLOCKS, CACHE_OPERANDS, MAX_BLOCKS
 
 MAX_SEQ_LEN, SLOTS = sym("max_seq_len"), sym("num_slots")
 
@@ -36,7 +36,7 @@ def specialize(graph: Graph, mapping: dict) -> None:
 def linear_kv_cache(graph: Graph) -> int:
     """Give the paged step graph linear per-slot caches; return how many caches changed
     (0 when there is no paged attention or the layout is linear already)."""
-    caches = [n.inputs[i] for n in graph.nodes if n.op == "paged_attention" for i in (3, 4)]
+    caches = [n.inputs[i] for n in graph.nodes for i in CACHE_OPERANDS.get(n.op, ())]
     if not caches or any(c.shape[1] != BLOCK_SIZE for c in caches):
         return 0
     specialize(graph, {MAX_BLOCKS: sympy.Integer(1), BLOCK_SIZE: MAX_SEQ_LEN, BLOCKS: SLOTS})

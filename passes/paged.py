@@ -7,14 +7,16 @@ in, logits ``[batch, seq, vocab]`` out, causal ``attention`` ops over
     ids, positions, slot_mapping: i64[num_tokens]     query_start: i32[num_seqs + 1]
     context_lens: i32[num_seqs]                        block_tables: i32[num_seqs, max_blocks]       logits_indices: i64[num_logits]
     k_cache_<i>, v_cache_<i>: [num_blocks, block_size, kv_heads, head_dim] per attention layer
+    latent_cache_<i>: [num_blocks, block_size, 1, rank + rope] per latent attention layer (instead)
 
 and returns the logits of the tokens at ``logits_indices`` (``[num_logits, vocab]``;
 usually each sequence's last token) followed by the updated caches. The rewrite
 is a substitution, ``batch -> 1`` and ``seq -> num_tokens``: every op other than
 attention works token by token, so it is unchanged; ``arange(seq)`` (the positions the
 model made for itself) becomes the ``positions`` input; each attention becomes a
-``paged_attention`` over its layer's caches. The batch metadata is computed once per
-step, by the runtime, and shared by every layer.
+``paged_attention`` over its layer's caches, and each multi-head latent attention
+(``mla_attention``) a ``paged_mla_attention`` over one cache of its latents and rotated keys.
+The batch metadata is computed once per step, by the runtime, and shared by every layer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ TOKENS, SEQS, MAX_BLOCKS, BLOCKS, BLOCK_SIZE, LOGITS = (
     sym(n) for n in ("num_tokens", "num_seqs", "max_blocks", "num_blocks", "block_size", "num_logits"))
 METADATA = ("positions", "slot_mapping", "query_start", "context_lens", "block_tables", "logits_indices")
 ATTENTION_METADATA = ("slot_mapping", "query_start", "context_lens", "block_tables")  # paged_attention's operands
+CACHE_OPERANDS = {"paged_attention": (3, 4), "paged_mla_attention": (4,)}  # which operands are KV caches
 
 
 class PagedAttentionError(ValueError):
@@ -45,7 +48,7 @@ def _contract(graph: Graph) -> tuple[sympy.Symbol, sympy.Symbol]:
     for node in graph.nodes:
         if node.op == "attention" and (not node.attrs["causal"] or node.inputs[3:]):
             raise PagedAttentionError(f"attention at {node.location or node.op} must be causal and unmasked")
-    if not any(node.op == "attention" for node in graph.nodes):
+    if not any(node.op in ("attention", "mla_attention") for node in graph.nodes):
         raise PagedAttentionError(f"graph @{graph.name} has no attention to page")
     return batch, seq
 
@@ -62,10 +65,22 @@ def _tokens_first(x: Value) -> Value:
     return ops.reshape(ops.transpose(x, dim0=1, dim1=2), shape=(TOKENS, x.shape[1], x.shape[3]))
 
 
+def _heads_first(x: Value) -> Value:
+    """[num_tokens, heads, dim] -> [1, heads, num_tokens, dim]."""
+    return ops.transpose(ops.reshape(x, shape=(1, TOKENS, x.shape[1], x.shape[2])), dim0=1, dim1=2)
+
+
+def _latent_cache(new: Graph, node, index: int) -> Value:
+    """A latent attention layer's one cache: each token's latent and rotated key, side by side."""
+    latent, k_rope = node.inputs[1].type, node.inputs[2].type
+    width = latent.shape[3] + k_rope.shape[3]
+    return new.add_input(f"latent_cache_{index}", TensorType(latent.dtype, (BLOCKS, BLOCK_SIZE, 1, width)))
+
+
 def page_attention(graph: Graph) -> int:
     """Rewrite ``graph`` in place into the paged step graph; return the number of
     attention ops paged (0 for a graph that is paged already)."""
-    if any(node.op == "paged_attention" for node in graph.nodes):
+    if any(node.op in CACHE_OPERANDS for node in graph.nodes):
         return 0
     batch, seq = _contract(graph)
     mapping = {batch: sympy.Integer(1), seq: TOKENS}
@@ -83,6 +98,7 @@ def page_attention(graph: Graph) -> int:
     for name, value in graph.constants.items():
         env[id(value)] = new.add_constant(value.data, value.type, name)
     caches: list[Value] = []
+    layers = 0
     for node in graph.nodes:
         inputs = [None if v is None else env[id(v)] for v in node.inputs]
         attrs = {k: substitute_dims(v, mapping) for k, v in node.attrs.items()}
@@ -90,15 +106,21 @@ def page_attention(graph: Graph) -> int:
         if node.op == "arange" and attrs["end"] == TOKENS and attrs["start"] == 0 and attrs["step"] == 1:
             results = [ops.cast(meta["positions"], dtype=node.results[0].dtype)]
         elif node.op == "attention":
-            k_cache, v_cache = _layer_caches(new, node, len(caches) // 2)
+            k_cache, v_cache = _layer_caches(new, node, layers)
             q, k, v = (_tokens_first(x) for x in inputs[:3])
             out, k_cache, v_cache = ops.paged_attention(
                 q, k, v, k_cache, v_cache, *(meta[n] for n in ATTENTION_METADATA),
                 scale=attrs["scale"] if attrs["scale"] is not None else node.inputs[0].shape[3] ** -0.5,
                 sliding_window=attrs["sliding_window"], softcap=attrs["softcap"])
             caches += [k_cache, v_cache]
-            results = [ops.transpose(ops.reshape(out, shape=(1, TOKENS, out.shape[1], out.shape[2])),
-                                     dim0=1, dim1=2)]
+            layers += 1
+            results = [_heads_first(out)]
+        elif node.op == "mla_attention":
+            caches.append(_latent_cache(new, node, layers))
+            out, caches[-1] = ops.paged_mla_attention(*(_tokens_first(x) for x in inputs[:3]), inputs[3], caches[-1],
+                                                      *(meta[n] for n in ATTENTION_METADATA), scale=attrs["scale"])
+            layers += 1
+            results = [_heads_first(out)]
         else:
             results = new.call(node.op, inputs, attrs).results
         for created in new.nodes[before:]:
@@ -110,4 +132,4 @@ def page_attention(graph: Graph) -> int:
     selected = ops.index_select(logits, meta["logits_indices"], dim=1)
     new.set_outputs([ops.reshape(selected, shape=(LOGITS, logits.shape[2])), *caches])
     graph.take_contents(new)
-    return len(caches) // 2
+    return layers

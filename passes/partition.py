@@ -18,7 +18,8 @@ their constants' data (``kiln.ir.for_rank``). Column- then row-parallel linears 
 gate/up by columns, o_proj and down_proj by rows), attention split by heads,
 vocabulary-parallel embedding and LM head all follow from the rules. With
 ``strict=True`` a graph whose attention cannot be split over ``ranks`` is refused with the
-reason.
+reason. With ``expert_parallel=True`` the experts of mixture-of-experts layers are split
+across the ranks too (``partition_experts``); otherwise those layers run replicated.
 """
 
 from __future__ import annotations
@@ -26,23 +27,26 @@ from __future__ import annotations
 from ..ir import Graph, verify
 from .cleanup import eliminate_dead_code
 from .manager import Pass
+from .partition_experts import EXPERT_RULES
 from .partition_rules import RULES
 from .sharding import REPLICATED, PartitionError, Partitioner
 
 __all__ = ["PartitionError", "partition", "partition_tensor_parallel"]
 
 
-def partition_tensor_parallel(graph: Graph, ranks: int, strict: bool = False) -> int:
+def partition_tensor_parallel(graph: Graph, ranks: int, strict: bool = False, expert_parallel: bool = False) -> int:
     """Rewrite ``graph`` in place into the program each of ``ranks`` ranks runs; return
     the number of collectives inserted. With ``strict``, refuse (``PartitionError``, with
-    the reasons) a graph whose attention cannot be split over the ranks."""
+    the reasons) a graph whose attention (or, with ``expert_parallel``, whose experts)
+    cannot be split over the ranks."""
     if ranks < 1:
         raise PartitionError(f"tensor parallelism needs at least one rank, got {ranks}")
     if ranks == 1:
         return 0
     p = Partitioner(graph, ranks)
+    rules = {**RULES, **EXPERT_RULES} if expert_parallel else RULES
     for node in graph.nodes:
-        rule = RULES.get(node.op)
+        rule = rules.get(node.op)
         results = rule(p, node) if rule is not None else None
         if results is None:
             p.replicated_copy(node)
@@ -59,8 +63,9 @@ def partition_tensor_parallel(graph: Graph, ranks: int, strict: bool = False) ->
     return sum(1 for n in graph.nodes if n.op in ("all_reduce", "all_gather"))
 
 
-def partition(ranks: int, strict: bool = True) -> Pass:
-    """The ``partition`` pass for ``ranks``-way tensor parallelism (run once, before fusion)."""
-    return Pass("partition", lambda graph: partition_tensor_parallel(graph, ranks, strict),
-                f"{ranks}-way tensor parallelism: sharded weights and the collectives between them",
-                changes_signature=True)
+def partition(ranks: int, strict: bool = True, expert_parallel: bool = False) -> Pass:
+    """The ``partition`` pass for ``ranks``-way tensor parallelism, the experts split across
+    the ranks too with ``expert_parallel`` (run once, before fusion)."""
+    return Pass("partition", lambda graph: partition_tensor_parallel(graph, ranks, strict, expert_parallel),
+                f"{ranks}-way tensor parallelism{' with expert parallelism' if expert_parallel else ''}: "
+                "sharded weights and the collectives between them", changes_signature=True)

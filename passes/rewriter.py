@@ -113,6 +113,9 @@ def _replace(graph: Graph, match: Match, replacement: Callable[..., Any], kwargs
             isinstance(n, Value) and n.type is not None and n.type.equivalent(o.type)
             for n, o in zip(new, match.outputs)):
         return undo()
+    location = match.outputs[0].producer.location
+    for node in graph.nodes[last_input + 1: last_input + 1 + len(graph.nodes) - nodes_before]:
+        node.location = node.location or location  # the replacement stands where the matched ops came from
     for old, value in zip(match.outputs, new):
         if old is not value:
             old.replace_all_uses_with(value)

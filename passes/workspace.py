@@ -18,7 +18,7 @@ from ..ir.shapes import evaluate_shape
 from .profiles import ProfilePlan
 
 # op -> the results that are its operands updated in place
-IN_PLACE = {"paged_attention": (1, 2)}
+IN_PLACE = {"paged_attention": (1, 2), "paged_mla_attention": (1,)}
 
 
 def peak_activation_bytes(graph: Graph, dims: Mapping[str, int]) -> int:

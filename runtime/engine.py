@@ -79,9 +79,13 @@ class EngineInfo:
                       "stop_token_ids": tuple(manifest["stop_token_ids"])})
 
 
+CACHE_PREFIXES = ("k_cache_", "v_cache_", "latent_cache_")  # the step graph's cache inputs: <prefix><layer>
+
+
 @dataclass(frozen=True)
 class CacheSpec:
-    """The KV caches the step graph takes: one (key, value) pair per layer."""
+    """The KV caches the step graph takes: one (key, value) pair per layer, or one cache of
+    latents per multi-head latent attention layer (heads 1, width rank + rope)."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, int], ...]  # (kv_heads, head_dim) per cache input
@@ -119,7 +123,7 @@ class Engine:
     def __post_init__(self) -> None:
         if not self.executor_source:
             self.executor_source = generate_executor(self.graph, self.info.backend, __version__)
-        caches = [v for v in self.graph.inputs if v.name.startswith(("k_cache_", "v_cache_"))]
+        caches = [v for v in self.graph.inputs if v.name.startswith(CACHE_PREFIXES)]
         if not caches:
             raise ValueError(f"graph @{self.graph.name} is not a paged step graph: it takes no KV caches")
         self.cache_spec = CacheSpec(tuple(v.name for v in caches), tuple((v.shape[2], v.shape[3]) for v in caches),

@@ -249,12 +249,9 @@ def _lookup(b: GraphDraft):
     return ops.index_select(x, idx, dim=axis)
 
 
-def _paged(b: GraphDraft):
-    """Attention of a few sequences over a paged cache, the batch laid out as literals."""
-    x = b.value()
-    tokens, dim = b.draw(st.integers(1, 5)), b.draw(st.sampled_from([2, 4]))
-    level = ops.mean(x, dims=tuple(range(x.type.rank))) if x.type.rank else x
-    q = b.constant((tokens, 1, dim)) * level
+def _paged_batch(b: GraphDraft, tokens: int) -> tuple[int, int, list[Value]]:
+    """A batch of a few sequences over a paged cache, laid out as literals: the number of
+    blocks, the block size, and slot_mapping, query_start, context_lens, block_tables."""
     cuts = sorted(b.draw(st.lists(st.integers(0, tokens), max_size=2)))
     bounds = [0, *cuts, tokens]
     cached = [b.draw(st.integers(0, 3)) for _ in bounds[1:]]
@@ -266,15 +263,47 @@ def _paged(b: GraphDraft):
         slots += [table[p // block_size] * block_size + p % block_size for p in positions]
         lengths.append(cached[s] + end - start)
         tables.append(table)
-    blocks = blocks_per_seq * len(lengths)
     literal = b.graph.add_constant
-    out, _, _ = ops.paged_attention(
-        q, ops.neg(q), q, b.constant((blocks, block_size, 1, dim)), b.constant((blocks, block_size, 1, dim)),
+    return blocks_per_seq * len(lengths), block_size, [
         literal(torch.tensor(slots, dtype=torch.int64), name="slots"),
         literal(torch.tensor(bounds, dtype=torch.int32), name="starts"),
         literal(torch.tensor(lengths, dtype=torch.int32), name="lengths"),
-        literal(torch.tensor(tables, dtype=torch.int32), name="tables"),
-        softcap=b.draw(st.sampled_from([None, 5.0])), sliding_window=b.draw(st.sampled_from([None, 2])))
+        literal(torch.tensor(tables, dtype=torch.int32), name="tables")]
+
+
+def _level(x: Value) -> Value:
+    """A scalar that depends on ``x``, to tie a generated block to the graph."""
+    return ops.mean(x, dims=tuple(range(x.type.rank))) if x.type.rank else x
+
+
+def _paged(b: GraphDraft):
+    """Attention of a few sequences over a paged cache, the batch laid out as literals."""
+    x = b.value()
+    tokens, dim = b.draw(st.integers(1, 5)), b.draw(st.sampled_from([2, 4]))
+    q = b.constant((tokens, 1, dim)) * _level(x)
+    blocks, block_size, batch = _paged_batch(b, tokens)
+    out, _, _ = ops.paged_attention(
+        q, ops.neg(q), q, b.constant((blocks, block_size, 1, dim)), b.constant((blocks, block_size, 1, dim)),
+        *batch, softcap=b.draw(st.sampled_from([None, 5.0])), sliding_window=b.draw(st.sampled_from([None, 2])))
+    return ops.mean(out, dims=(0, 1, 2)) + x
+
+
+def _mla(b: GraphDraft):
+    """Multi-head latent attention: whole over [1, heads, seq, dim] queries, or over a paged
+    cache of latents with the batch laid out as literals."""
+    x = b.value()
+    heads, nope, rope, rank, v_dim = b.draw(st.sampled_from([1, 2])), 2, 2, b.draw(st.sampled_from([2, 4])), 2
+    kv_b, level = b.constant((heads * (nope + v_dim), rank)), _level(x)
+    tokens = b.draw(st.integers(1, 5))
+    if b.draw(st.booleans()):
+        q = b.constant((1, heads, tokens, nope + rope)) * level
+        out = ops.mla_attention(q, b.constant((1, 1, tokens, rank)) * level, b.constant((1, 1, tokens, rope)), kv_b,
+                                scale=b.draw(st.sampled_from([None, 0.5])))
+        return ops.mean(out, dims=(0, 1, 2, 3)) + x
+    blocks, block_size, batch = _paged_batch(b, tokens)
+    out, _ = ops.paged_mla_attention(b.constant((tokens, heads, nope + rope)) * level,
+                                     b.constant((tokens, 1, rank)) * level, b.constant((tokens, 1, rope)), kv_b,
+                                     b.constant((blocks, block_size, 1, rank + rope)), *batch)
     return ops.mean(out, dims=(0, 1, 2)) + x
 
 
@@ -386,8 +415,9 @@ def _redundant(b: GraphDraft):
     return ops.reshape(x, shape=x.shape)
 
 
-def _moe(b: GraphDraft):
-    """A routed mixture of experts over [tokens, hidden], whole or as topk + moe_experts."""
+def _moe(b: GraphDraft, routed_apart: bool = False):
+    """A routed mixture of experts over [tokens, hidden], whole or as topk + moe_experts;
+    ``routed_apart``: as moe_route + moe_experts, the form an expert-parallel graph has."""
     x = b.value(lambda v: v.type.rank == 2 and isinstance(v.shape[-1], int) and v.shape[-1] >= 1)
     if x is None:
         return None
@@ -396,15 +426,18 @@ def _moe(b: GraphDraft):
     logits = ops.linear(x, b.constant((experts, hidden)))
     gate_up, down = b.constant((experts, 2 * inter, hidden)), b.constant((experts, hidden, inter))
     activation = b.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]))
-    if b.draw(st.booleans()):
+    if not routed_apart and b.draw(st.booleans()):
         weights, indices = ops.topk(ops.softmax(logits, dim=-1), k=top_k)
         return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
     scoring = b.draw(st.sampled_from(["softmax", "sigmoid"]))
     groups = b.draw(st.sampled_from([g for g in (1, 2) if experts % g == 0 and (g == 1 or experts // g >= 2)]))
     bias = b.constant((experts,)) if scoring == "sigmoid" and b.draw(st.booleans()) else None
-    return ops.moe(x, logits, gate_up, down, bias, top_k=top_k, scoring=scoring, normalize=b.draw(st.booleans()),
-                   scale=b.draw(st.sampled_from([1.0, 2.5])), num_groups=groups, topk_groups=1 if groups == 1 else 2,
-                   activation=activation)
+    routing = dict(top_k=top_k, scoring=scoring, normalize=b.draw(st.booleans()),
+                   scale=b.draw(st.sampled_from([1.0, 2.5])), num_groups=groups, topk_groups=1 if groups == 1 else 2)
+    if routed_apart:
+        weights, indices = ops.moe_route(logits, bias, **routing)
+        return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
+    return ops.moe(x, logits, gate_up, down, bias, **routing, activation=activation)
 
 
 GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {
@@ -412,12 +445,14 @@ GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {
     "unary": _unary, "binary": _binary, "select": _select, "linear": _linear, "conv": _conv, "reduce": _reduce,
     "norm": _norm, "movement": _movement, "cast": _cast, "duplicate": _duplicate,
     "attention": _attention, "rotary": _rotary, "lookup": _lookup, "creation": _creation, "paged": _paged,
-    "fused": _fused, "collective": _collective, "moe": _moe, "quantized": _quantized,
+    "fused": _fused, "collective": _collective, "moe": _moe, "quantized": _quantized, "mla": _mla,
+    "moe_route": lambda b: _moe(b, routed_apart=True),
 }
 
-# The generators of ops that every backend lowers: no collectives, mixtures of experts or
-# quantized linears (the TensorRT and ONNX backends refuse those by name).
-PORTABLE_GENERATORS = tuple(name for name in GENERATORS if name not in ("collective", "moe", "quantized"))
+# The generators of ops that every backend lowers: no collectives, mixtures of experts,
+# quantized linears or latent attention (the TensorRT and ONNX backends refuse those by name).
+PORTABLE_GENERATORS = tuple(name for name in GENERATORS if name not in ("collective", "moe", "quantized", "mla",
+                                                                        "moe_route"))
 
 
 Generator = Callable[[GraphDraft], "Value | None"]

@@ -58,6 +58,12 @@ ARCHITECTURES = {
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                                      embedding_multiplier=2.0,
                                                                      residual_multiplier=0.5)),
+    # multi-head latent attention (queries through a low-rank projection too), grouped sigmoid routing over
+    # 8 experts in 2 groups with a correction bias, a shared expert, a dense first layer
+    "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+        moe_intermediate_size=32, n_shared_experts=1)),
 }
 
 

@@ -63,6 +63,11 @@ for _name, _expected in EXPECTED.items():
     EXPECTED[_name] = {"moe": 0, **_expected, "rotary": 4 if _name in ROTARY_APART else 0,
                        "qkv_rotary": 2 if _fused else 0,
                        "add_layer_norm": ADD_LAYER_NORMS.get(_name, 0)}
+# multi-head latent attention: q_a, q_b (with the q_a norm between), kv_a, kv_b, o_proj per layer, kv_b inside
+# paged_mla_attention; the kv_a norm; interleaved rotary (not raised); layer 0 dense, layer 1 routed (its grouped
+# router raised into moe) + a shared expert
+EXPECTED["deepseek-v3"] = {"rms_norm": 5, "add_rms_norm": 4, "gated_activation": 2, "linear": 14, "moe": 1,
+                           "rotary": 0, "qkv_rotary": 0, "add_layer_norm": 0, "paged_mla_attention": 2}
 
 
 def test_every_architecture_has_expectations():

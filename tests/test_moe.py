@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import kiln
 from kiln.ir.opdefs.moe import moe_experts_reference, route
-from kiln.passes import MOE_RULES, rewrite
+from kiln.passes import GROUPED_MOE_RULES, MOE_RULES, rewrite
 from kiln.testing import assert_preserves, graph_from_text, random_inputs
 
 def _sorted(weights, indices):
@@ -199,3 +199,29 @@ def test_a_missing_expert_is_named(tmp_path):
     with pytest.raises(FrontendError, match=r"cannot merge the checkpoint's 4 x experts.\*.w1.weight and "
                                             r"3 x experts.\*.w3.weight into model.layers.1.mlp.experts.gate_up_proj"):
         kiln.compile(tmp_path, dtype="float32", max_seq_len=64)
+
+
+@pytest.mark.parametrize("norm, scale", [(False, 1.0), (True, 2.5)])
+def test_deepseek_v3_router_is_raised_into_one_moe(norm, scale):
+    """The grouped sigmoid router as the frontend imports it (the group mask's scatter as a
+    one-hot comparison) becomes ``moe {scoring = sigmoid}``, renormalized or not, scaled or
+    not (a scale of 1 leaves no multiplication to match), with transformers' logits."""
+    from kiln.frontends.huggingface import import_model
+    from kiln.ir import interpret
+    from kiln.passes import pipeline_manager
+
+    model = random_model("deepseek-v3")
+    model.config.norm_topk_prob = norm
+    for layer in model.model.layers[model.config.first_k_dense_replace:]:
+        layer.mlp.gate.norm_topk_prob, layer.mlp.gate.routed_scaling_factor = norm, scale
+    graph = import_model(model).graph
+    pipeline_manager("cleanup").run(graph)
+    counts = rewrite(graph, GROUPED_MOE_RULES)
+    assert sum(counts.values()) == 1 and "moe_experts" not in graph.op_counts()
+    (node,) = [n for n in graph.nodes if n.op == "moe"]
+    assert (node.attrs["normalize"], node.attrs["scale"], node.attrs["num_groups"], node.attrs["topk_groups"]) == \
+        (norm, scale, 2, 1)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    assert (interpret(graph, [ids])[0] - want).abs().max().item() <= 1e-4

@@ -71,8 +71,9 @@ def _assert_mixed_batch_matches(name, model, graph, block_size, blocks):
 def test_mixed_batch_matches_full_recomputation(name):
     model = random_model(name)
     graph = _paged_graph(model)
-    assert graph.op_counts()["paged_attention"] == model.config.num_hidden_layers
-    assert "attention" not in graph.op_counts()
+    counts = graph.op_counts()
+    assert counts.get("paged_attention", 0) + counts.get("paged_mla_attention", 0) == model.config.num_hidden_layers
+    assert "attention" not in counts and "mla_attention" not in counts
     blocks = {"a": [3, 11], "b": [5, 2, 6], "c": [7, 1, 9]}  # out of order on purpose
     _assert_mixed_batch_matches(name, model, graph, 4, blocks)
 

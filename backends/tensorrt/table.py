@@ -96,12 +96,17 @@ NOT_LOWERED = {
     "all_gather": "tensor-parallel TensorRT networks (add_dist_collective) are not built yet",
     "moe": "mixture-of-experts layers are not lowered to TensorRT yet",
     "moe_experts": "mixture-of-experts layers are not lowered to TensorRT yet",
+    "moe_route": "mixture-of-experts layers are not lowered to TensorRT yet",
     "topk": "top-k routing is lowered only inside moe, which TensorRT does not take yet",
     "expm1": "not lowered to TensorRT yet",
     "softplus": "not lowered to TensorRT yet",
     "linear_int8": "quantized linears are not lowered to TensorRT yet (add_dynamic_quantize_v2 and dequantize layers)",
     "linear_int4": "quantized linears are not lowered to TensorRT yet (add_dynamic_quantize_v2 and dequantize layers)",
     "linear_fp8": "quantized linears are not lowered to TensorRT yet (add_dynamic_quantize_v2 and dequantize layers)",
+    "mla_attention": "multi-head latent attention is not lowered to TensorRT yet (its native attention takes keys "
+                     "and values of one shape, not a latent cache)",
+    "paged_mla_attention": "multi-head latent attention is not lowered to TensorRT yet (its native attention takes "
+                           "keys and values of one shape, not a latent cache)",
 }
 
 

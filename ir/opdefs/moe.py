@@ -131,6 +131,23 @@ def _moe_reference(x, router_logits, gate_up, down, correction_bias, top_k, scor
     return moe_experts_reference(x, weights, indices, gate_up, down, activation)
 
 
+def _moe_route(router_logits: TensorType, correction_bias: TensorType | None, top_k: int, scoring: str,
+               normalize: bool, scale: float, num_groups: int, topk_groups: int) -> tuple[TensorType, TensorType]:
+    if not router_logits.dtype.is_float or router_logits.rank != 2:
+        raise ShapeError(f"router logits {router_logits} are not float [tokens, experts]")
+    tokens, experts = router_logits.shape
+    if correction_bias is not None and (correction_bias.rank != 1 or not dims_equal(correction_bias.shape[0], experts)):
+        raise ShapeError(f"correction bias {correction_bias} is not [{experts}]")
+    if not isinstance(experts, int) or not 1 <= top_k <= experts:
+        raise ShapeError(f"top_k {top_k} must be between 1 and the number of experts, {experts}")
+    if num_groups < 1 or experts % num_groups or not 1 <= topk_groups <= num_groups:
+        raise ShapeError(f"{experts} experts do not split into {num_groups} groups of which {topk_groups} are kept")
+    return TensorType(dtypes.float32, (tokens, top_k)), TensorType(dtypes.int64, (tokens, top_k))
+
+
+_ROUTING = {"top_k": Attr("int"), "scoring": Attr("str", "softmax", choices=("softmax", "sigmoid")),
+            "normalize": Attr("bool", False), "scale": Attr("float", 1.0), "num_groups": Attr("int", 1),
+            "topk_groups": Attr("int", 1)}
 _ACTIVATION = {"activation": Attr("str", "silu", choices=ACTIVATIONS)}
 
 OPS = [
@@ -148,4 +165,7 @@ OPS = [
           doc="a routed mixture-of-experts MLP: router_logits [tokens, experts] choose each token's top_k "
               "experts and their weights (softmax, or DeepSeek's grouped, bias-corrected sigmoid), then "
               "moe_experts"),
+    OpDef("moe_route", ("router_logits", "correction_bias?"), _moe_route, route, attrs=_ROUTING, results=2,
+          doc="moe's routing alone: float32 weights and int64 expert indices [tokens, top_k] from router_logits "
+              "(the expert-parallel form of moe routes on every rank, then runs the rank's own experts)"),
 ]
