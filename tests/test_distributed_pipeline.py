@@ -55,7 +55,8 @@ def test_micro_batches_of_a_mixed_step_give_its_logits(bundled_engine, count):
         batches = split_microbatches(inputs, count)
         got = torch.cat([run(**batch, **caches)[0] for batch in batches])
     assert len(batches) == min(count, len(steps)) and all(len(b["ids"]) for b in batches)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # other row counts block the GEMMs differently (and by the thread count the process has): float32 noise
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_two_stages_generate_what_one_process_does_and_a_killed_worker_is_named(pp2_engine, greedy):
