@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .backends import check_backend_support
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
 from .ir import Graph, verify
@@ -134,6 +135,7 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
         if quantization and quantization.activations == "static" else ()
     run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches)
     verify(graph)
+    check_backend_support(graph, backend, target)
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
     stage("generating the executor")
     engine = Engine(graph, imported.tokenizer, imported.config, info)

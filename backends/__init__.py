@@ -6,6 +6,8 @@
 - ``cuda`` (``backends/cuda/``) runs the fused ops and paged attention as Triton kernels
   and the GEMMs through cuBLAS, with launch parameters tuned at build time; it is
   imported only when a GPU runs it (it needs Triton).
+- ``support`` lists what a backend's kernels cannot do yet (an attribute of an op they
+  run), refused by name before an engine is built.
 
 ``backends`` imports ``ir`` and ``passes``.
 """
@@ -16,7 +18,9 @@ from collections.abc import Mapping
 
 import torch
 
+from ..ir import REGISTRY
 from .reference import Kernel, reference_kernels
+from .support import UnsupportedFeatureError, check_backend_support, tolerate_unset_attributes
 
 
 def kernels_for(backend: str, target: str, tuned_on: str | None, device: torch.device | str,
@@ -31,7 +35,7 @@ def kernels_for(backend: str, target: str, tuned_on: str | None, device: torch.d
     from .cuda.targets import check_device
 
     check_device(target, tuned_on, device)
-    return cuda_kernels(device, configs)
+    return tolerate_unset_attributes(cuda_kernels(device, configs), REGISTRY)
 
 
-__all__ = ["Kernel", "kernels_for", "reference_kernels"]
+__all__ = ["Kernel", "UnsupportedFeatureError", "check_backend_support", "kernels_for", "reference_kernels"]

@@ -262,6 +262,22 @@ def _gelu(cx: Conversion, x: Value, approximate: str = "none") -> Value:
     return ops.gelu(x, approximate=approximate)
 
 
+def _baddbmm(cx: Conversion, bias: Value, a: Value, b: Value, beta: float = 1, alpha: float = 1) -> Value:
+    """``beta * bias + alpha * (a @ b)`` (BLOOM's attention scores with their ALiBi bias)."""
+    product = ops.matmul(a, b)
+    if alpha != 1:
+        product = ops.mul(product, cx.value(alpha))
+    return ops.add(product, bias if beta == 1 else ops.mul(bias, cx.value(beta)))
+
+
+def _repeat(cx: Conversion, x: Value, repeats: Sequence[Any]) -> Value:
+    """Tile ``x``: each dim ``i`` repeated ``repeats[i]`` times (leading repeats add dims)."""
+    x = ops.reshape(x, shape=(*[1] * (len(repeats) - x.type.rank), *x.shape))
+    tiled = ops.expand(ops.reshape(x, shape=tuple(d for size in x.shape for d in (1, size))),
+                       shape=tuple(d for pair in zip(repeats, x.shape) for d in pair))
+    return ops.reshape(tiled, shape=tuple(r * size for r, size in zip(repeats, x.shape)))
+
+
 def _conv(spatial: int) -> Converter:
     def convert(cx: Conversion, x: Value, weight: Value, bias: Value | None = None, stride: Any = 1,
                 padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Value:
@@ -357,6 +373,13 @@ CONVERTERS: dict[str, Converter] = {
     "aten.ones.default": _filled(1.0),
     "<built-in function getitem>": _getitem,
     str(operator.getitem): _getitem,
+    # written-out attention with an ALiBi bias (BLOOM, MPT) and a materialized mask
+    "aten.where.ScalarOther": _where,
+    "aten.where.ScalarSelf": _where,
+    "aten.baddbmm.default": _baddbmm,
+    "aten.repeat.default": _repeat,
+    "aten.pow.Scalar": _pow,
+    "aten.concat.default": lambda cx, tensors, dim=0: ops.concat([cx.value(t) for t in tensors], dim=dim),
 }
 
 # Nodes that only assert facts torch already checked while tracing.

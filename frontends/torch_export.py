@@ -17,6 +17,9 @@ import sympy
 import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.utils._sympy.functions import Max as TorchMax
+from torch.utils._sympy.functions import Min as TorchMin
+from torch.utils._sympy.value_ranges import bound_sympy
 
 from ..ir import ConstantData, Graph, LazyData, TensorType, Value, dtypes, sym
 from ..ir.shapes import Dim, dims_equal, normalize_dim
@@ -41,7 +44,7 @@ class _Importer:
     # -- types and values ------------------------------------------------------------
     def dim(self, size: Any) -> Dim:
         if isinstance(size, torch.SymInt):
-            expr = size.node.expr
+            expr = _settle_extrema(size.node.expr, self.program.range_constraints)
             for s in expr.free_symbols:
                 self.symbols.setdefault(s, sym(str(s)))
             return normalize_dim(expr.xreplace(self.symbols))
@@ -181,6 +184,23 @@ def _functional(name: str) -> str:
     if len(parts) == 3 and parts[1].endswith("_") and not parts[1].startswith("_"):
         return ".".join((parts[0], parts[1][:-1], parts[2]))
     return name
+
+
+def _settle_extrema(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, Any]) -> sympy.Expr:
+    """``expr`` with each ``Max``/``Min`` that the dims' ranges decide replaced by its
+    winner: MPT slices its ALiBi table from ``max(0, 128 - seq)``, which is ``128 - seq``
+    when ``seq`` is at most 128."""
+    extrema = (sympy.Max, sympy.Min, TorchMax, TorchMin)
+    if not isinstance(expr, sympy.Expr) or not expr.has(*extrema):
+        return expr
+    args = [_settle_extrema(a, ranges) for a in expr.args]
+    if isinstance(expr, extrema):
+        is_max = isinstance(expr, (sympy.Max, TorchMax))
+        for a in args:
+            gaps = [bound_sympy(a - b, ranges) for b in args if b is not a]
+            if all(g.lower >= 0 if is_max else g.upper <= 0 for g in gaps):
+                return a
+    return expr.func(*args)
 
 
 def _contains_missing(obj: Any) -> bool:

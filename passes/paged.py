@@ -95,7 +95,8 @@ def page_attention(graph: Graph) -> int:
             out, k_cache, v_cache = ops.paged_attention(
                 q, k, v, k_cache, v_cache, *(meta[n] for n in ATTENTION_METADATA),
                 scale=attrs["scale"] if attrs["scale"] is not None else node.inputs[0].shape[3] ** -0.5,
-                sliding_window=attrs["sliding_window"], softcap=attrs["softcap"])
+                sliding_window=attrs["sliding_window"], softcap=attrs["softcap"],
+                alibi_bias_max=attrs["alibi_bias_max"])
             caches += [k_cache, v_cache]
             results = [ops.transpose(ops.reshape(out, shape=(1, TOKENS, out.shape[1], out.shape[2])),
                                      dim0=1, dim1=2)]

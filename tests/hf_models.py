@@ -58,6 +58,10 @@ ARCHITECTURES = {
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                                      embedding_multiplier=2.0,
                                                                      residual_multiplier=0.5)),
+    # attention written out by the model: ALiBi (BLOOM, MPT; 6 heads, not a power of two)
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=96, num_attention_heads=6)),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(hidden_size=96, num_attention_heads=6, expansion_ratio=2,
+                                                max_seq_len=128)),
 }
 
 
