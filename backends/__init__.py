@@ -18,9 +18,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..ir import REGISTRY
 from .reference import Kernel, reference_kernels
-from .support import UnsupportedFeatureError, check_backend_support, tolerate_unset_attributes
+from .support import UnsupportedFeatureError, check_backend_support
 
 
 def kernels_for(backend: str, target: str, tuned_on: str | None, device: torch.device | str,
@@ -35,7 +34,7 @@ def kernels_for(backend: str, target: str, tuned_on: str | None, device: torch.d
     from .cuda.targets import check_device
 
     check_device(target, tuned_on, device)
-    return tolerate_unset_attributes(cuda_kernels(device, configs), REGISTRY)
+    return cuda_kernels(device, configs)
 
 
 __all__ = ["Kernel", "UnsupportedFeatureError", "check_backend_support", "kernels_for", "reference_kernels"]

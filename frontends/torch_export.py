@@ -58,6 +58,10 @@ class _Importer:
         source = self.program.state_dict.get(target)
         if source is None:
             source = self.program.constants[target]
+        if source.device.type == "meta":
+            raise FrontendError(f"constant {target} was made by the model's code during an export on the meta "
+                                "device, so its values are unknown (as Falcon's multi-query head indices, "
+                                "x[..., [-2], :]); kiln cannot import this model yet")
         return LazyData(lambda: source, f"program tensor {target}")
 
     def location(self, node: torch.fx.Node) -> str | None:
@@ -81,7 +85,9 @@ class _Importer:
                 user_index += 1
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 target = spec.target[len(self.prefix):] if spec.target.startswith(self.prefix) else spec.target
-                data = self.constant_source(target, fake)
+                # tensors the model's code makes (Falcon's head indices) live in the program, not the checkpoint
+                lifted = spec.kind == InputKind.CONSTANT_TENSOR
+                data = (self._from_program if lifted else self.constant_source)(target, fake)
                 self.env[node.name] = self.graph.add_constant(data, self.tensor_type(fake), target)
             else:
                 raise FrontendError(f"input {node.name} of kind {spec.kind.name} is not supported")

@@ -7,7 +7,9 @@ over the last dim, this pass walks up the logits to the ``matmul`` of queries an
 Along the way only scalings by a constant, reshapes, casts, additions of a *positional*
 term and masked fills by a positional condition may occur; a positional term is computed
 from constants and shape symbols alone, never from an input. Below the softmax, reshapes
-and casts must lead to the ``matmul`` with the values.
+and casts must lead to the ``matmul`` with the values. An ``attention`` op given a
+positional mask operand (SDPA called with the mask the model built, as Falcon does under
+transformers' ``sdpa`` implementation) is checked the same way, from its mask.
 
 What the positional terms amount to is then found by evaluating the logits with the
 scores taken as zero, at concrete sizes: two sequence lengths, and one past every
@@ -43,11 +45,17 @@ class _Attention:
     q: Value  # [batch, heads, seq, head_dim], and k, v likewise
     k: Value
     v: Value
-    scores: Value  # the matmul of queries and keys
-    logits: Value  # the softmax's input
-    out: Value  # the matmul of the probabilities and the values
-    scale: float
+    scores: Value | None  # the matmul of queries and keys (taken as zero), if written out
+    logits: Value  # what the scores get added or are masked by: the softmax's input, or a mask operand
+    out: Value  # the matmul of the probabilities and the values, or the masked attention
+    scale: float | None
     terms: list[Value]  # the positional values the logits depend on
+    softcap: float | None = None
+
+    @property
+    def frame(self) -> tuple:
+        """The scores' shape, [batch, heads, queries, keys]."""
+        return (self.q.shape[0], self.q.shape[1], self.q.shape[2], self.k.shape[2])
 
 
 def raise_written_attention(graph: Graph) -> int:
@@ -55,11 +63,14 @@ def raise_written_attention(graph: Graph) -> int:
     ``attention`` op; return how many were replaced."""
     replaced = 0
     for node in list(graph.nodes):
-        if node.graph is not graph or node.op != "softmax" or node.results[0].type.rank != 4:
+        if node.graph is not graph:
             continue
-        if node.attrs["dim"] not in (-1, 3):
+        if node.op == "softmax" and node.results[0].type.rank == 4 and node.attrs["dim"] in (-1, 3):
+            found = _find(node.inputs[0], node.results[0])
+        elif node.op == "attention":
+            found = _masked(node)
+        else:
             continue
-        found = _find(node.inputs[0], node.results[0])
         attrs = _mask_attributes(found) if found is not None else None
         if attrs is not None and _replace(graph, found, attrs):
             replaced += 1
@@ -162,9 +173,21 @@ def _find(logits: Value, probs: Value) -> _Attention | None:
     return _Attention(q, k, v, scores, logits, out, scale, terms)
 
 
+def _masked(node) -> _Attention | None:
+    """An ``attention`` op with a positional mask operand (an SDPA call with the mask a model
+    built): the mask may be an attribute instead."""
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    if mask is None or node.attrs["sliding_window"] is not None or node.attrs["alibi_bias_max"] is not None:
+        return None
+    if not _positional(mask, {}):
+        return None
+    q, k, v = node.inputs[:3]
+    return _Attention(q, k, v, None, mask, node.results[0], node.attrs["scale"], [mask], node.attrs["softcap"])
+
+
 # -- what the positional terms mean -------------------------------------------------------
-def _evaluate(value: Value, env: dict, zero: Value, memo: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``value`` at the symbol sizes ``env``, with ``zero`` taken as zeros."""
+def _evaluate(value: Value, env: dict, zero: Value | None, memo: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``value`` at the symbol sizes ``env``, with ``zero`` (if any) taken as zeros."""
     if id(value) in memo:
         return memo[id(value)]
     if value is zero:
@@ -235,7 +258,7 @@ def _alibi_bias_max(slopes: torch.Tensor) -> float | None:
 
 def _mask_attributes(found: _Attention) -> dict | None:
     """The ``attention`` attributes that the positional terms amount to, or None."""
-    shape = found.logits.shape
+    shape = found.frame
     seq = shape[-1]
     if not isinstance(seq, sympy.Symbol) or not dims_equal(shape[-2], seq):
         return None
@@ -246,6 +269,8 @@ def _mask_attributes(found: _Attention) -> dict | None:
         env = {s: (n if s == seq else 2) for s in symbols}
         try:
             logits = _evaluate(found.logits, env, found.scores, {})
+            if logits.dtype == torch.bool:
+                logits = torch.zeros(logits.shape).masked_fill(~logits, float("-inf"))
             bias = logits.float().broadcast_to(evaluate_shape(shape, env)).reshape(-1, heads, n, n)
         except (RuntimeError, ShapeError, ValueError, KeyError, TypeError):
             return None
@@ -262,7 +287,8 @@ def _mask_attributes(found: _Attention) -> dict | None:
 def _replace(graph: Graph, found: _Attention, attrs: dict) -> bool:
     try:
         with graph.inserting_before(found.out.producer):
-            attention = ops.attention(found.q, found.k, found.v, scale=found.scale, causal=True, **attrs)
+            attention = ops.attention(found.q, found.k, found.v, scale=found.scale, causal=True,
+                                      softcap=found.softcap, **attrs)
             out = attention if attention.type.equivalent(found.out.type) else \
                 ops.reshape(attention, shape=found.out.shape)
     except ShapeError:

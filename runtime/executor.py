@@ -16,7 +16,8 @@ import jinja2
 import sympy
 import torch
 
-from ..ir import DType, Graph, Value
+from ..backends.support import tolerate_unset_attributes
+from ..ir import REGISTRY, DType, Graph, Value
 from ..ir.printer import Namer
 from ..ir.shapes import format_dim
 
@@ -122,7 +123,8 @@ def _unique(values: list[Value | None]) -> list[Value | None]:
 
 def load_executor(source: str, filename: str, weights: Mapping[str, torch.Tensor],
                   kernels: Mapping[str, Callable[..., Any]]) -> Step:
-    """Compile the executor ``source`` and bind it to ``weights`` and ``kernels``."""
+    """Compile the executor ``source`` and bind it to ``weights`` and ``kernels`` (those
+    written before one of their op's attributes existed get it only when it is set)."""
     namespace: dict[str, Any] = {"__name__": "kiln_executor"}
     exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - source is kiln's own, checked by the caller
-    return namespace["bind"](weights, kernels)
+    return namespace["bind"](weights, tolerate_unset_attributes(kernels, REGISTRY))

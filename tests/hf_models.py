@@ -62,6 +62,9 @@ ARCHITECTURES = {
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=96, num_attention_heads=6)),
     "mpt": ("MptConfig", "MptForCausalLM", dict(hidden_size=96, num_attention_heads=6, expansion_ratio=2,
                                                 max_seq_len=128)),
+    # Falcon's causal mask, written out with its packed-sequence check (diff, cumsum, index); multi-head
+    # (multi-query heads index with constants that an export on the meta device loses)
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(multi_query=False)),
 }
 
 

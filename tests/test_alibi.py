@@ -1,6 +1,7 @@
 """ALiBi attention: the slopes against BLOOM's and MPT's, the attention and paged-attention
-references with ALiBi, the raise of written-out attention (IR text in, one attention op
-out, numerics kept), and the backends that refuse ALiBi by name."""
+references with ALiBi, the raise of written-out attention and of attention given a
+positional mask (IR text in, one attention op out, numerics kept), and the backends that
+refuse ALiBi by name."""
 
 import pytest
 import torch
@@ -135,6 +136,28 @@ def test_other_biases_stay_written_out(slopes, allowed):
     that are not ALiBi's slopes are not attention attributes: nothing is raised."""
     graph = graph_from_text(WRITTEN.format(slopes=slopes, allowed=allowed))
     assert raise_written_attention(graph) == 0 and "attention" not in graph.op_counts()
+
+
+MASKED_SDPA = """
+graph @g(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, seq, 8], %v: f32[batch, 2, seq, 8]) {
+  %pos = arange() {end = seq} : i64[seq]
+  %query = unsqueeze(%pos) {dim = 1} : i64[seq, 1]
+  %key = unsqueeze(%pos) {dim = 0} : i64[1, seq]
+  %causal = le(%key, %query) : bool[seq, seq]
+  %out = attention(%q, %k, %v, %causal) {softcap = 5.0} : f32[batch, 4, seq, 8]
+  return %out
+}
+"""
+
+
+def test_an_attention_given_a_causal_mask_takes_it_as_an_attribute():
+    """SDPA called with the causal mask a model built (Falcon under transformers' sdpa)."""
+    graph = graph_from_text(MASKED_SDPA)
+    for size, seed in ((4, 0), (9, 1)):
+        raised = assert_preserves(raise_written_attention, graph, random_inputs(graph, size, seed))
+    node = next(n for n in raised.nodes if n.op == "attention")
+    assert node.inputs[3:] in ([], [None]) and node.attrs["causal"] and node.attrs["softcap"] == 5.0
+    assert raised.op_counts() == {"attention": 1}
 
 
 def _attention_graph(alibi_bias_max):
