@@ -3,8 +3,9 @@
 A backend's kernel table covers ops; an op's attribute can still ask for something a
 kernel does not implement (the CUDA attention kernels have no ALiBi biases). Such a graph
 is refused before building, with the feature, the op and its location named, instead of
-failing at the first step. ``tolerate_unset_attributes`` lets kernels written before an
-attribute existed keep serving graphs that leave it unset.
+failing at the first step. ``tolerate_unset_attributes`` (applied by the runtime's
+``load_executor`` to whatever kernels it binds) lets kernels written before an attribute
+existed keep serving graphs that leave it unset.
 """
 
 from __future__ import annotations
