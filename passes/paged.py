@@ -46,7 +46,11 @@ def _contract(graph: Graph) -> tuple[sympy.Symbol, sympy.Symbol]:
         if node.op == "attention" and (not node.attrs["causal"] or node.inputs[3:]):
             raise PagedAttentionError(f"attention at {node.location or node.op} must be causal and unmasked")
     if not any(node.op == "attention" for node in graph.nodes):
-        raise PagedAttentionError(f"graph @{graph.name} has no attention to page")
+        written = next((n for n in graph.nodes if n.op == "softmax" and n.results[0].type.rank == 4), None)
+        hint = "" if written is None else (
+            f": the softmax at {written.location or 'softmax'} may be attention written out in a form the raise "
+            "stage does not recognize (a mask or bias other than causal and ALiBi)")
+        raise PagedAttentionError(f"graph @{graph.name} has no attention to page{hint}")
     return batch, seq
 
 

@@ -82,8 +82,7 @@ def test_paged_attention_with_alibi_matches_attention_per_sequence():
     assert torch.allclose(batched, out, atol=1e-5)
 
 
-WRITTEN = """
-graph @g(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, seq, 8], %v: f32[batch, 2, seq, 8]) {{
+WRITTEN_BODY = """\
   %slopes = constant [{slopes}] : f32[4, 1, 1]
   %zero = constant [0.0] : f32[]
   %min = constant [-3.4028234663852886e+38] : f32[]
@@ -112,9 +111,21 @@ graph @g(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, seq, 8], %v: f32[batch, 2,
   %logits = add(%biased, %mask) : f32[batch, 4, seq, seq]
   %probs = softmax(%logits) {{dim = -1}} : f32[batch, 4, seq, seq]
   %out = matmul(%probs, %values) : f32[batch, 4, seq, 8]
-  return %out
-}}
 """
+WRITTEN = ("graph @g(%q: f32[batch, 4, seq, 8], %k: f32[batch, 2, seq, 8], %v: f32[batch, 2, seq, 8]) {{\n"
+           + WRITTEN_BODY + "  return %out\n}}\n")
+# the same attention inside a causal LM graph (token ids in, logits out)
+WRITTEN_LM = ("graph @lm(%ids: i64[batch, seq]) {{\n"
+              "  %table = constant : f32[16, 32]\n"
+              "  %x = embedding(%ids, %table) : f32[batch, seq, 32]\n"
+              "  %h = reshape(%x) {{shape = [batch, seq, 4, 8]}} : f32[batch, seq, 4, 8]\n"
+              "  %q = transpose(%h) {{dim0 = 1, dim1 = 2}} : f32[batch, 4, seq, 8]\n"
+              "  %k = slice(%q) {{dim = 1, end = 2}} : f32[batch, 2, seq, 8]\n"
+              "  %v = slice(%q) {{dim = 1, start = 2}} : f32[batch, 2, seq, 8]\n"
+              + WRITTEN_BODY +
+              "  %t = transpose(%out) {{dim0 = 1, dim1 = 2}} : f32[batch, seq, 4, 8]\n"
+              "  %hidden = reshape(%t) {{shape = [batch, seq, 32]}} : f32[batch, seq, 32]\n"
+              "  return %hidden\n}}\n")
 ALIBI_4 = ", ".join(str(float(s)) for s in alibi_slopes(4, 8.0))
 
 
@@ -158,6 +169,16 @@ def test_an_attention_given_a_causal_mask_takes_it_as_an_attribute():
     node = next(n for n in raised.nodes if n.op == "attention")
     assert node.inputs[3:] in ([], [None]) and node.attrs["causal"] and node.attrs["softcap"] == 5.0
     assert raised.op_counts() == {"attention": 1}
+
+
+def test_paging_names_written_out_attention_it_could_not_raise():
+    from kiln.passes import PagedAttentionError, page_attention
+
+    graph = graph_from_text(WRITTEN_LM.format(slopes="0.3, 0.3, 0.3, 0.3", allowed="causal"))
+    assert raise_written_attention(graph) == 0
+    with pytest.raises(PagedAttentionError, match="no attention to page: the softmax at .* may be attention "
+                                                  "written out"):
+        page_attention(graph)
 
 
 def _attention_graph(alibi_bias_max):
