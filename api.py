@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .backends.support import check_backend_support
+from .backends import check_backend_support
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
 from .ir import Graph, dtypes, verify
@@ -154,7 +154,7 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
         if quantization and quantization.activations == "static" else ()
     run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches, ep=ep)
     verify(graph)
-    check_backend_support(graph, backend)
+    check_backend_support(graph, backend, target)
     _check_cache_dtype(graph, kv_cache_dtype)
     if pp > 1:
         split_pipeline(graph, pp)  # refused here, with the reason, if the graph has too few places to cut

@@ -6,6 +6,8 @@
 - ``cuda`` (``backends/cuda/``) runs the fused ops and paged attention as Triton kernels
   and the GEMMs through cuBLAS, with launch parameters tuned at build time; it is
   imported only when a GPU runs it (it needs Triton).
+- ``support`` lists what a backend's kernels cannot do yet (an attribute of an op they
+  run), refused by name before an engine is built.
 
 ``backends`` imports ``ir`` and ``passes``.
 """
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from .reference import Kernel, reference_kernels
+from .support import BackendSupportError, check_backend_support
 
 
 def kernels_for(backend: str, target: str, tuned_on: str | None, device: torch.device | str,
@@ -34,4 +37,4 @@ def kernels_for(backend: str, target: str, tuned_on: str | None, device: torch.d
     return cuda_kernels(device, configs)
 
 
-__all__ = ["Kernel", "kernels_for", "reference_kernels"]
+__all__ = ["Kernel", "BackendSupportError", "check_backend_support", "kernels_for", "reference_kernels"]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir import REGISTRY
+from ..ir.opdefs.nn import alibi_slopes
 from ..ir.opdefs.paged import to_cache
 from .mla import paged_mla_attention
 
@@ -26,10 +27,10 @@ Kernel = Callable[..., Any]
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, query_start: torch.Tensor,
                     context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float | None,
-                    sliding_window: int | None, softcap: float | None):
+                    sliding_window: int | None, softcap: float | None, alibi_bias_max: float | None = None):
     """Write k and v at ``slot_mapping`` (in place; saturated to E4M3 in an FP8 cache), then
     run causal attention of every sequence's queries over its whole context, all
-    sequences in one batched call."""
+    sequences in one batched call (ALiBi's biases, where asked, join the mask)."""
     block_size = k_cache.shape[1]
     for cache, new in ((k_cache, k), (v_cache, v)):
         rows, fresh = cache.view(-1, *cache.shape[2:]), to_cache(new, cache.dtype)
@@ -52,12 +53,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     allowed = (keys_at <= query_pos[..., None]) & (keys_at < lengths[:, None, None])
     if sliding_window is not None:
         allowed &= query_pos[..., None] - keys_at < sliding_window
-    out = _attend(padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), allowed[:, None],
+    mask = allowed[:, None]
+    if alibi_bias_max is not None:
+        distance = (keys_at - query_pos[..., None]).float()[:, None]  # [seqs, 1, max_q, max_ctx]
+        bias = alibi_slopes(q.shape[1], alibi_bias_max).to(device)[:, None, None] * distance
+        mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype if softcap is None else torch.float32)
+    out = _attend(padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask,
                   scale if scale is not None else q.shape[-1] ** -0.5, softcap)
     return out.transpose(1, 2)[seqs, offsets], k_cache, v_cache
 
 
 def _attend(q, k, v, allowed, scale: float, softcap: float | None) -> torch.Tensor:
+    """Attention under ``allowed``: a bool mask, or an additive float one (-inf where masked)."""
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
@@ -65,7 +72,8 @@ def _attend(q, k, v, allowed, scale: float, softcap: float | None) -> torch.Tens
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     scores = softcap * torch.tanh(scores / softcap)
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    probs = (scores + allowed if allowed.dtype.is_floating_point else scores.masked_fill(~allowed, float("-inf")))
+    probs = probs.softmax(-1)
     return (probs @ v.float()).to(q.dtype)
 
 

@@ -1,40 +1,50 @@
-"""Ops that a backend refuses at build, with the reason, before any kernel is chosen.
+"""What each backend cannot build yet, checked before an engine is built.
 
-The reference backend runs every registered op. The CUDA backend runs the others through
-torch where it has no kernel of its own, which is right for views and gathers but not for
-an attention whose reference kernel reads sizes back to the host (no CUDA graph could
-capture it): those are refused here, by name, so that ``kiln.compile(target="h100")``
-fails at build rather than serving slowly or not at all. (TensorRT and ONNX refuse what
-their lowering tables lack in the same spirit: ``backends/tensorrt/table.py``,
-``backends/onnx/table.py``.)
+A backend's kernel table covers ops, and the CUDA backend runs the ops it has no kernel
+of its own for through torch, which is right for views and gathers but not for an
+attention whose reference reads sizes back to the host (no CUDA graph could capture it).
+Such ops are refused here by name; so are attributes that ask a kernel for something it
+does not implement (the CUDA attention kernels have no ALiBi biases). Each refusal names
+the op, where it occurs and the reason, so that ``kiln.compile(target="h100")`` fails at
+build rather than at the first step. (TensorRT and ONNX refuse what their lowering
+tables lack in the same spirit: ``backends/tensorrt/table.py``, ``backends/onnx/table.py``.)
 """
 
 from __future__ import annotations
 
 from ..ir import Graph
 
-REFUSED: dict[str, dict[str, str]] = {
-    "cuda": {
-        "paged_mla_attention": "multi-head latent attention (DeepSeek-V2/V3) has no CUDA kernel yet; "
-                               "build for target='cpu' to serve it with the reference backend",
-        "mla_attention": "multi-head latent attention (DeepSeek-V2/V3) has no CUDA kernel yet; "
-                         "build for target='cpu' to serve it with the reference backend",
-    },
+_MLA = "multi-head latent attention (DeepSeek-V2/V3) has no CUDA kernel yet"
+
+# backend -> op -> why it is refused
+REFUSED_OPS: dict[str, dict[str, str]] = {
+    "cuda": {"paged_mla_attention": _MLA, "mla_attention": _MLA},
+}
+
+# backend -> op -> attribute -> the feature a set value asks for, as users know it
+REFUSED_ATTRIBUTES: dict[str, dict[str, dict[str, str]]] = {
+    "cuda": {"paged_attention": {"alibi_bias_max": "ALiBi attention biases have no CUDA kernel yet"}},
 }
 
 
 class BackendSupportError(ValueError):
-    """A graph holds ops that the chosen backend cannot run; names each with its reason."""
+    """A graph holds ops (or op attributes) that the chosen backend cannot run."""
 
 
-def check_backend_support(graph: Graph, backend: str) -> None:
-    """Raise ``BackendSupportError`` naming every op of ``graph`` that ``backend`` refuses
-    (each op once, with the first place it occurs)."""
-    refused = REFUSED.get(backend, {})
+def check_backend_support(graph: Graph, backend: str, target: str) -> None:
+    """Raise ``BackendSupportError`` naming everything in ``graph`` that ``backend``
+    refuses: each op once, at the first place it occurs, with its reason."""
+    ops, attributes = REFUSED_OPS.get(backend, {}), REFUSED_ATTRIBUTES.get(backend, {})
     found: dict[str, str] = {}
     for node in graph.nodes:
-        if node.op in refused and node.op not in found:
-            found[node.op] = node.location or "<top level>"
+        where = node.location or "<top level>"
+        if node.op in ops:
+            found.setdefault(node.op, f"{node.op} (at {where}): {ops[node.op]}")
+        for attr, feature in attributes.get(node.op, {}).items():
+            if node.attrs.get(attr) is not None:
+                found.setdefault(f"{node.op}.{attr}",
+                                 f"{node.op} (at {where}, {attr}={node.attrs[attr]}): {feature}")
     if found:
-        lines = "\n".join(f"  - {op} (at {where}): {refused[op]}" for op, where in found.items())
-        raise BackendSupportError(f"the {backend} backend cannot build graph @{graph.name}:\n{lines}")
+        lines = "\n".join(f"  - {problem}" for problem in found.values())
+        raise BackendSupportError(f"target {target!r} cannot build graph @{graph.name}: the {backend} backend "
+                                  f"refuses\n{lines}\ntarget 'cpu' serves it with the reference backend")

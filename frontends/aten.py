@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..ir import DType, Graph, Value, dtypes, ops
+from ..ir.shapes import broadcast_shapes
 
 Converter = Callable[..., Any]
 
@@ -125,6 +126,11 @@ def _native_layer_norm(cx: Conversion, x: Value, shape: Sequence[int], weight: V
 
 
 def _matmul(cx: Conversion, a: Value, b: Value) -> Value:
+    """``a @ w.T`` of a 2-D constant ``w`` is a ``linear`` (Falcon's layers); else a matmul."""
+    source = b.producer
+    if source is not None and source.op == "permute" and source.attrs["dims"] == (1, 0) \
+            and source.inputs[0].is_constant:
+        return ops.linear(a, source.inputs[0])
     return ops.matmul(a, b)
 
 
@@ -230,17 +236,27 @@ def _repeat_interleave(cx: Conversion, x: Value, repeats: int, dim: int | None =
 
 
 def _cumsum(cx: Conversion, x: Value, dim: int, dtype: Any = None) -> Value:
-    """Counting along a mask of ones (OPT's and Falcon's positions when no tokens are padded)
-    is ``arange + 1``; other cumulative sums have no kiln op."""
+    """Counting along a mask of ones (OPT's positions when no tokens are padded) is
+    ``arange + 1``; another cumulative sum is a product with a triangle of ones, fit for the
+    short position bookkeeping it serves (Falcon's mask counts sequence starts this way)."""
     source = x.producer
     while source is not None and source.op == "cast":
         source = source.inputs[0].producer
-    if source is None or source.op != "full" or source.attrs["value"] != 1.0:
-        raise NotImplementedError("cumsum of anything but ones")
     dim %= x.type.rank
+    if source is None or source.op != "full" or source.attrs["value"] != 1.0:
+        return _cumsum_by_triangle(cx, x, dim)
     counts = ops.add(ops.arange(graph=cx.graph, end=x.shape[dim], dtype=cx.result_dtype), cx.value(1))
     along = [x.shape[dim] if i == dim else 1 for i in range(x.type.rank)]
     return ops.expand(ops.reshape(counts, shape=tuple(along)), shape=x.shape)
+
+
+def _cumsum_by_triangle(cx: Conversion, x: Value, dim: int) -> Value:
+    positions = ops.arange(graph=cx.graph, end=x.shape[dim], dtype=dtypes.int64)
+    upper = ops.le(ops.unsqueeze(positions, dim=1), ops.unsqueeze(positions, dim=0))  # [j, i]: j <= i
+    last = x.type.rank - 1
+    moved = ops.transpose(cx.value(x, dtypes.float32), dim0=dim, dim1=last)  # counts stay exact below 2**24
+    summed = ops.matmul(moved, cx.value(upper, dtypes.float32))
+    return cx.value(ops.transpose(summed, dim0=dim, dim1=last))
 
 
 def _topk(cx: Conversion, x: Value, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) -> tuple:
@@ -260,6 +276,54 @@ def _clamp(cx: Conversion, x: Value, min: float | None = None, max: float | None
 
 def _gelu(cx: Conversion, x: Value, approximate: str = "none") -> Value:
     return ops.gelu(x, approximate=approximate)
+
+
+def _baddbmm(cx: Conversion, bias: Value, a: Value, b: Value, beta: float = 1, alpha: float = 1) -> Value:
+    """``beta * bias + alpha * (a @ b)`` (BLOOM's attention scores with their ALiBi bias)."""
+    product = ops.matmul(a, b)
+    if alpha != 1:
+        product = ops.mul(product, cx.value(alpha))
+    return ops.add(product, bias if beta == 1 else ops.mul(bias, cx.value(beta)))
+
+
+def _repeat(cx: Conversion, x: Value, repeats: Sequence[Any]) -> Value:
+    """Tile ``x``: each dim ``i`` repeated ``repeats[i]`` times (leading repeats add dims)."""
+    x = ops.reshape(x, shape=(*[1] * (len(repeats) - x.type.rank), *x.shape))
+    tiled = ops.expand(ops.reshape(x, shape=tuple(d for size in x.shape for d in (1, size))),
+                       shape=tuple(d for pair in zip(repeats, x.shape) for d in pair))
+    return ops.reshape(tiled, shape=tuple(r * size for r, size in zip(repeats, x.shape)))
+
+
+def _diff(cx: Conversion, x: Value, n: int = 1, dim: int = -1, prepend: Value | None = None,
+          append: Value | None = None) -> Value:
+    """``x[1:] - x[:-1]`` along ``dim``, after ``prepend`` and before ``append``."""
+    from ..ir.opdefs.shape import END
+
+    if n != 1 or x.dtype.kind == "bool":
+        raise NotImplementedError("diff of order other than 1, or of booleans")
+    whole = ops.concat([cx.value(t) for t in (prepend, x, append) if t is not None], dim=dim)
+    return ops.sub(ops.slice(whole, dim=dim, start=1, end=END), ops.slice(whole, dim=dim, start=0, end=-1))
+
+
+def _index(cx: Conversion, x: Value, indices: Sequence[Value | None]) -> Value:
+    """Advanced indexing in the two forms Falcon uses: ``x[..., [i, j]]``, constant indices
+    along one dim (its multi-query key and value heads), an ``index_select``; and
+    ``x[rows, cols]`` of a 2-D ``x`` by two broadcasting index tensors (its mask reads each
+    batch row's positions so), the rows looked up, then a gather of the columns."""
+    along = [d for d, i in enumerate(indices) if i is not None]
+    if len(along) == 1 and indices[along[0]].type.rank == 1 and indices[along[0]].is_constant \
+            and isinstance(x.shape[along[0]], int):
+        dim = along[0]
+        index = cx.graph.add_constant(indices[dim].tensor() % x.shape[dim], name="index")
+        return ops.index_select(x, index, dim=dim)
+    if x.type.rank != 2 or len(indices) != 2 or any(i is None or not i.dtype.is_integer for i in indices):
+        raise NotImplementedError("indexing other than by constants along one dim, or a 2-D tensor by two "
+                                  "integer index tensors")
+    shape = broadcast_shapes(*(i.shape for i in indices))
+    rows, cols = (ops.expand(ops.reshape(i, shape=(*[1] * (len(shape) - i.type.rank), *i.shape)), shape=shape)
+                  for i in indices)
+    picked = ops.gather(ops.embedding(rows, x), ops.unsqueeze(cols, dim=-1), dim=-1)
+    return ops.squeeze(picked, dim=-1)
 
 
 def _conv(spatial: int) -> Converter:
@@ -357,6 +421,19 @@ CONVERTERS: dict[str, Converter] = {
     "aten.ones.default": _filled(1.0),
     "<built-in function getitem>": _getitem,
     str(operator.getitem): _getitem,
+    # written-out attention with an ALiBi bias (BLOOM, MPT) and a materialized mask
+    "aten.where.ScalarOther": _where,
+    "aten.where.ScalarSelf": _where,
+    "aten.baddbmm.default": _baddbmm,
+    "aten.repeat.default": _repeat,
+    "aten.pow.Scalar": _pow,
+    "aten.concat.default": lambda cx, tensors, dim=0: ops.concat([cx.value(t) for t in tensors], dim=dim),
+    # Falcon: its mask counts sequence starts along the positions; FalconLinear's weight.T
+    "aten.diff.default": _diff,
+    "aten.index.Tensor": _index,
+    "aten.new_ones.default": lambda cx, x, size, **kwargs: ops.full(graph=cx.graph, shape=tuple(size), value=1.0,
+                                                                    dtype=cx.result_dtype),
+    "aten.numpy_T.default": lambda cx, x: ops.permute(x, dims=tuple(reversed(range(x.type.rank)))),
 }
 
 # Nodes that only assert facts torch already checked while tracing.

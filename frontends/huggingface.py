@@ -92,7 +92,7 @@ def build_model(config: Any, dtype: torch.dtype) -> nn.Module:
     try:
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                     attn_implementation=register_with_transformers(),
+                                                     attn_implementation=_attention_for(config),
                                                      experts_implementation=register_experts())
     except (ValueError, KeyError) as exc:
         raise FrontendError(f"unsupported architecture {architectures or config.model_type!r}: "
@@ -100,12 +100,41 @@ def build_model(config: Any, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def _writes_attention_out(model_class: type | None) -> bool:
+    """Whether the model computes attention itself rather than through transformers'
+    attention interface (BLOOM, MPT, Falcon)."""
+    return model_class is not None and not model_class._can_set_attn_implementation()
+
+
+def _attention_for(config: Any) -> str:
+    """kiln's attention for models that call transformers' attention interface; the eager
+    one for models that write attention out themselves, whose causal mask then stays a
+    graph for the raise stage to recognize (kiln's mask function builds none, which such
+    a model would take as no mask at all)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if _writes_attention_out(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)):
+        return "eager"
+    return register_with_transformers()
+
+
 def _export(model: nn.Module, max_batch_size: int, max_seq_len: int, device: str) -> torch.export.ExportedProgram:
     example = torch.zeros(2, 8, dtype=torch.long, device=device)
     # The ranges must hold the example's sizes; the engine's own limits are the runtime's to enforce.
-    dims = {0: Dim("batch", max=max(max_batch_size, 2)), 1: Dim("seq", max=max(max_seq_len, 8))}
+    # Below the model's context length: MPT slices its ALiBi table of that length, which export
+    # cannot trace for every length up to and including it.
+    seq_max = max(min(max_seq_len, _context_length(model.config) - 1), 8)
+    dims = {0: Dim("batch", max=max(max_batch_size, 2)), 1: Dim("seq", min=1, max=seq_max)}
     with torch.no_grad():
         return torch.export.export(_Logits(model), (example,), dynamic_shapes=(dims,), strict=False)
+
+
+def _context_length(config: Any) -> int:
+    """The longest sequence the model's config declares (unbounded if it names none)."""
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return 2 ** 31
 
 
 def _checkpoint_buffers_on_meta(model: nn.Module, tensors: dict[str, Any]) -> None:
@@ -180,12 +209,15 @@ def import_model(model: nn.Module, tokenizer: Any = None, max_batch_size: int = 
                  max_seq_len: int = 8192) -> ImportedLM:
     """Import an in-memory ``transformers`` causal LM; its own tensors are the weights."""
     implementation, experts = model.config._attn_implementation, model.get_experts_implementation()
-    model.set_attn_implementation(register_with_transformers())
+    own_attention = _writes_attention_out(type(model))  # keeps its mask, for the raise stage
+    if not own_attention:
+        model.set_attn_implementation(register_with_transformers())
     model.set_experts_implementation(register_experts())
     try:
         program = _export(model.eval(), max_batch_size, max_seq_len, device=str(model.device))
     finally:
-        model.set_attn_implementation(implementation)
+        if not own_attention:
+            model.set_attn_implementation(implementation)
         model.set_experts_implementation(experts)
     graph = import_program(program, name=_graph_name(model.config), input_dims=[{0: "batch", 1: "seq"}],
                            prefix=PREFIX)

@@ -17,6 +17,9 @@ import sympy
 import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.utils._sympy.functions import Max as TorchMax
+from torch.utils._sympy.functions import Min as TorchMin
+from torch.utils._sympy.value_ranges import bound_sympy
 
 from ..ir import ConstantData, Graph, LazyData, TensorType, Value, dtypes, sym
 from ..ir.shapes import Dim, dims_equal, normalize_dim
@@ -42,7 +45,7 @@ class _Importer:
     # -- types and values ------------------------------------------------------------
     def dim(self, size: Any) -> Dim:
         if isinstance(size, torch.SymInt):
-            expr = size.node.expr
+            expr = _settle_extrema(size.node.expr, self.program.range_constraints)
             for s in expr.free_symbols:
                 self.symbols.setdefault(s, sym(str(s)))
             return normalize_dim(expr.xreplace(self.symbols))
@@ -56,6 +59,10 @@ class _Importer:
         source = self.program.state_dict.get(target)
         if source is None:
             source = self.program.constants[target]
+        if source.device.type == "meta":
+            raise FrontendError(f"constant {target} was made by the model's code during an export on the meta "
+                                "device, so its values are unknown (as Falcon's multi-query head indices, "
+                                "x[..., [-2], :]); kiln cannot import this model yet")
         return LazyData(lambda: source, f"program tensor {target}")
 
     def location(self, node: torch.fx.Node) -> str | None:
@@ -79,7 +86,9 @@ class _Importer:
                 user_index += 1
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 target = spec.target[len(self.prefix):] if spec.target.startswith(self.prefix) else spec.target
-                data = self.constant_source(target, fake)
+                # tensors the model's code makes (Falcon's head indices) live in the program, not the checkpoint
+                lifted = spec.kind == InputKind.CONSTANT_TENSOR
+                data = (self._from_program if lifted else self.constant_source)(target, fake)
                 self.env[node.name] = self.graph.add_constant(data, self.tensor_type(fake), target)
             else:
                 raise FrontendError(f"input {node.name} of kind {spec.kind.name} is not supported")
@@ -217,6 +226,23 @@ def _functional(name: str) -> str:
     if len(parts) == 3 and parts[1].endswith("_") and not parts[1].startswith("_"):
         return ".".join((parts[0], parts[1][:-1], parts[2]))
     return name
+
+
+def _settle_extrema(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, Any]) -> sympy.Expr:
+    """``expr`` with each ``Max``/``Min`` that the dims' ranges decide replaced by its
+    winner: MPT slices its ALiBi table from ``max(0, 128 - seq)``, which is ``128 - seq``
+    when ``seq`` is at most 128."""
+    extrema = (sympy.Max, sympy.Min, TorchMax, TorchMin)
+    if not isinstance(expr, sympy.Expr) or not expr.has(*extrema):
+        return expr
+    args = [_settle_extrema(a, ranges) for a in expr.args]
+    if isinstance(expr, extrema):
+        is_max = isinstance(expr, (sympy.Max, TorchMax))
+        for a in args:
+            gaps = [bound_sympy(a - b, ranges) for b in args if b is not a]
+            if all(g.lower >= 0 if is_max else g.upper <= 0 for g in gaps):
+                return a
+    return expr.func(*args)
 
 
 def _contains_missing(obj: Any) -> bool:

@@ -16,6 +16,7 @@ from .paged import METADATA, PagedAttentionError, page_attention
 from .mla import MLA_RULES
 from .moe import MOE_RULES
 from .moe_grouped import GROUPED_MOE_RULES
+from .written_attention import raise_written_attention
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
 from .partition import PartitionError, partition, partition_tensor_parallel
 from .partition_pipeline import CostModel, PipelineStages, pipeline_schedule, run_stages, split_pipeline
@@ -31,8 +32,10 @@ canonicalize = rewrite_pass("canonicalize", CANONICAL_RULES,
 fold = Pass("fold_constants", fold_constants, "ops over constants become (lazy) constants")
 cse = Pass("cse", eliminate_common_subexpressions, "merge identical nodes and small constants")
 dce = Pass("dce", eliminate_dead_code, "drop unused nodes and constants")
-raise_ops = rewrite_pass("raise", RAISE_RULES + MOE_RULES + GROUPED_MOE_RULES + MLA_RULES,
-                         "recognize rms_norm, rotary, MoE routing and latent attention among primitives")
+_raise_rules = rewrite_pass("raise", RAISE_RULES + MOE_RULES + GROUPED_MOE_RULES + MLA_RULES)
+raise_ops = Pass("raise", lambda graph: raise_written_attention(graph) + _raise_rules.run(graph),
+                 "recognize written-out attention (causal masks, ALiBi), rms_norm, rotary, mixture-of-experts "
+                 "routing and latent attention among primitives")
 fuse = rewrite_pass("fuse", FUSION_RULES + QUANTIZED_FUSION_RULES,
                     "residual+RMSNorm, QKV and gate/up GEMMs (quantized too), gated activations")
 fuse_rotary = rewrite_pass("fuse_rotary", ROTARY_RULES + CANONICAL_RULES,
@@ -123,5 +126,5 @@ __all__ = [
     "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite", "rewrite_pass",
     "select_logits", "trace", "PartitionError", "partition", "partition_tensor_parallel", "run_pipeline",
     "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks", "split_pipeline", "MLA_RULES",
-    "GROUPED_MOE_RULES",
+    "GROUPED_MOE_RULES", "raise_written_attention",
 ]

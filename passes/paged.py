@@ -49,7 +49,11 @@ def _contract(graph: Graph) -> tuple[sympy.Symbol, sympy.Symbol]:
         if node.op == "attention" and (not node.attrs["causal"] or node.inputs[3:]):
             raise PagedAttentionError(f"attention at {node.location or node.op} must be causal and unmasked")
     if not any(node.op in ("attention", "mla_attention") for node in graph.nodes):
-        raise PagedAttentionError(f"graph @{graph.name} has no attention to page")
+        written = next((n for n in graph.nodes if n.op == "softmax" and n.results[0].type.rank == 4), None)
+        hint = "" if written is None else (
+            f": the softmax at {written.location or 'softmax'} may be attention written out in a form the raise "
+            "stage does not recognize (a mask or bias other than causal and ALiBi)")
+        raise PagedAttentionError(f"graph @{graph.name} has no attention to page{hint}")
     return batch, seq
 
 
@@ -111,7 +115,8 @@ def page_attention(graph: Graph) -> int:
             out, k_cache, v_cache = ops.paged_attention(
                 q, k, v, k_cache, v_cache, *(meta[n] for n in ATTENTION_METADATA),
                 scale=attrs["scale"] if attrs["scale"] is not None else node.inputs[0].shape[3] ** -0.5,
-                sliding_window=attrs["sliding_window"], softcap=attrs["softcap"])
+                sliding_window=attrs["sliding_window"], softcap=attrs["softcap"],
+                alibi_bias_max=attrs["alibi_bias_max"])
             caches += [k_cache, v_cache]
             layers += 1
             results = [_heads_first(out)]

@@ -194,6 +194,10 @@ def attention(p: Partitioner, node: Node):
     q, k, v = node.inputs[:3]
     heads, kv_heads = q.shape[1], k.shape[1]
     kv_parts = p.ranks if kv_heads % p.ranks == 0 else kv_heads if p.ranks % kv_heads == 0 else None
+    if node.attrs["alibi_bias_max"] is not None:
+        p.refusals.append(f"attention at {node.location or 'attention'} has ALiBi biases, whose slopes follow the "
+                          "head index: it is not split by heads yet")
+        return None
     if heads % p.ranks or kv_parts is None:
         p.refusals.append(f"attention at {node.location or 'attention'} has {heads} query and {kv_heads} key/value "
                           f"heads: the query heads must divide among {p.ranks} ranks, and the key/value heads "

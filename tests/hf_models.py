@@ -64,6 +64,13 @@ ARCHITECTURES = {
         num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
         moe_intermediate_size=32, n_shared_experts=1)),
+    # attention written out by the model: ALiBi (BLOOM, MPT; 6 heads, not a power of two)
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=96, num_attention_heads=6)),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(hidden_size=96, num_attention_heads=6, expansion_ratio=2,
+                                                max_seq_len=128)),
+    # Falcon's causal mask, written out with its packed-sequence check (diff, cumsum, index); multi-head
+    # (multi-query heads index with constants that an export on the meta device loses)
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(multi_query=False)),
 }
 
 

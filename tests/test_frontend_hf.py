@@ -169,3 +169,20 @@ def test_core_aten_programs_import_too(name):
     graph = import_program(program, input_dims=[{0: "batch", 1: "seq"}], prefix=PREFIX)
     ids = torch.randint(0, VOCAB, (3, 11))
     assert (interpret(graph, [ids])[0] - _logits(model, ids)).abs().max().item() <= TOLERANCE
+
+
+def test_constants_lost_by_a_meta_device_export_are_named(tmp_path):
+    """Falcon's multi-query heads index with a list (x[..., [-2], :]), a tensor that the
+    export on the meta device makes without values: refused with the constant named. The
+    same model in memory exports with its values, and imports."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, multi_query=True)).eval()
+    with pytest.raises(FrontendError, match=r"constant model.transformer.h.0.self_attention.lifted_tensor_0 .* "
+                                            r"meta device"):
+        kiln.compile(write_checkpoint(model, tmp_path), dtype="float32", max_seq_len=64)
+    ids = torch.randint(0, VOCAB, (3, 17))
+    engine = kiln.compile(model, max_seq_len=64)
+    assert (engine.logits(ids) - _logits(model, ids)).abs().max().item() <= TOLERANCE

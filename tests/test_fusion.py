@@ -48,16 +48,22 @@ EXPECTED = {
     "qwen3-moe": {"rms_norm": 5, "add_rms_norm": 4, "gated_activation": 1, "linear": 8, "moe": 1},  # layer 0 dense
     # + a shared expert (gate/up fused) and its sigmoid gate per layer
     "qwen2-moe": {"rms_norm": 1, "add_rms_norm": 4, "gated_activation": 2, "linear": 9, "moe": 2},
+    # attention written out by the model (ALiBi), raised to one attention op per layer; layer norm, plain MLP
+    **{name: {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 9} for name in ("bloom", "mpt")},
+    # (MPT's layer norms have no bias, which the residual + layer norm fusion does not take)
+    "falcon": {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 9},  # x @ w.T as linears
 }
 
 
-NO_HALF_ROTARY = {"cohere", "glm", "gpt2", "opt"}  # interleaved pairs (cohere, glm); learned positions (gpt2)
+NO_HALF_ROTARY = {"cohere", "glm", "gpt2", "opt", "bloom", "mpt"}  # interleaved pairs (cohere, glm); learned
+# positions (gpt2, opt); ALiBi (bloom, mpt)
 # Rotary stays apart from the QKV split where something sits between them: q/k norms
 # (gemma3, olmo2, qwen3), heads interleaved as [heads, 3, head_dim] (gpt-neox), a shipped
 # fused QKV cut with slices rather than a split (phi3).
-ROTARY_APART = {"gemma3", "olmo2", "qwen3", "gpt-neox", "phi3", "qwen3-moe", "olmoe", "persimmon", "apertus"}
+ROTARY_APART = {"gemma3", "olmo2", "qwen3", "gpt-neox", "phi3", "qwen3-moe", "olmoe", "persimmon", "apertus",
+                "falcon"}  # Falcon: heads interleaved as [heads, 3, head_dim], as GPT-NeoX
 ADD_LAYER_NORMS = {"gpt2": 5, "stablelm": 4, "starcoder2": 4, "gpt-neox": 2, "phi": 2, "nemotron": 4,
-                   "persimmon": 4, "opt": 1}  # parallel blocks: 2
+                   "persimmon": 4, "opt": 1, "bloom": 4, "falcon": 2}  # parallel blocks: 2
 for _name, _expected in EXPECTED.items():
     _fused = _name not in NO_HALF_ROTARY | ROTARY_APART
     EXPECTED[_name] = {"moe": 0, **_expected, "rotary": 4 if _name in ROTARY_APART else 0,

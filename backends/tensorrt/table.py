@@ -31,6 +31,8 @@ class OpLowering:
 
 def _no_window_or_softcap(node: Node) -> str | None:
     asked = [name for name in ("sliding_window", "softcap") if node.attrs.get(name) is not None]
+    if node.attrs.get("alibi_bias_max") is not None:
+        asked.append("ALiBi biases (alibi_bias_max)")
     if node.op == "attention" and node.attrs["causal"] and len(node.inputs) > 3 and node.inputs[3] is not None:
         asked.append("causal mask together with a mask operand")
     return f"TensorRT's attention layer has no {' or '.join(asked)}" if asked else None

@@ -78,9 +78,29 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return torch.cat((out, rest), -1) if rest.shape[-1] else out
 
 
+def alibi_slopes(heads: int, bias_max: float) -> torch.Tensor:
+    """ALiBi's per-head slopes (float32 ``[heads]``), as BLOOM and MPT compute them: for
+    ``p``, the largest power of two not above ``heads``, head ``h < p`` gets
+    ``2 ** (-bias_max * (h + 1) / p)``; the other heads take every other slope of the
+    schedule for ``2 p`` heads (the odd powers). ``bias_max`` is 8 in both models."""
+    if heads < 1 or bias_max <= 0:
+        raise ValueError(f"ALiBi needs at least one head and a positive maximum bias, got {heads} and {bias_max}")
+    p = 2 ** math.floor(math.log2(heads))
+    slopes = [2.0 ** (-bias_max * h / p) for h in range(1, p + 1)]
+    slopes += [2.0 ** (-bias_max * h / (2 * p)) for h in range(1, 2 * (heads - p), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(heads: int, query_pos: torch.Tensor, key_pos: torch.Tensor, bias_max: float) -> torch.Tensor:
+    """ALiBi's additive bias ``[heads, queries, keys]``: each head's slope times the
+    (non-positive, where causal) distance ``key - query``."""
+    distance = (key_pos[None, :] - query_pos[:, None]).float()
+    return alibi_slopes(heads, bias_max).to(distance.device)[:, None, None] * distance
+
+
 def _attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType | None,
                scale: float | None, causal: bool, sliding_window: int | None,
-               softcap: float | None) -> TensorType:
+               softcap: float | None, alibi_bias_max: float | None = None) -> TensorType:
     _float_like(q, k, v)
     if q.rank != 4 or k.rank != 4 or v.rank != 4:
         raise ShapeError(f"attention takes [batch, heads, seq, head_dim]; got {q}, {k}, {v}")
@@ -102,13 +122,16 @@ def _attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType | N
         raise ShapeError(f"sliding_window must be positive, got {sliding_window}")
     if softcap is not None and softcap <= 0:
         raise ShapeError(f"softcap must be positive, got {softcap}")
+    if alibi_bias_max is not None and alibi_bias_max <= 0:
+        raise ShapeError(f"alibi_bias_max must be positive, got {alibi_bias_max}")
     return q.with_shape((b, hq, sq, v.shape[3]))
 
 
-def attention_reference(q, k, v, mask, scale, causal, sliding_window, softcap):
+def attention_reference(q, k, v, mask, scale, causal, sliding_window, softcap, alibi_bias_max=None):
     """Exact attention in float32. Causal masks align to the last query (lower right),
     so that a query block of length 1 attends to the whole cache; rows with every key
-    masked produce zeros."""
+    masked produce zeros. With ``alibi_bias_max``, ALiBi's bias (``alibi_bias``) is added
+    to the scaled (and soft-capped) scores."""
     if q.shape[2] == 0 or k.shape[2] == 0:
         return q.new_zeros((*q.shape[:3], v.shape[3]))
     groups = q.shape[1] // k.shape[1]
@@ -121,6 +144,8 @@ def attention_reference(q, k, v, mask, scale, causal, sliding_window, softcap):
     sq, skv = q.shape[2], k.shape[2]
     query_pos = torch.arange(sq, device=q.device)[:, None] + (skv - sq)
     key_pos = torch.arange(skv, device=q.device)[None, :]
+    if alibi_bias_max is not None:
+        scores = scores + alibi_bias(q.shape[1], query_pos[:, 0], key_pos[0], alibi_bias_max)
     allowed = torch.ones(sq, skv, dtype=torch.bool, device=q.device)
     if causal:
         allowed &= key_pos <= query_pos
@@ -146,7 +171,8 @@ OPS = [
     OpDef("attention", ("q", "k", "v", "mask?"), _attention, attention_reference,
           attrs={"scale": Attr("float", optional=True), "causal": Attr("bool", False),
                  "sliding_window": Attr("int", optional=True),
-                 "softcap": Attr("float", optional=True)},
+                 "softcap": Attr("float", optional=True), "alibi_bias_max": Attr("float", optional=True)},
           doc="softmax(q k^T * scale) v with grouped-query heads, causal and sliding-window "
-              "masks, logit soft-capping and an optional bool or additive mask"),
+              "masks, logit soft-capping, ALiBi's linear biases (slopes from the head count and "
+              "alibi_bias_max, as BLOOM and MPT compute them) and an optional bool or additive mask"),
 ]
