@@ -209,7 +209,8 @@ class _Importer:
         want = self.tensor_type(fake)
         if result.dtype != want.dtype:
             result = cx.value(result, want.dtype)
-        if not (len(result.shape) == len(want.shape) and all(dims_equal(a, b) for a, b in zip(result.shape, want.shape))):
+        if not (len(result.shape) == len(want.shape)
+                and all(dims_equal(a, b) for a, b in zip(result.shape, want.shape))):
             raise FrontendError(f"{name} at {cx.location or node.name}: kiln computes {result.type}, "
                                 f"torch computes {want}")
         return result

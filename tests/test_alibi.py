@@ -9,7 +9,7 @@ from hf_models import random_model, write_checkpoint
 
 import kiln
 from kiln.backends import BackendSupportError, reference_kernels
-from kiln.ir import REGISTRY, ops
+from kiln.ir import ops
 from kiln.ir.opdefs.nn import alibi_slopes, attention_reference
 from kiln.ir.opdefs.paged import paged_attention_reference
 from kiln.passes import PartitionError, partition_tensor_parallel, raise_written_attention
