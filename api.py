@@ -44,15 +44,17 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     max_batch_size)``) and ``workload`` (expected decode batch sizes and prompt lengths)
     choose the engine's dynamic-shape profiles and CUDA-graph batch sizes. ``progress``
     shows a progress bar over the build's stages. ``quantization`` is a scheme name
-    (``int8``, ``int4``, ``fp8``) or a ``QuantConfig`` (skip list, LM head, INT4 groups);
+    (``int8``, ``int4``, ``fp8``, ``int4_gptq``, ``int4_awq``, ``w8a8_sq``) or a
+    ``QuantConfig`` (skip list, LM head, INT4 groups, the schemes' options);
     ``kv_cache_dtype="fp8"`` stores the KV cache in E4M3. ``calibration`` is the text that
-    schemes with static activation scales calibrate on (default: Python's documentation).
+    the calibrated schemes and static activation scales calibrate on (default: Python's
+    documentation).
     """
     _check_options(target, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
     quant = QuantConfig.of(quantization) if quantization is not None else None
-    if calibration is not None and (quant is None or quant.activations != "static"):
-        raise ValueError("calibration text is used by static activation scales only "
-                         "(QuantConfig('fp8', activations='static'))")
+    if calibration is not None and (quant is None or not quant.calibrated):
+        raise ValueError("calibration text is used by the calibrated schemes (int4_gptq, int4_awq, w8a8_sq) and "
+                         "static activation scales (QuantConfig('fp8', activations='static')) only")
     limits = EngineLimits(max_batch_size, max_seq_len, max_num_tokens or max(max_seq_len, max_batch_size))
     if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".onnx"):
         from .frontends.onnx import import_onnx, unflatten_outputs
@@ -131,7 +133,7 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
     graph = imported.graph
     stage("optimizing")
     batches = _calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
-        if quantization and quantization.activations == "static" else ()
+        if quantization and quantization.calibrated else ()
     run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches)
     verify(graph)
     info = dataclasses.replace(info, workspace_bytes=plan_workspace(graph, info.profiles))
