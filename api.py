@@ -53,8 +53,8 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     _check_options(target, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
     quant = QuantConfig.of(quantization) if quantization is not None else None
     if calibration is not None and (quant is None or not quant.calibrated):
-        raise ValueError("calibration text is used by the calibrated schemes (int4_gptq, int4_awq, w8a8_sq) and "
-                         "static activation scales (QuantConfig('fp8', activations='static')) only")
+        raise ValueError("calibration text is used by int4_gptq, int4_awq, w8a8_sq and static activation scales only "
+                         "(QuantConfig('fp8', activations='static'))")
     limits = EngineLimits(max_batch_size, max_seq_len, max_num_tokens or max(max_seq_len, max_batch_size))
     if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".onnx"):
         from .frontends.onnx import import_onnx, unflatten_outputs
@@ -132,7 +132,7 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
                       quantization=quantization.to_dict() if quantization else None, kv_cache_dtype=kv_cache_dtype)
     graph = imported.graph
     stage("optimizing")
-    batches = _calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
+    batches = calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
         if quantization and quantization.calibrated else ()
     run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches)
     verify(graph)
@@ -156,7 +156,7 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
     return engine
 
 
-def _calibration_batches(tokenizer: Any, texts: Sequence[str] | None, max_seq_len: int,
+def calibration_batches(tokenizer: Any, texts: Sequence[str] | None, max_seq_len: int,
                          max_tokens: int = 512) -> list[torch.Tensor]:
     """Token ids ``[1, n]`` of each calibration text (Python's documentation by default),
     cut to ``max_tokens`` and the engine's length."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..reference import Kernel, reference_kernels
-from . import activations, attention, gemv, moe, norms, quantized, rotary
+from . import activations, attention, gemv, int8_mm, moe, norms, quantized, rotary
 
 # op -> (launcher, its configuration: a dataclass, or None where the stored dict is it)
 LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
@@ -32,6 +32,7 @@ LAUNCHERS: dict[str, tuple[Callable[..., Any], type | None]] = {
     "linear_int8": (quantized.linear_int8, quantized.QuantLinearConfig),
     "linear_int4": (quantized.linear_int4, quantized.QuantLinearConfig),
     "linear_fp8": (quantized.linear_fp8, None),  # torch._scaled_mm, nothing to tune
+    "linear_w8a8": (int8_mm.linear_w8a8, None),  # torch._int_mm, nothing to tune
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -44,8 +45,9 @@ class InputStatistics:
         """Accumulate the rows of ``x`` (``[..., features]``), keeping ``sample_rows`` evenly spaced ones."""
         x = x.detach().reshape(-1, self.features).float().cpu()
         self.rows += x.shape[0]
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
-        self.abssum += x.abs().sum(dim=0, dtype=torch.float64)
+        magnitude = x.abs()
+        self.absmax = torch.maximum(self.absmax, magnitude.amax(dim=0))
+        self.abssum += magnitude.sum(dim=0, dtype=torch.float64)
         if self.hessian is not None:
             self.hessian += 2 * x.T @ x
         if sample_rows:
@@ -77,6 +79,7 @@ class LinearGroup:
     input: Value
     layers: list[Node]
     stats: InputStatistics | None = None
+    factor: Any = None  # what a scheme derives from the statistics for all the layers (GPTQ's HessianFactor)
 
     @property
     def weights(self) -> list[torch.Tensor]:

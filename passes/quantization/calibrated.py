@@ -27,7 +27,7 @@ from ...ir import Graph, Node
 from .activations import LinearGroup, gather_statistics, linear_groups
 from .awq import search_clipping, search_scales
 from .config import QuantConfig
-from .gptq import gptq_quantize_int4
+from .gptq import HessianFactor, gptq_quantize_int4
 from .smoothing import fold_input_scale
 from .weights import int4_group_size, quantize_int4, quantize_int8
 
@@ -62,9 +62,7 @@ def quantize_calibrated(graph: Graph, config: QuantConfig, layers: Sequence[Node
                                  f"to {config.scheme}: {exc}; skip it with QuantConfig(skip=[...])") from None
     gather_statistics(graph, groups, batches, hessian=config.scheme == "int4_gptq",
                       sample_tokens=AWQ_SAMPLE_TOKENS if config.scheme == "int4_awq" else 0)
-    scales = {"int4_gptq": lambda g: None, "int4_awq": lambda g: _awq_scales(g, config),
-              "w8a8_sq": lambda g: _smoothquant_scales(g, config.alpha)}[config.scheme]
-    chosen = [(group, scales(group)) for group in groups]
+    chosen = [(group, _choose(group, config)) for group in groups]
     for group, scale in chosen:
         if scale is not None:
             fold_input_scale(graph, group, scale)
@@ -86,10 +84,18 @@ def _group_size(group: LinearGroup, config: QuantConfig) -> int:
     return int4_group_size(group.input.shape[-1], config.group_size)
 
 
-def _awq_scales(group: LinearGroup, config: QuantConfig) -> torch.Tensor | None:
-    scale = search_scales(group.weights, group.stats.absmean, group.stats.sample, _group_size(group, config),
-                          config.symmetric)
-    return None if bool((scale == 1).all()) else scale  # plain round-to-nearest won
+def _choose(group: LinearGroup, config: QuantConfig) -> torch.Tensor | None:
+    """The input scales of ``group``'s layers (AWQ, SmoothQuant), or None where there are
+    none (GPTQ: its Hessian factor then goes to ``group.factor``)."""
+    if config.scheme == "w8a8_sq":
+        return _smoothquant_scales(group, config.alpha)
+    if config.scheme == "int4_awq":
+        scale = search_scales(group.weights, group.stats.absmean, group.stats.sample, _group_size(group, config),
+                              config.symmetric)
+        return None if bool((scale == 1).all()) else scale  # plain round-to-nearest won
+    group.factor = HessianFactor.of(group.stats.mean_hessian, config.act_order, config.damp)
+    group.stats.hessian = None  # the factor is all GPTQ needs now
+    return None
 
 
 def _smoothquant_scales(group: LinearGroup, alpha: float) -> torch.Tensor:
@@ -102,8 +108,7 @@ def _int4_parts(parts: tuple[torch.Tensor, ...]) -> tuple[str, list[tuple[str, t
 
 
 def _gptq(weight, group, scale, config, node):
-    return _int4_parts(gptq_quantize_int4(weight, group.stats.mean_hessian, _group_size(group, config),
-                                          config.symmetric, config.act_order, config.damp))
+    return _int4_parts(gptq_quantize_int4(weight, group.factor, _group_size(group, config), config.symmetric))
 
 
 def _awq(weight, group, scale, config, node):

@@ -7,7 +7,8 @@ merge the layers it names), so the fusions then concatenate quantized projection
 model's graph reads nothing until the engine materializes its constants. The LM head
 (the ``linear`` a graph output reaches through its first operands) is kept unless asked,
 and so is every layer that ``QuantConfig.skip`` names. FP8 with static activation scales
-then calibrates them (``calibration.py``).
+then calibrates them (``calibration.py``); the calibrated schemes (GPTQ, AWQ, SmoothQuant)
+quantize from what a run on calibration text shows (``calibrated.py``).
 """
 
 from __future__ import annotations
