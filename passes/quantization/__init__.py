@@ -20,5 +20,5 @@ from .fusion import QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES
 from .kv_cache import fp8_kv_cache
 from .stage import lm_heads, quantize_linears, quantize_pass
 
-__all__ = ["CALIBRATED", "QUANTIZED_FUSION_RULES", "QUANTIZED_SELECTION_RULES", "QuantConfig", "SCHEMES", "calibrate_fp8_inputs",
-           "default_corpus", "fp8_kv_cache", "lm_heads", "quantize_linears", "quantize_pass"]
+__all__ = ["CALIBRATED", "QUANTIZED_FUSION_RULES", "QUANTIZED_SELECTION_RULES", "QuantConfig", "SCHEMES",
+           "calibrate_fp8_inputs", "default_corpus", "fp8_kv_cache", "lm_heads", "quantize_linears", "quantize_pass"]
