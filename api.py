@@ -47,19 +47,20 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     max_batch_size)``) and ``workload`` (expected decode batch sizes and prompt lengths)
     choose the engine's dynamic-shape profiles and CUDA-graph batch sizes. ``progress``
     shows a progress bar over the build's stages. ``quantization`` is a scheme name
-    (``int8``, ``int4``, ``fp8``) or a ``QuantConfig`` (skip list, LM head, INT4 groups);
+    (``int8``, ``int4``, ``fp8``, ``int4_gptq``, ``int4_awq``, ``w8a8_sq``) or a
+    ``QuantConfig`` (skip list, LM head, INT4 groups, the schemes' options);
     ``kv_cache_dtype="fp8"`` stores the KV cache in E4M3. ``calibration`` is the text that
-    schemes with static activation scales calibrate on (default: Python's documentation).
-    ``ep=tp`` splits the experts of mixture-of-experts layers across the ``tp`` ranks
-    (expert parallelism) instead of holding every expert on every rank.
+    the calibrated schemes and static activation scales calibrate on (default: Python's
+    documentation). ``ep=tp`` splits the experts of mixture-of-experts layers across the
+    ``tp`` ranks (expert parallelism) instead of holding every expert on every rank.
     """
     _check_options(target, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
     if ep not in (1, tp):
         raise ValueError(f"ep must be 1 or equal to tp ({tp}): expert parallelism splits the experts across the "
                          f"tensor-parallel ranks, got ep={ep}")
     quant = QuantConfig.of(quantization) if quantization is not None else None
-    if calibration is not None and (quant is None or quant.activations != "static"):
-        raise ValueError("calibration text is used by static activation scales only "
+    if calibration is not None and (quant is None or not quant.calibrated):
+        raise ValueError("calibration text is used by int4_gptq, int4_awq, w8a8_sq and static activation scales only "
                          "(QuantConfig('fp8', activations='static'))")
     limits = EngineLimits(max_batch_size, max_seq_len, max_num_tokens or max(max_seq_len, max_batch_size))
     if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".onnx"):
@@ -150,8 +151,8 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
                       kv_cache_dtype=kv_cache_dtype)
     graph = imported.graph
     stage("optimizing")
-    batches = _calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
-        if quantization and quantization.activations == "static" else ()
+    batches = calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
+        if quantization and quantization.calibrated else ()
     run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches, ep=ep)
     verify(graph)
     check_backend_support(graph, backend, target)
@@ -194,7 +195,7 @@ def _check_cache_dtype(graph: Graph, kv_cache_dtype: str) -> None:
                          "multi-head latent attention is not done): use kv_cache_dtype='auto'")
 
 
-def _calibration_batches(tokenizer: Any, texts: Sequence[str] | None, max_seq_len: int,
+def calibration_batches(tokenizer: Any, texts: Sequence[str] | None, max_seq_len: int,
                          max_tokens: int = 512) -> list[torch.Tensor]:
     """Token ids ``[1, n]`` of each calibration text (Python's documentation by default),
     cut to ``max_tokens`` and the engine's length."""

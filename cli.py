@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .api import TARGETS
 from .frontends import FrontendError
@@ -71,7 +72,8 @@ def _build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     engine = compile(args.model, target=args.target, dtype=args.dtype, max_batch_size=args.max_batch_size,
                      max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens, tp=args.tp, pp=args.pp,
-                     quantization=_quantization(args), kv_cache_dtype=args.kv_cache_dtype, progress=True)
+                     quantization=_quantization(args), kv_cache_dtype=args.kv_cache_dtype, progress=True,
+                     calibration=_calibration_texts(args))
     built = time.perf_counter()
     engine.save(args.output)
     print(f"built {engine.info.architecture} for {engine.info.target} in {built - start:.1f} s; "
@@ -129,7 +131,8 @@ def _bench(args: argparse.Namespace) -> int:
     options["max_seq_len"] = args.max_seq_len or options["max_seq_len"]
     target = args.target or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = as_engine(args.model, target=target, dtype=args.dtype, quantization=_quantization(args),
-                       kv_cache_dtype=args.kv_cache_dtype, progress=not args.json, **options)
+                       kv_cache_dtype=args.kv_cache_dtype, progress=not args.json,
+                       calibration=_calibration_texts(args), **options)
     info = engine.info
     if info.max_batch_size < most or info.max_seq_len < length:
         raise ValueError(f"the engine serves {info.max_batch_size} sequences of {info.max_seq_len} tokens; the runs "
@@ -166,29 +169,38 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_graph(source: str) -> Graph:
+def _load_graph(source: str) -> tuple[Graph, Any]:
+    """The graph, and for a checkpoint directory its tokenizer (None for text)."""
     if source != "-" and Path(source).is_dir():
         from .frontends.huggingface import load_checkpoint
 
-        return load_checkpoint(source).graph
+        imported = load_checkpoint(source)
+        return imported.graph, imported.tokenizer
     if source.endswith(".gguf"):
         from .frontends.gguf import load_gguf
 
-        return load_gguf(source).graph
+        imported = load_gguf(source)
+        return imported.graph, imported.tokenizer
     graph = parse(sys.stdin.read() if source == "-" else Path(source).read_text())
     verify(graph)
-    return graph
+    return graph, None
 
 
 def _ir(args: argparse.Namespace) -> int:
-    graph = _load_graph(args.source)
+    graph, tokenizer = _load_graph(args.source)
     if args.after and not args.pipeline:
         raise ValueError("--after needs --pipeline")
     if args.quantization and not args.pipeline:
         raise ValueError("--quantization needs --pipeline")
     if args.pipeline:
         dumps: list[str] = []
-        manager = pipeline_manager(args.pipeline, _quantization(args), args.kv_cache_dtype, debug=True,
+        quantization = _quantization(args)
+        calibration = ()
+        if quantization is not None and quantization.calibrated:
+            from .api import calibration_batches
+
+            calibration = calibration_batches(tokenizer, _calibration_texts(args), 512)
+        manager = pipeline_manager(args.pipeline, quantization, args.kv_cache_dtype, calibration, debug=True,
                                    dump_after=args.after or (),
                                    dump=lambda name, g: dumps.append(_render(g, args.format, f"after {name}")))
         records = manager.run(graph)
@@ -206,7 +218,18 @@ def _quantization(args: argparse.Namespace) -> QuantConfig | None:
         return None
     return QuantConfig(args.quantization, group_size=args.group_size, symmetric=args.symmetric,
                        lm_head=args.quantize_lm_head, skip=tuple(args.quantize_skip or ()),
-                       activations=args.activations)
+                       activations=args.activations, act_order=args.act_order, damp=args.damp,
+                       clip=not args.no_clip, alpha=args.alpha)
+
+
+def _calibration_texts(args: argparse.Namespace) -> list[str] | None:
+    """The calibration text a calibrated scheme needs: that many of Python's documentation topics."""
+    quantization = _quantization(args)
+    if quantization is None or not quantization.calibrated:
+        return None
+    from .passes.quantization import default_corpus
+
+    return default_corpus(args.calibration_samples)
 
 
 def _quantization_options(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +242,15 @@ def _quantization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetric", action="store_true", help="INT4 with zero point 8 (default: asymmetric)")
     parser.add_argument("--activations", choices=("dynamic", "static"), default="dynamic",
                         help="FP8 input scales: per token at run time, or per layer calibrated on Python's docs")
+    parser.add_argument("--calibration-samples", type=int, default=64, metavar="N",
+                        help="calibrated schemes: run the model on N topics of Python's documentation")
+    parser.add_argument("--act-order", action="store_true",
+                        help="int4_gptq: quantize columns in order of decreasing Hessian diagonal")
+    parser.add_argument("--damp", type=float, default=0.01,
+                        help="int4_gptq: dampening added to the Hessian, a fraction of its mean diagonal")
+    parser.add_argument("--no-clip", action="store_true", help="int4_awq: no search for clipped weight ranges")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="w8a8_sq: migration strength, how much of the activations' range moves to the weights")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="the KV cache's dtype: the model's (auto) or E4M3 (fp8)")
 

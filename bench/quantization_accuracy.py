@@ -4,11 +4,14 @@ most likely next token is the unquantized model's), plus the largest logit diffe
 
     python bench/quantization_accuracy.py                        # the bundled model
     python bench/quantization_accuracy.py --model DIR --json out.json
+    python bench/quantization_accuracy.py --variants int4_gptq int4_awq --calibration-count 8
 
 Text: the Python documentation topics the bundled model was not trained on
 (``tools/train_tiny_model.py``'s split), cut into windows of ``--window`` tokens; with
 ``--split train``, the topics it was trained on (the 2M-parameter bundled model has
-memorized those: perplexity about 1.4, against about 1,900 on held-out topics).
+memorized those: perplexity about 1.4, against about 1,900 on held-out topics). The
+calibrated schemes calibrate on ``--calibration-count`` of the topics that are not held
+out (``kiln.passes.quantization.default_corpus``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 import kiln  # noqa: E402
 from kiln.passes import QuantConfig  # noqa: E402
+from kiln.passes.quantization import default_corpus  # noqa: E402
 
 VARIANTS = {  # name -> compile options
     "int8": dict(quantization="int8"),
@@ -35,6 +39,10 @@ VARIANTS = {  # name -> compile options
     "fp8": dict(quantization="fp8"),
     "fp8 + fp8 KV cache": dict(quantization="fp8", kv_cache_dtype="fp8"),
     "fp8 KV cache only": dict(kv_cache_dtype="fp8"),
+    "int4_gptq (g128, asym)": dict(quantization="int4_gptq"),
+    "int4_gptq (g128, asym, act-order)": dict(quantization=QuantConfig("int4_gptq", act_order=True)),
+    "int4_awq (g128, asym)": dict(quantization="int4_awq"),
+    "w8a8_sq (alpha 0.5)": dict(quantization="w8a8_sq"),
 }
 
 
@@ -68,6 +76,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--split", choices=("held-out", "train"), default="held-out")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--variants", nargs="+", metavar="PREFIX", default=None,
+                        help="only the variants whose name starts with one of these (default: all)")
+    parser.add_argument("--calibration-count", type=int, default=16,
+                        help="documentation topics the calibrated schemes calibrate on")
     args = parser.parse_args()
     options = dict(max_batch_size=4, max_seq_len=args.window + 1, max_num_tokens=4 * args.window)
     base = kiln.compile(args.model, **options)
@@ -75,13 +87,20 @@ def main() -> None:
     reference = evaluate(base, windows)
     rows = [{"variant": "unquantized", "perplexity": perplexity(reference, windows), "agreement": 1.0,
              "max_logit_error": 0.0}]
+    calibration = default_corpus(args.calibration_count)
     for name, variant in VARIANTS.items():
+        if args.variants and not name.startswith(tuple(args.variants)):
+            continue
         start = time.perf_counter()
-        logits = evaluate(kiln.compile(args.model, **options, **variant), windows)
+        quantization = variant.get("quantization")
+        calibrated = quantization is not None and QuantConfig.of(quantization).calibrated
+        engine = kiln.compile(args.model, **options, **variant, **({"calibration": calibration} if calibrated else {}))
+        logits = evaluate(engine, windows)
         rows.append({"variant": name, "perplexity": perplexity(logits, windows),
                      "agreement": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
                      "max_logit_error": (logits - reference).abs().max().item()})
-        print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(f"{name}: {time.perf_counter() - start:.1f} s, perplexity {rows[-1]['perplexity']:.3f}, "
+              f"agreement {rows[-1]['agreement']:.2%}", file=sys.stderr)
     print(f"{args.model}: {args.count} {args.split} windows of {args.window} tokens")
     print(f"| variant | perplexity | vs unquantized | next-token agreement | max logit error |")
     print("|---|---|---|---|---|")
@@ -91,7 +110,8 @@ def main() -> None:
               f"{r['max_logit_error']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "split": args.split, "window": args.window,
-                                               "count": args.count, "rows": rows}, indent=2) + "\n")
+                                               "count": args.count, "calibration_count": args.calibration_count,
+                                               "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -332,8 +332,8 @@ def _fused(b: GraphDraft):
 
 
 def _quantized(b: GraphDraft):
-    """A quantized linear layer (INT8, INT4 in groups, FP8 dynamic or static) over a
-    random weight quantized by the ``quantize`` stage's own quantizers."""
+    """A quantized linear layer (INT8, INT4 in groups, FP8 dynamic or static, INT8 W8A8)
+    over a random weight quantized by the ``quantize`` stage's own quantizers."""
     from ..passes.quantization.weights import quantize_fp8_weight, quantize_int4, quantize_int8
 
     x = b.value(lambda v: v.type.rank >= 1 and isinstance(v.shape[-1], int) and v.shape[-1] > 0
@@ -343,8 +343,8 @@ def _quantized(b: GraphDraft):
     d, out = x.shape[-1], b.draw(st.integers(1, 5))
     weight = b.constant((out, d)).tensor()
     bias = b.constant((out,)) if b.draw(st.booleans()) else None
-    scheme = b.draw(st.sampled_from(["int8", "int4", "fp8"]))
-    if scheme == "int8":
+    scheme = b.draw(st.sampled_from(["int8", "int4", "fp8", "w8a8"]))
+    if scheme in ("int8", "w8a8"):
         parts = quantize_int8(weight)
     elif scheme == "int4":
         parts = quantize_int4(weight, b.draw(st.sampled_from([g for g in (2, d) if d % g == 0])), b.draw(st.booleans()))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..reference import Kernel, reference_kernels
-from . import activations, attention, gemv, moe, norms, quantized, rotary
+from . import activations, attention, gemv, int8_mm, moe, norms, quantized, rotary
 from .configs import config_from_dict
 
 # op -> (launcher, what its stored configuration becomes: a dataclass, a function of the
@@ -32,6 +32,7 @@ LAUNCHERS: dict[str, tuple[Callable[..., Any], type | Callable[[Mapping], Any] |
     "linear_int8": (quantized.linear_int8, quantized.per_shape),  # weight shape -> QuantLinearConfig
     "linear_int4": (quantized.linear_int4, quantized.per_shape),
     "linear_fp8": (quantized.linear_fp8, quantized.per_shape),
+    "linear_w8a8": (int8_mm.linear_w8a8, None),  # torch._int_mm, nothing to tune
 }
 
 

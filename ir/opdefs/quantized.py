@@ -13,7 +13,10 @@ and computes ``x @ dequantize(weight).T + bias`` in float32, rounded once to ``x
   stores an offset instead (GGUF's Q4_1 and Q4_K: ``w = d * q + m``, so ``zero = -m / d``);
 - ``linear_fp8``: W8A8 with E4M3 weights scaled per output channel; the input is scaled
   into E4M3 per token from its own absolute maximum (dynamic) or by one calibrated
-  ``input_scale`` (static), and the product is scaled back by both.
+  ``input_scale`` (static), and the product is scaled back by both;
+- ``linear_w8a8``: W8A8 INT8 (SmoothQuant's weights, smoothed beforehand): INT8 weights
+  per output channel, the input rounded to INT8 per token from its absolute maximum,
+  the integer products summed exactly and scaled back by both scales.
 
 The references here are the oracle that every backend's kernels are tested against.
 """
@@ -138,6 +141,35 @@ def _linear_fp8_reference(x, qweight, weight_scale, input_scale, bias):
     return (out if bias is None else out + bias.float()).to(x.dtype)
 
 
+INT8_MAX = 127.0
+
+
+def _linear_w8a8(x: TensorType, qweight: TensorType, weight_scale: TensorType, bias: TensorType | None) -> TensorType:
+    if qweight.dtype != dtypes.int8 or qweight.rank != 2:
+        raise ShapeError(f"linear_w8a8 needs an i8[out, in] weight, got {qweight}")
+    _check_channel_scale(weight_scale, qweight)
+    return _check_input("linear_w8a8", x, qweight, qweight.shape[1], bias)
+
+
+def int8_token_scales(x: torch.Tensor) -> torch.Tensor:
+    """Per-token (last dim) scales that map each token's absolute maximum onto 127,
+    float32, shaped ``[..., 1]``."""
+    return (x.float().abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=_MIN_SCALE)
+
+
+def quantize_int8_tokens(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` rounded to the nearest integer in [-127, 127], int8."""
+    return (x.float() / scale).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def _linear_w8a8_reference(x, qweight, weight_scale, bias):
+    scale = int8_token_scales(x)
+    # integer products summed exactly (float64 holds them), as an int32 accumulator does
+    product = (quantize_int8_tokens(x, scale).double() @ qweight.double().T).float()
+    out = product * scale * weight_scale
+    return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
 OPS = [
     OpDef("linear_int8", ("x", "qweight", "scale", "bias?"), _linear_int8, _linear_int8_reference,
           doc="x @ (qweight * scale[n(, group)]).T + bias: weight-only INT8, per output channel (or group)"),
@@ -145,6 +177,8 @@ OPS = [
           doc="x @ ((q - zero) * scale).T + bias: weight-only INT4 in groups, two codes a byte"),
     OpDef("linear_fp8", ("x", "qweight", "weight_scale", "input_scale?", "bias?"), _linear_fp8, _linear_fp8_reference,
           doc="FP8 W8A8: x scaled into E4M3 per token (or by a static input_scale), E4M3 weight per channel"),
+    OpDef("linear_w8a8", ("x", "qweight", "weight_scale", "bias?"), _linear_w8a8, _linear_w8a8_reference,
+          doc="INT8 W8A8 (SmoothQuant): x rounded to INT8 per token, INT8 weight per channel, int32 products"),
 ]
 
 # The quantized forms of ``linear``; each takes the input first and ``bias`` last.

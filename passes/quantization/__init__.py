@@ -5,6 +5,9 @@
 - ``stage``: the pass that rewrites ``linear`` into the scheme's quantized op;
 - ``fusion``: the QKV, gate/up and logits-selection rewrites for quantized linears;
 - ``calibration``: static FP8 input scales from runs on sample text;
+- ``calibrated``: the calibrated schemes (GPTQ, AWQ, SmoothQuant), with ``activations``
+  (input statistics), ``gptq``, ``awq`` and ``smoothing`` (scales folded into the ops
+  that make the inputs);
 - ``kv_cache``: the pass that gives the paged step graph E4M3 key and value caches.
 
 The quantized ops themselves, with their reference implementations, are declared in
@@ -12,10 +15,10 @@ The quantized ops themselves, with their reference implementations, are declared
 """
 
 from .calibration import calibrate_fp8_inputs, default_corpus
-from .config import SCHEMES, QuantConfig
+from .config import CALIBRATED, SCHEMES, QuantConfig
 from .fusion import QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES
 from .kv_cache import fp8_kv_cache
 from .stage import lm_heads, quantize_linears, quantize_pass
 
-__all__ = ["QUANTIZED_FUSION_RULES", "QUANTIZED_SELECTION_RULES", "QuantConfig", "SCHEMES", "calibrate_fp8_inputs",
-           "default_corpus", "fp8_kv_cache", "lm_heads", "quantize_linears", "quantize_pass"]
+__all__ = ["CALIBRATED", "QUANTIZED_FUSION_RULES", "QUANTIZED_SELECTION_RULES", "QuantConfig", "SCHEMES",
+           "calibrate_fp8_inputs", "default_corpus", "fp8_kv_cache", "lm_heads", "quantize_linears", "quantize_pass"]

@@ -34,7 +34,8 @@ class Variant:
 
 VARIANTS = (Variant("linear_int8", ("qweight", "scale")), Variant("linear_int4", ("qweight", "scales", "zeros")),
             Variant("linear_fp8", ("qweight", "weight_scale")),
-            Variant("linear_fp8", ("qweight", "weight_scale"), ("input_scale",)))
+            Variant("linear_fp8", ("qweight", "weight_scale"), ("input_scale",)),
+            Variant("linear_w8a8", ("qweight", "weight_scale")))
 _GATED = {"silu": lambda t: ops.silu(t), "gelu": lambda t: ops.gelu(t),
           "gelu_tanh": lambda t: ops.gelu(t, approximate="tanh")}
 

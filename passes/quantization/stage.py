@@ -7,7 +7,8 @@ merge the layers it names), so the fusions then concatenate quantized projection
 model's graph reads nothing until the engine materializes its constants. The LM head
 (the ``linear`` a graph output reaches through its first operands) is kept unless asked,
 and so is every layer that ``QuantConfig.skip`` names. FP8 with static activation scales
-then calibrates them (``calibration.py``).
+then calibrates them (``calibration.py``); the calibrated schemes (GPTQ, AWQ, SmoothQuant)
+quantize from what a run on calibration text shows (``calibrated.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 from ...ir import ConstantData, Graph, LazyData, Node, TensorType, Value, dtypes
 from ...ir.opdefs.quantized import QUANTIZED_LINEARS
 from ..manager import Pass
+from .calibrated import quantize_calibrated, replace_linear
 from .calibration import calibrate_fp8_inputs
-from .config import QuantConfig
+from .config import CALIBRATED, QuantConfig
 from .weights import int4_group_size, quantize_fp8_weight, quantize_int4, quantize_int8
 
 # A quantized weight's operands: (name suffix, type) for each, given the weight's type and config.
@@ -70,28 +72,31 @@ def lm_heads(graph: Graph) -> list[Node]:
     return heads
 
 
-def quantize_linears(graph: Graph, config: QuantConfig) -> int:
-    """Rewrite every eligible ``linear`` of ``graph`` into ``config``'s quantized op; return
-    how many were rewritten."""
-    op, layout, quantizer = SCHEME_OPS[config.scheme]
+def eligible_linears(graph: Graph, config: QuantConfig) -> list[Node]:
+    """The ``linear`` nodes over constant weights that ``config`` quantizes."""
     kept = set() if config.lm_head else {id(n) for n in lm_heads(graph)}
+    return [node for node in graph.nodes if node.op == "linear" and node.inputs[1] is not None
+            and node.inputs[1].is_constant and id(node) not in kept and not config.skips(node.location)]
+
+
+def quantize_linears(graph: Graph, config: QuantConfig, calibration: Sequence[torch.Tensor] = ()) -> int:
+    """Rewrite every eligible ``linear`` of ``graph`` into ``config``'s quantized op; return
+    how many were rewritten. The calibrated schemes run ``graph`` on ``calibration``, batches
+    of the token ids it takes (``calibrated.py``)."""
+    if config.scheme in CALIBRATED:
+        return quantize_calibrated(graph, config, eligible_linears(graph, config), calibration)
+    op, layout, quantizer = SCHEME_OPS[config.scheme]
     rewritten = 0
-    for node in list(graph.nodes):
-        weight = node.inputs[1] if node.op == "linear" else None
-        if weight is None or not weight.is_constant or id(node) in kept or config.skips(node.location):
-            continue
+    for node in eligible_linears(graph, config):
+        weight = node.inputs[1]
         try:
             parts = layout(weight.type, config)
         except ValueError as exc:
             raise ValueError(f"cannot quantize {node.location or weight.name} to {config.scheme}: {exc}; "
                              "skip it with QuantConfig(skip=[...])") from None
         operands = _quantized_operands(graph, weight, parts, lambda w: quantizer(w, config))
-        bias = node.inputs[2] if len(node.inputs) > 2 else None
         extra = [None] if op == "linear_fp8" else []  # no static input scale without calibration
-        with graph.inserting_before(node):
-            new = graph.call(op, [node.inputs[0], *operands, *extra, bias], location=node.location)
-        node.result.replace_all_uses_with(new.result)
-        graph.erase_node(node)
+        replace_linear(graph, node, op, [*operands, *extra])
         rewritten += 1
     return rewritten
 
@@ -124,13 +129,14 @@ def _quantized_operands(graph: Graph, weight: Value, parts: list[tuple[str, Tens
 
 
 def quantize_pass(config: QuantConfig, calibration: Sequence[torch.Tensor] = ()) -> Pass:
-    """The ``quantize`` pass for ``config``; static activation scales are calibrated on
-    ``calibration``, batches of token ids the graph takes."""
-    if config.activations == "static" and not calibration:
-        raise ValueError("static activation scales need calibration text")
+    """The ``quantize`` pass for ``config``; static activation scales and the calibrated
+    schemes are calibrated on ``calibration``, batches of token ids the graph takes."""
+    if config.calibrated and not calibration:
+        raise ValueError(f"{'static activation scales' if config.activations == 'static' else config.scheme} "
+                         "need calibration text")
 
     def run(graph: Graph) -> int:
-        rewritten = quantize_linears(graph, config)
+        rewritten = quantize_linears(graph, config, calibration)
         if config.activations == "static":
             calibrate_fp8_inputs(graph, calibration)
         return rewritten

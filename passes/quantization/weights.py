@@ -34,6 +34,15 @@ def quantize_int4(weight: torch.Tensor, group: int, symmetric: bool) -> tuple[to
     if in_features % group or group % 2:
         raise ValueError(f"INT4 groups of {group} do not divide {in_features} input features evenly")
     w = weight.float().reshape(out_features, in_features // group, group)
+    scale, zero = int4_group_params(w, symmetric, weight.dtype)
+    codes = int4_codes(w, scale[..., None], zero[..., None])
+    return pack_int4_codes(codes.reshape(out_features, in_features)), scale, zero.to(torch.uint8)
+
+
+def int4_group_params(w: torch.Tensor, symmetric: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale (in ``dtype``) and zero point (float, 0..15) of each group of the last dim
+    of ``w``: symmetric keeps zero 8; asymmetric maps [min, max] (widened to hold 0) onto 0..15."""
+    w = w.float()
     if symmetric:
         scale = (w.abs().amax(dim=-1) / 7).clamp(min=_TINY)
         zero = torch.full_like(scale, 8.0)
@@ -41,9 +50,12 @@ def quantize_int4(weight: torch.Tensor, group: int, symmetric: bool) -> tuple[to
         low, high = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
         scale = ((high - low) / 15).clamp(min=_TINY)
         zero = (-low / scale).round().clamp(0, 15)
-    scale = _round_up(scale, weight.dtype)  # as stored; never below the range's need, so nothing clips
-    codes = (w / scale.float()[..., None] + zero[..., None]).round().clamp(0, 15).to(torch.uint8)
-    return pack_int4_codes(codes.reshape(out_features, in_features)), scale, zero.to(torch.uint8)
+    return _round_up(scale, dtype), zero  # as stored; never below the range's need, so nothing clips
+
+
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The INT4 codes (uint8, 0..15) of ``w`` for ``scale`` and ``zero`` (broadcast)."""
+    return (w.float() / scale.float() + zero).round().clamp(0, 15).to(torch.uint8)
 
 
 def _round_up(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
