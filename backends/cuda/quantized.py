@@ -42,6 +42,7 @@ class QuantLinearConfig:
 
 
 _DEFAULT = QuantLinearConfig()
+GEMV_OPS = ("linear_int8", "linear_int4", "linear_fp8")  # the ops launched here, each with a tuned GEMV
 PerShape = Mapping[str, QuantLinearConfig]
 
 

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from ...ir import Graph, Node, TensorType
-from ...ir.opdefs.quantized import QUANTIZED_LINEARS
 from ...passes.profiles import EngineLimits
 from . import quantized
 from .attention import AttentionConfig, decode_configs, multiprocessors, paged_attention, prefill_configs
