@@ -86,7 +86,7 @@ def _quantized_gemv_choices(graph: Graph) -> dict[str, dict]:
     timed on random operands of each layer's layout."""
     layers: dict[tuple[str, str], Node] = {}
     for node in graph.nodes:
-        if node.op in QUANTIZED_LINEARS and node.inputs[1].is_constant:
+        if node.op in quantized.GEMV_OPS and node.inputs[1].is_constant:
             layers.setdefault((node.op, shape_key(node.inputs[1].type.shape[0], node.inputs[0].type.shape[-1])), node)
     choices: dict[str, dict] = {}
     for (op, key), node in sorted(layers.items()):
