@@ -110,8 +110,10 @@ def _kv_rows(table_row, pos, valid, cached, new_start, head, stride_cb, stride_c
 def _as_cached(x, FP8_CACHE: tl.constexpr):
     """Keys or values as the cache holds them: as they are, or saturated to E4M3 (scale 1)."""
     if FP8_CACHE:
-        return tl.clamp(x.to(tl.float32), -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
-    return x
+        cached = tl.clamp(x.to(tl.float32), -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
+    else:
+        cached = x
+    return cached
 
 
 @triton.jit
@@ -122,8 +124,10 @@ def _gather(cache, new, cache_rows, in_cache, new_rows, is_new, d, d_mask, FP8_C
     old = tl.load(cache + cache_rows[:, None] + d[None, :], mask=in_cache[:, None] & d_mask[None, :], other=0.0)
     fresh = tl.load(new + new_rows[:, None] + d[None, :], mask=is_new[:, None] & d_mask[None, :], other=0.0)
     if FP8_CACHE:
-        return (old.to(tl.float32) + _as_cached(fresh, FP8_CACHE).to(tl.float32)).to(fresh.dtype)
-    return old + fresh
+        tile = (old.to(tl.float32) + _as_cached(fresh, FP8_CACHE).to(tl.float32)).to(fresh.dtype)
+    else:
+        tile = old + fresh
+    return tile
 
 
 @triton.jit
