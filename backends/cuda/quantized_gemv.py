@@ -9,11 +9,12 @@ converting the codes to float32 in registers:
   (``group`` inputs each) multiply each group's partial sum. For ``linear_fp8`` the input
   row is first rounded into E4M3 with its own scale (or the static one) exactly as the
   op's reference does, so the GEMV computes the op, not a weight-only approximation.
-- 4-bit codes (``linear_int4``): a tile holds ``groups_per_tile`` whole groups, read as
-  ``[rows, groups, bytes]`` so that each (row, group) scale and zero point is loaded once
-  and broadcast. Either products accumulate per element, scaled, and reduce once at the
-  end, or each group's unscaled dot product is reduced as its tile is read and
-  ``scale * (dot - zero * sum(x over the group))`` added; tuning picks per shape.
+- 4-bit codes (``linear_int4``): a tile holds ``groups_per_tile`` whole groups; each
+  group's dot product of codes and input is taken unscaled as the tile is read, then
+  ``scale * (dot - zero * sum(x over the group))`` is added, so the per-element work is a
+  nibble extraction and one multiply-add. (Accumulating scaled products per element and
+  reducing once at the end, as the 8-bit GEMV does, was measured slower at every
+  Llama-3.1-8B shape on the H100.)
 
 Integer codes become floats without the int-to-float unit, which converts 16 values a
 clock per multiprocessor on Hopper and capped the INT4 GEMV near 1.5 TB/s: a code below
@@ -35,15 +36,12 @@ from .fp8 import E4M3_MAX, MIN_SCALE
 @dataclass(frozen=True)
 class QuantGemvConfig:
     """Launch parameters: weight rows a program, input elements a tile (8-bit codes) or
-    whole groups a tile (4-bit codes), warps; for 4-bit codes, whether each group's
-    products are reduced as its tile is read (``reduce_per_tile``) or accumulated per
-    element and reduced once at the end."""
+    whole groups a tile (4-bit codes), warps."""
 
     block_n: int = 8
     block_k: int = 512
     groups_per_tile: int = 4
     num_warps: int = 4
-    reduce_per_tile: bool = False
 
 
 def gemv_candidates(bits: int) -> list[QuantGemvConfig]:
@@ -51,9 +49,8 @@ def gemv_candidates(bits: int) -> list[QuantGemvConfig]:
     if bits == 8:
         return [QuantGemvConfig(block_n, block_k, 1, warps) for block_n, block_k in
                 ((4, 1024), (8, 512), (8, 1024), (16, 512), (16, 256), (32, 256)) for warps in (4, 8)]
-    return [QuantGemvConfig(block_n, 0, groups, warps, per_tile) for block_n, groups in
-            ((4, 8), (8, 4), (8, 8), (16, 2), (16, 4), (32, 1), (32, 2)) for warps in (4, 8)
-            for per_tile in (False, True)]
+    return [QuantGemvConfig(block_n, 0, groups, warps) for block_n, groups in
+            ((4, 8), (8, 4), (8, 8), (16, 2), (16, 4), (32, 1), (32, 2)) for warps in (4, 8)]
 
 
 _TWO_23 = tl.constexpr(8388608.0)  # 2^23: its float32 bits are 0x4B000000, with room for the code below them
@@ -117,37 +114,7 @@ def _w8_gemv_kernel(x, q, scale, input_scale, bias, out, n, k, stride_q, stride_
 
 
 @triton.jit
-def _int4_gemv_elementwise_kernel(x, q, scales, zeros, bias, out, n, half_k, stride_q, stride_s,
-                                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                                  GROUPS_PER_TILE: tl.constexpr):
-    HALF: tl.constexpr = GROUP // 2  # bytes a group
-    TILE: tl.constexpr = GROUPS_PER_TILE * HALF
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n
-    in_group = tl.arange(0, HALF)
-    acc = tl.zeros([BLOCK_N, GROUPS_PER_TILE, HALF], tl.float32)
-    for start in range(0, half_k, TILE):
-        groups = start // HALF + tl.arange(0, GROUPS_PER_TILE)
-        group_ok = groups < half_k // HALF
-        pairs = groups[:, None] * HALF + in_group[None, :]  # [groups, bytes]: byte j holds inputs 2j and 2j+1
-        x_even = tl.load(x + 2 * pairs, mask=group_ok[:, None], other=0.0).to(tl.float32)
-        x_odd = tl.load(x + 2 * pairs + 1, mask=group_ok[:, None], other=0.0).to(tl.float32)
-        ok = row_ok[:, None] & group_ok[None, :]
-        codes = tl.load(q + rows.to(tl.int64)[:, None, None] * stride_q + pairs[None, :, :], mask=ok[:, :, None],
-                        other=0).to(tl.int32)
-        at = rows.to(tl.int64)[:, None] * stride_s + groups[None, :]
-        s = tl.load(scales + at, mask=ok, other=0.0).to(tl.float32)[:, :, None]
-        z = tl.load(zeros + at, mask=ok, other=0).to(tl.float32)[:, :, None]
-        acc += s * (integer_floats(codes & 0xF, 0) * x_even[None, :, :] + integer_floats(codes >> 4, 0)
-                    * x_odd[None, :, :] - z * (x_even + x_odd)[None, :, :])
-    y = tl.sum(tl.sum(acc, 2), 1)
-    if HAS_BIAS:
-        y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
-def _int4_gemv_per_tile_kernel(x, q, scales, zeros, bias, out, n, half_k, stride_q, stride_s, HAS_BIAS: tl.constexpr,
+def _int4_gemv_kernel(x, q, scales, zeros, bias, out, n, half_k, stride_q, stride_s, HAS_BIAS: tl.constexpr,
                                BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_TILE: tl.constexpr):
     HALF: tl.constexpr = GROUP // 2  # bytes a group
     TILE: tl.constexpr = GROUPS_PER_TILE * HALF
@@ -206,8 +173,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     n, half_k = qweight.shape
     group = 2 * half_k // scales.shape[1]
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    kernel = _int4_gemv_per_tile_kernel if config.reduce_per_tile else _int4_gemv_elementwise_kernel
-    kernel[(triton.cdiv(n, config.block_n),)](
+    _int4_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, n, half_k, qweight.stride(0),
         scales.stride(0), HAS_BIAS=bias is not None, BLOCK_N=config.block_n, GROUP=group,
         GROUPS_PER_TILE=config.groups_per_tile, num_warps=config.num_warps)
