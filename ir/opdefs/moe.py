@@ -115,13 +115,19 @@ def _moe(x: TensorType, router_logits: TensorType, gate_up: TensorType, down: Te
     if not router_logits.dtype.is_float or router_logits.rank != 2 \
             or not dims_equal(router_logits.shape[0], x.shape[0]) or not dims_equal(router_logits.shape[1], experts):
         raise ShapeError(f"router logits {router_logits} are not [tokens, {experts}]")
+    _check_routing(experts, correction_bias, top_k, num_groups, topk_groups)
+    return x
+
+
+def _check_routing(experts, correction_bias: TensorType | None, top_k: int, num_groups: int,
+                   topk_groups: int) -> None:
+    """The routing attributes fit ``experts`` experts (and the correction bias, if any)."""
     if correction_bias is not None and (correction_bias.rank != 1 or not dims_equal(correction_bias.shape[0], experts)):
         raise ShapeError(f"correction bias {correction_bias} is not [{experts}]")
     if not isinstance(experts, int) or not 1 <= top_k <= experts:
         raise ShapeError(f"top_k {top_k} must be between 1 and the number of experts, {experts}")
     if num_groups < 1 or experts % num_groups or not 1 <= topk_groups <= num_groups:
         raise ShapeError(f"{experts} experts do not split into {num_groups} groups of which {topk_groups} are kept")
-    return x
 
 
 def _moe_reference(x, router_logits, gate_up, down, correction_bias, top_k, scoring, normalize, scale, num_groups,
@@ -136,12 +142,7 @@ def _moe_route(router_logits: TensorType, correction_bias: TensorType | None, to
     if not router_logits.dtype.is_float or router_logits.rank != 2:
         raise ShapeError(f"router logits {router_logits} are not float [tokens, experts]")
     tokens, experts = router_logits.shape
-    if correction_bias is not None and (correction_bias.rank != 1 or not dims_equal(correction_bias.shape[0], experts)):
-        raise ShapeError(f"correction bias {correction_bias} is not [{experts}]")
-    if not isinstance(experts, int) or not 1 <= top_k <= experts:
-        raise ShapeError(f"top_k {top_k} must be between 1 and the number of experts, {experts}")
-    if num_groups < 1 or experts % num_groups or not 1 <= topk_groups <= num_groups:
-        raise ShapeError(f"{experts} experts do not split into {num_groups} groups of which {topk_groups} are kept")
+    _check_routing(experts, correction_bias, top_k, num_groups, topk_groups)
     return TensorType(dtypes.float32, (tokens, top_k)), TensorType(dtypes.int64, (tokens, top_k))
 
 
