@@ -54,7 +54,8 @@ def gemv_candidates(bits: int) -> list[QuantGemvConfig]:
     """The configurations build-time tuning times for codes of ``bits`` bits."""
     if bits == 8:
         return [QuantGemvConfig(block_n, block_k, 1, warps) for block_n, block_k in
-                ((4, 1024), (8, 512), (8, 1024), (16, 512), (16, 256), (32, 256)) for warps in (4, 8)]
+                ((4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 512), (16, 256), (32, 256))
+                for warps in (4, 8)]
     return [QuantGemvConfig(block_n, 0, groups, warps) for block_n, groups in
             ((4, 8), (4, 16), (8, 4), (8, 8), (8, 16), (16, 2), (16, 4), (16, 8), (32, 1), (32, 2))
             for warps in (4, 8)]
