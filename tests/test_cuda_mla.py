@@ -175,7 +175,8 @@ def test_the_cuda_target_builds_deepseek_and_its_kernels_give_the_reference_logi
 
 
 @GPU
-def test_gpu_deepseek_logits_and_greedy_tokens_with_cuda_graphs(deepseek_cuda):
+def test_gpu_deepseek_tuned_logits_and_greedy_tokens_with_cuda_graphs(deepseek_cuda):
+    assert set(deepseek_cuda.kernel_configs["paged_mla_attention"]) == {"decode", "decode_wide", "prefill"}
     fast = _logits_of_steps(deepseek_cuda, "cuda", cuda_kernels("cuda"))
     reference = _logits_of_steps(deepseek_cuda, "cpu", reference_kernels("cpu"))
     for got, want in zip(fast, reference):  # Triton's float32 dots round through TF32

@@ -58,7 +58,7 @@ class MlaPrefillConfig:
     block_q: int = 2
     block_h: int = 16
     block_n: int = 32
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
 
 
@@ -70,6 +70,23 @@ class MlaConfig:
     decode: MlaDecodeConfig = MlaDecodeConfig()
     decode_wide: MlaDecodeConfig = MlaDecodeConfig(num_splits=1)
     prefill: MlaPrefillConfig = MlaPrefillConfig()
+
+
+def mla_decode_configs(wide: bool) -> list[MlaDecodeConfig]:
+    """Candidate decode configurations for the tuner: for many sequences (``wide``, one
+    split each) or for few (splits chosen to fill the GPU)."""
+    if wide:
+        return [MlaDecodeConfig(block_h, block_n, 1, warps, stages) for block_h in (16, 32) for block_n in (16, 32)
+                for warps in (4, 8) for stages in (1, 2)]
+    return [MlaDecodeConfig(block_h, block_n, 0, warps) for block_h in (16, 32) for block_n in (16, 32, 64)
+            for warps in (4, 8)]
+
+
+def mla_prefill_configs() -> list[MlaPrefillConfig]:
+    """Candidate prefill configurations for the tuner: 16 to 64 rows of (token, head)."""
+    return [MlaPrefillConfig(block_q, block_h, block_n, warps) for block_q, block_h in ((1, 16), (2, 16), (4, 16),
+                                                                                      (2, 32))
+            for block_n in (32, 64) for warps in (4, 8)]
 
 
 @triton.jit(do_not_specialize=["tokens"])
