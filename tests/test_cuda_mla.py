@@ -75,6 +75,7 @@ def test_decode_splits_long_contexts_and_heads_in_blocks():
     check([1, 1], [70, 3], config=splits, scale=0.3)
     shape = {**SMALL, "heads": 20}  # two blocks of 16 heads, the second partly empty
     check([1, 1], [70, 3], shape=shape, config=splits, block_size=8)
+    check([1], [40], shape={**SMALL, "rank": 160}, config=splits)  # merged in two blocks of 128 features
     check([5, 1], [20, 9], shape=shape, config=mla.MlaConfig(prefill=mla.MlaPrefillConfig(block_q=1, block_n=16)))
 
 

@@ -113,6 +113,7 @@ def _queries(q_latent, q, tokens, heads, valid, r, e, stride_lh, stride_lt, stri
     """The absorbed queries ``[rows, rank]`` and their rotated parts ``[rows, rope]`` of the
     given (token, head) rows."""
     tokens = tokens.to(tl.int64)
+    heads = heads.to(tl.int64)
     latent_at = heads * stride_lh + tokens * stride_lt
     rope_at = tokens * stride_qt + heads * stride_qh + NOPE
     q_lat = tl.load(q_latent + latent_at[:, None] + r[None, :], mask=valid[:, None] & (r < RANK)[None, :], other=0.0)
@@ -134,7 +135,7 @@ def _attend_tile(cache, table_row, pos, valid, allowed, q_lat, q_pe, m, l, acc, 
     return _online_softmax(s, m, l, acc, latents)
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_lt", "stride_bt", "stride_ps", "stride_ph", "stride_pk"])
+@triton.jit(do_not_specialize=["num_splits", "stride_lh", "stride_bt", "stride_ps", "stride_ph", "stride_pk"])
 def _decode_kernel(q_latent, q, cache, query_start, context_lens, block_tables, part_out, part_lse, scale_log2,
                    num_splits, stride_lh, stride_lt, stride_qt, stride_qh, stride_cb, stride_ct, stride_bt,
                    stride_ps, stride_ph, stride_pk,
@@ -164,7 +165,7 @@ def _decode_kernel(q_latent, q, cache, query_start, context_lens, block_tables, 
         m, l, acc = _attend_tile(cache, table_row, pos, valid, valid[None, :], q_lat, q_pe, m, l, acc, r, e,
                                  scale_log2, stride_cb, stride_ct, RANK, ROPE, BLOCK_SIZE)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    rows = seq.to(tl.int64) * stride_ps + heads * stride_ph + split * stride_pk
+    rows = seq.to(tl.int64) * stride_ps + heads.to(tl.int64) * stride_ph + split * stride_pk
     if not DIRECT:  # one split writes the output itself; several leave partial results to merge
         lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
         tl.store(part_lse + (seq.to(tl.int64) * HEADS + heads) * num_splits + split, lse, mask=head_valid)
@@ -172,7 +173,7 @@ def _decode_kernel(q_latent, q, cache, query_start, context_lens, block_tables, 
              mask=head_valid[:, None] & (r < RANK)[None, :])
 
 
-@triton.jit(do_not_specialize=["num_seqs", "stride_lt", "stride_bt", "stride_ot"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_lh", "stride_bt", "stride_oh"])
 def _prefill_kernel(q_latent, q, cache, query_start, context_lens, block_tables, out, scale_log2, num_seqs,
                     stride_lh, stride_lt, stride_qt, stride_qh, stride_cb, stride_ct, stride_bt, stride_oh, stride_ot,
                     HEADS: tl.constexpr, NOPE: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
@@ -288,8 +289,10 @@ def _decode(args: tuple, o_latent: torch.Tensor, scale_log2: float, strides: tup
     part_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2))
     _decode_kernel[(num_seqs, head_blocks, splits)](*args, part_out, part_lse, scale_log2, splits, *strides,
                                                     *part_strides, DIRECT=False, **launch)
-    _merge_kernel[(num_seqs, heads)](part_out, part_lse, o_latent, args[3], splits, heads, *part_strides,
-                                     *out_strides, D=dims["RANK"], D_PAD=dims["RANK_PAD"], SPLITS_PAD=_pow2(splits))
+    block_d = min(128, dims["RANK_PAD"])  # the merge holds splits x block_d partial results
+    _merge_kernel[(num_seqs, heads, triton.cdiv(dims["RANK"], block_d))](
+        part_out, part_lse, o_latent, args[3], splits, heads, *part_strides, *out_strides, D=dims["RANK"],
+        BLOCK_D=block_d, SPLITS_PAD=_pow2(splits))
 
 
 def _heads_per_program(cfg: MlaDecodeConfig, heads: int) -> int:
