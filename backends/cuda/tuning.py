@@ -6,9 +6,10 @@ are tuned, the ones whose best parameters depend on the GPU and the model's head
 decode of one sequence with a long context, decode of a full batch, prefill of one long
 prompt, each candidate timed with ``triton.testing.do_bench`` (which clears the L2 cache
 before each run). So is ``linear`` at one row (batch-1 decode): for each weight shape, the
-Triton GEMV's candidates against cuBLAS; the GEMV is kept only where it wins. The quantized linears' GEMVs are tuned per weight shape the
-same way, over random operands of the layer's own layout. The norm, activation and
-rotary kernels choose their parameters per shape at run time.
+Triton GEMV's candidates against cuBLAS; the GEMV is kept only where it wins. The
+quantized linears' GEMVs are tuned per weight shape the same way, over random operands of
+the layer's own layout. The norm, activation and rotary kernels choose their parameters
+per shape at run time.
 """
 
 from __future__ import annotations
