@@ -43,6 +43,7 @@ for part in "$@"; do
                --out "$OUT/quant-kv.json" 2>&1 | grep -E '"pass": 2|Error' | cut -c1-400;;
     moe-layers) python3 bench/moe_layers.py ${MOE_ARGS:-} --out "$OUT/moe-layers.json" 2>&1 \
                | grep -E '"comparison"|"build"|Error' | cut -c1-600;;
+    mla-kernels) python3 bench/mla_kernels.py --out "$OUT/mla-kernels.json" 2>&1 | cut -c1-600;;
     kernels) python3 bench/quantized_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | cut -c1-600;;
     *) echo "unknown part $part";;
   esac

@@ -59,7 +59,7 @@ def _attention_config(node: Node, limits: EngineLimits) -> AttentionConfig:
     shape = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=q.dtype.torch_dtype)
 
     def run_with(cached: list[int], query_lens: list[int]):
-        args = _random_step(cached, query_lens, **shape)
+        args = random_step(cached, query_lens, **shape)
         return lambda config: paged_attention(*args, **attrs, config=config)
 
     candidates = (decode_configs(wide=False), decode_configs(wide=True), prefill_configs(heads // kv_heads))
@@ -70,14 +70,10 @@ def _mla_config(node: Node, limits: EngineLimits) -> MlaConfig:
     """The fastest latent-attention configurations for ``node``'s heads and latent width."""
     q, latent, k_rope = (v.type for v in node.inputs[:3])
     heads, query_dim, rank, rope = int(q.shape[1]), int(q.shape[2]), int(latent.shape[2]), int(k_rope.shape[2])
-    dtype, scale = q.dtype.torch_dtype, node.attrs.get("scale")
-    kv_b = torch.randn(tuple(int(d) for d in node.inputs[3].type.shape), dtype=dtype, device="cuda") / rank ** 0.5
+    dtype, scale, kv_b_rows = q.dtype.torch_dtype, node.attrs.get("scale"), int(node.inputs[3].type.shape[0])
 
     def run_with(cached: list[int], query_lens: list[int]):
-        _, rows, _, cache, _, *meta = _random_step(cached, query_lens, heads=1, kv_heads=1, head_dim=rank + rope,
-                                                   dtype=dtype)
-        queries = torch.randn(rows.shape[0], heads, query_dim, dtype=dtype, device="cuda")
-        args = (queries, rows[..., :rank], rows[..., rank:], kv_b, cache, *meta)
+        args = random_mla_step(cached, query_lens, heads, query_dim, rank, rope, kv_b_rows, dtype)
         return lambda config: paged_mla_attention(*args, scale=scale, config=config)
 
     wide = mla_decode_configs(wide=True)
@@ -199,10 +195,11 @@ def _fastest(candidates: list, run) -> Any:
     return best
 
 
-def _random_step(cached: list[int], query_lens: list[int], heads: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype) -> tuple:
-    """A step of random queries over random caches: sequence s holds ``cached[s]`` tokens
-    and brings ``query_lens[s]``, in consecutive blocks."""
+def random_step(cached: list[int], query_lens: list[int], heads: int, kv_heads: int, head_dim: int,
+                dtype: torch.dtype, device: str = "cuda") -> tuple:
+    """``paged_attention``'s operands for a step of random queries over random caches:
+    sequence s holds ``cached[s]`` tokens and brings ``query_lens[s]``, in consecutive
+    blocks of 16."""
     lengths = [c + n for c, n in zip(cached, query_lens)]
     per_seq = [-(-n // _BLOCK_SIZE) for n in lengths]
     starts = [sum(per_seq[:i]) for i in range(len(per_seq))]
@@ -213,9 +210,20 @@ def _random_step(cached: list[int], query_lens: list[int], heads: int, kv_heads:
     cache_shape = (sum(per_seq) + max(per_seq), _BLOCK_SIZE, kv_heads, head_dim)
 
     def rand(*s):
-        return torch.randn(s, dtype=dtype, device="cuda")
+        return torch.randn(s, dtype=dtype, device=device)
 
     query_start = torch.tensor([0] + [sum(query_lens[:i + 1]) for i in range(len(query_lens))], dtype=torch.int32)
     return (rand(tokens, heads, head_dim), rand(tokens, kv_heads, head_dim), rand(tokens, kv_heads, head_dim),
-            rand(*cache_shape), rand(*cache_shape), torch.tensor(slots, device="cuda"), query_start.cuda(),
-            torch.tensor(lengths, dtype=torch.int32, device="cuda"), tables.cuda())
+            rand(*cache_shape), rand(*cache_shape), torch.tensor(slots, device=device), query_start.to(device),
+            torch.tensor(lengths, dtype=torch.int32, device=device), tables.to(device))
+
+
+def random_mla_step(cached: list[int], query_lens: list[int], heads: int, query_dim: int, rank: int, rope: int,
+                    kv_b_rows: int, dtype: torch.dtype, device: str = "cuda") -> tuple:
+    """``paged_mla_attention``'s operands for a step of random queries ``[tokens, heads,
+    query_dim]`` over a random latent cache of width ``rank + rope``, laid out as
+    ``random_step`` lays out its caches, with a random ``kv_b [kv_b_rows, rank]``."""
+    _, rows, _, cache, _, *meta = random_step(cached, query_lens, 1, 1, rank + rope, dtype, device)
+    queries = torch.randn(rows.shape[0], heads, query_dim, dtype=dtype, device=device)
+    kv_b = torch.randn(kv_b_rows, rank, dtype=dtype, device=device) / rank ** 0.5
+    return (queries, rows[..., :rank], rows[..., rank:], kv_b, cache, *meta)
