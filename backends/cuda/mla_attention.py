@@ -76,9 +76,9 @@ def mla_decode_configs(wide: bool) -> list[MlaDecodeConfig]:
     """Candidate decode configurations for the tuner: for many sequences (``wide``, one
     split each) or for few (splits chosen to fill the GPU)."""
     if wide:
-        return [MlaDecodeConfig(block_h, block_n, 1, warps, stages) for block_h in (16, 32) for block_n in (16, 32)
+        return [MlaDecodeConfig(block_h, block_n, 1, warps, stages) for block_h in (16, 32, 64) for block_n in (16, 32)
                 for warps in (4, 8) for stages in (1, 2)]
-    return [MlaDecodeConfig(block_h, block_n, 0, warps) for block_h in (16, 32) for block_n in (16, 32, 64)
+    return [MlaDecodeConfig(block_h, block_n, 0, warps) for block_h in (16, 32, 64) for block_n in (16, 32, 64)
             for warps in (4, 8)]
 
 
