@@ -76,6 +76,8 @@ def test_decode_splits_long_contexts_and_heads_in_blocks():
     shape = {**SMALL, "heads": 20}  # two blocks of 16 heads, the second partly empty
     check([1, 1], [70, 3], shape=shape, config=splits, block_size=8)
     check([1], [40], shape={**SMALL, "rank": 160}, config=splits)  # merged in two blocks of 128 features
+    wide_blocks = mla.MlaConfig(decode=mla.MlaDecodeConfig(block_h=64, block_n=16, num_splits=2))
+    check([1, 1], [30, 7], shape=shape, config=wide_blocks)  # one block of 32 heads (20 of them real)
     check([5, 1], [20, 9], shape=shape, config=mla.MlaConfig(prefill=mla.MlaPrefillConfig(block_q=1, block_n=16)))
 
 
