@@ -155,17 +155,18 @@ def deepseek_cuda(tmp_path_factory):
 
 def _logits_of_steps(engine, device: str, kernels) -> list[torch.Tensor]:
     """The logits of a mixed step (a prefill, a prefill over blocks out of order, a short
-    prompt) and two greedy decode steps after it, block size 4."""
+    prompt) and two decode steps after it (of given tokens, so that every run sees the
+    same inputs), block size 4."""
     step = load_executor(engine.executor_source, "executor.py", engine.weights(device), kernels)
     caches = engine.cache_spec.allocate(16, 4, device)
     state = [SequenceStep([5, 9, 13, 200, 7, 1, 2, 3, 4, 5, 6], 0, [3, 0, 9, 12]), SequenceStep([33, 34], 0, [7]),
              SequenceStep([100, 7, 7, 1000, 9], 0, [1, 10])]
     logits = []
-    for _ in range(3):
+    for decoded in ([40, 41, 42], [50, 51, 52], None):
         inputs = {k: v.to(device) for k, v in step_inputs(state, 4).items()}
         logits.append(step(**inputs, **caches)[0].float().cpu())
-        tokens = logits[-1].argmax(-1).tolist()
-        state = [SequenceStep([t], s.cached + len(s.token_ids), s.blocks) for s, t in zip(state, tokens)]
+        if decoded:
+            state = [SequenceStep([t], s.cached + len(s.token_ids), s.blocks) for s, t in zip(state, decoded)]
     return logits
 
 
