@@ -12,9 +12,10 @@ Three kernels:
 - **write**: the step's latents and rotated keys into the cache at ``slot_mapping`` (a
   negative slot writes nothing). It runs before the attention, which then reads every key,
   the step's own too, from the cache.
-- **decode** (every sequence brings one token): a program per (sequence, block of
-  ``block_h`` query heads, split of the context) walks the context's latent rows once for
-  all the heads of its block, scoring ``q_latent . latent + q_rope . k_rope``; with
+- **decode** (every sequence brings one token): a program per (block of ``block_h``
+  query heads, sequence, split of the context; the head blocks of a sequence launched side
+  by side, so that they share its rows in L2) walks the context's latent rows once for all
+  the heads of its block, scoring ``q_latent . latent + q_rope . k_rope``; with
   DeepSeek-V3's 128 heads a row is read by ``128 / block_h`` programs (one tile of 16 heads
   x 512 features in float32 is what a program's registers hold). Long contexts of few
   sequences are split to fill the GPU and merged by log-sum-exp with the paged attention's
@@ -142,14 +143,14 @@ def _decode_kernel(q_latent, q, cache, query_start, context_lens, block_tables, 
                    HEADS: tl.constexpr, NOPE: tl.constexpr, RANK: tl.constexpr, RANK_PAD: tl.constexpr,
                    ROPE: tl.constexpr, ROPE_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, DIRECT: tl.constexpr):
-    seq = tl.program_id(0)  # decode sequence s has token s
+    seq = tl.program_id(1)  # decode sequence s has token s
     split = tl.program_id(2)
     token = tl.load(query_start + seq)
     length = tl.load(context_lens + seq)
     chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_valid = heads < HEADS
     r = tl.arange(0, RANK_PAD)
     e = tl.arange(0, ROPE_PAD)
@@ -248,7 +249,7 @@ def paged_mla_attention(q: torch.Tensor, latent: torch.Tensor, k_rope: torch.Ten
             cfg = config.prefill
             block_h = min(cfg.block_h, _pow2(heads))
             block_q = max(cfg.block_q, 16 // block_h)  # tl.dot needs 16 rows
-            grid = (tokens // block_q + num_seqs, triton.cdiv(heads, block_h))
+            grid = (tokens // block_q + num_seqs, triton.cdiv(heads, block_h))  # query blocks: grid axis 0, unbounded
             _prefill_kernel[grid](*args, o_latent, scale_log2, num_seqs, *strides, o_latent.stride(0),
                                   o_latent.stride(1), BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dims)
@@ -281,13 +282,13 @@ def _decode(args: tuple, o_latent: torch.Tensor, scale_log2: float, strides: tup
     launch = dict(BLOCK_H=block_h, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dims)
     out_strides = (o_latent.stride(1), o_latent.stride(0))  # token, head
     if splits == 1:
-        _decode_kernel[(num_seqs, head_blocks, 1)](*args, o_latent, o_latent, scale_log2, 1, *strides, *out_strides,
+        _decode_kernel[(head_blocks, num_seqs, 1)](*args, o_latent, o_latent, scale_log2, 1, *strides, *out_strides,
                                                    0, DIRECT=True, **launch)
         return
     part_out = torch.empty((num_seqs, heads, splits, dims["RANK_PAD"]), dtype=torch.float32, device=o_latent.device)
     part_lse = torch.empty((num_seqs, heads, splits), dtype=torch.float32, device=o_latent.device)
     part_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2))
-    _decode_kernel[(num_seqs, head_blocks, splits)](*args, part_out, part_lse, scale_log2, splits, *strides,
+    _decode_kernel[(head_blocks, num_seqs, splits)](*args, part_out, part_lse, scale_log2, splits, *strides,
                                                     *part_strides, DIRECT=False, **launch)
     block_d = min(128, dims["RANK_PAD"])  # the merge holds splits x block_d partial results
     _merge_kernel[(num_seqs, heads, triton.cdiv(dims["RANK"], block_d))](
