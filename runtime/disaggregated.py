@@ -237,12 +237,13 @@ class PrefillWorkers:
         if self._closed or not dist.is_initialized():
             return
         self._closed = True
+        alive = all(p.poll() is None for p in self.processes)  # else the survivors are stuck or failing: killed
         try:
-            if all(p.poll() is None for p in self.processes):
+            if alive:
                 for worker in range(1, len(self.processes) + 1):
                     dist.send(torch.tensor([-1, 0, 0], dtype=torch.int64), worker, tag=REQUEST_TAG)
         finally:
-            stop_workers(self.processes, self._scratch)
+            stop_workers(self.processes, self._scratch, 10.0 if alive else 0.0)
 
 
 class DisaggregatedScheduler(Scheduler):

@@ -222,13 +222,17 @@ def spawn_workers(engine: Engine, world_size: int, module: str,
     return str(directory), processes, scratch
 
 
-def stop_workers(processes: list[subprocess.Popen], scratch: tempfile.TemporaryDirectory | None) -> None:
-    """Wait for the workers to exit (killing those that do not within 10 s), and leave the group."""
+def stop_workers(processes: list[subprocess.Popen], scratch: tempfile.TemporaryDirectory | None,
+                 grace_s: float = 10.0) -> None:
+    """Wait for the workers to exit (killing those that do not within ``grace_s``: 0 when
+    they were not told to stop, as when one has died and the others cannot run a step), and
+    leave the group."""
     for p in processes:
         try:
-            p.wait(timeout=10)
+            p.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
     if processes:
         dist.destroy_process_group()
     if scratch is not None:
@@ -315,11 +319,12 @@ class WorkerGroup:
         if self._closed or not dist.is_initialized():
             return
         self._closed = True
+        alive = all(p.poll() is None for p in self.processes)  # else the survivors are stuck or failing: killed
         try:
-            if all(p.poll() is None for p in self.processes):
+            if alive:
                 broadcast_command(STOP, self.device)
         finally:
-            stop_workers(self.processes, self._scratch)
+            stop_workers(self.processes, self._scratch, 10.0 if alive else 0.0)
 
 
 if __name__ == "__main__":
