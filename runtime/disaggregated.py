@@ -16,8 +16,11 @@ samples the first token, on rank 0, as for any sequence. The worker also reports
 prefill time and how long the transfers ran past it (``PrefillStats``: the fraction of
 the transfer hidden behind compute).
 
-Prefix caching is off in this mode (a block that rank 0 filled by decoding is not in the
-workers' caches), and a sequence that is preempted is prefilled again by a worker.
+Prefix caching works as in one process on rank 0: a prompt's cached prefix blocks are
+neither computed nor sent. ``prefill_cache.WorkerHoldings`` picks the worker whose cache
+holds most of that prefix and the token the worker starts from; the worker sends only the
+blocks after rank 0's prefix. A sequence that is preempted is prefilled again by a worker
+(from its cached prefix, like any other).
 """
 
 from __future__ import annotations
@@ -36,22 +39,28 @@ from .block_manager import BlockManager
 from .distributed import TIMEOUT_S, failure, receive_from_rank0, run_worker, spawn_workers, stop_workers
 from .engine import Engine, load_engine
 from .executor import load_executor
+from .prefill_cache import WorkerHoldings
 from .scheduler import Scheduled, Scheduler
 from .sequence import Sequence, Status
 
 REQUEST_TAG = 1 << 24  # a request's header and tokens; a request's KV messages are tagged below it
+HEADER = 5  # a request's header: tokens, blocks, KV tag, first token's position, first block sent (tokens -1: stop)
 _REQUESTS_IN_TAGS = 4096  # request numbers that the KV tags tell apart (far more than can be in flight)
 
 
 @dataclass(frozen=True)
 class PrefillStats:
     """The prefills so far: the workers' compute time, the time from each request's first
-    KV send to its last send's completion, and the part of it after the compute ended."""
+    KV send to its last send's completion, and the part of it after the compute ended; the
+    KV blocks sent to rank 0 (those its prefix cache lacked) and the prompt tokens the
+    workers computed."""
 
     requests: int
     prefill_s: float
     transfer_s: float
     exposed_s: float
+    blocks: int = 0
+    tokens: int = 0
 
     @property
     def hidden(self) -> float:
@@ -127,9 +136,9 @@ def serve_prefill(directory: str, rank: int, device: torch.device) -> None:
     limit = engine.info.max_num_tokens
     with torch.inference_mode():
         while True:
-            header = torch.empty(3, dtype=torch.int64)
+            header = torch.empty(HEADER, dtype=torch.int64)
             receive_from_rank0(header, REQUEST_TAG)
-            count, num_blocks, base = header.tolist()
+            count, num_blocks, base, position, first_block = header.tolist()
             if count < 0:
                 return
             payload = torch.empty(count + num_blocks, dtype=torch.int64)
@@ -139,8 +148,8 @@ def serve_prefill(directory: str, rank: int, device: torch.device) -> None:
             for first in range(0, count, limit):
                 chunk = tokens[first:first + limit]
                 if first + len(chunk) == count:
-                    sender.arm(blocks, base)
-                step(**step_inputs([SequenceStep(chunk, first, blocks.tolist())], block_size), **caches)
+                    sender.arm(blocks[first_block:], base)
+                step(**step_inputs([SequenceStep(chunk, position + first, blocks.tolist())], block_size), **caches)
             computed = time.perf_counter()
             sent, done = sender.finish()
             times = torch.tensor([computed - start, done - sent, max(0.0, done - computed)], dtype=torch.float64)
@@ -149,25 +158,30 @@ def serve_prefill(directory: str, rank: int, device: torch.device) -> None:
 
 @dataclass
 class Transfer:
-    """A sequence being prefilled by a worker: its blocks, the tensors its KV and timings
-    arrive in, and the sends and receives in flight."""
+    """A sequence being prefilled by a worker: the blocks it sends, the tensors their KV
+    and the timings arrive in, the sends and receives in flight, and the prompt tokens the
+    worker computes."""
 
     seq: Sequence
     blocks: torch.Tensor
     staging: list[torch.Tensor]
     times: torch.Tensor
     works: list
+    tokens: int
 
 
 class PrefillWorkers:
-    """Rank 0's side: the prefill worker processes and the transfers to rank 0's ``caches``."""
+    """Rank 0's side: the prefill worker processes, what their caches hold
+    (``holdings``), and the transfers to rank 0's ``caches``."""
 
-    def __init__(self, processes: list, scratch, caches: dict[str, torch.Tensor]):
+    def __init__(self, processes: list, scratch, caches: dict[str, torch.Tensor], holdings: WorkerHoldings):
         self.processes = processes
         self._scratch = scratch
         self.caches = list(caches.values())
+        self.holdings = holdings
         self._requests = 0
-        self._totals = [0, 0.0, 0.0, 0.0]
+        self._times = [0.0, 0.0, 0.0]  # prefill, transfer and exposed seconds of the landed requests
+        self._counts = [0, 0, 0]  # their requests, blocks and tokens
         self._closed = False
 
     @classmethod
@@ -177,28 +191,31 @@ class PrefillWorkers:
         if count < 1:
             raise ValueError(f"disaggregated serving needs at least one prefill worker, got {count}")
         processes, scratch = spawn_workers(engine, count + 1, "kiln.runtime.disaggregated", timeout_s)[1:]
-        workers = cls(processes, scratch, caches)
+        workers = cls(processes, scratch, caches, WorkerHoldings(count, block_size))
         workers._guard(lambda: _layout(num_blocks, block_size))
         return workers
 
     def dispatch(self, seq: Sequence) -> Transfer:
-        """Send all of ``seq``'s tokens but the last to a worker (round robin), and post
-        the receives of its KV blocks."""
-        worker = 1 + self._requests % len(self.processes)
+        """Send ``seq``'s tokens but the last, after what the chosen worker's cache holds
+        (``WorkerHoldings.plan``), to that worker, and post the receives of the KV blocks
+        that rank 0's prefix cache lacks."""
+        plan = self.holdings.plan(seq)
+        worker = 1 + plan.worker
         base = (self._requests % _REQUESTS_IN_TAGS) * (len(self.caches) + 1)
         self._requests += 1
-        tokens = seq.tokens[:seq.num_tokens - 1]
-        blocks = torch.tensor(seq.block_table, dtype=torch.int64)
-        header = torch.tensor([len(tokens), len(blocks), base], dtype=torch.int64)
+        tokens = seq.tokens[plan.start:seq.num_tokens - 1]
+        table = torch.tensor(seq.block_table, dtype=torch.int64)
+        header = torch.tensor([len(tokens), len(table), base, plan.start, plan.first_block], dtype=torch.int64)
+        blocks = table[plan.first_block:]
 
         def post() -> Transfer:
             works = [dist.isend(header, worker, tag=REQUEST_TAG),
-                     dist.isend(torch.cat([torch.tensor(tokens, dtype=torch.int64), blocks]), worker,
+                     dist.isend(torch.cat([torch.tensor(tokens, dtype=torch.int64), table]), worker,
                                 tag=REQUEST_TAG + 1)]
             staging = [torch.empty((len(blocks), *c.shape[1:]), dtype=c.dtype) for c in self.caches]
             times = torch.empty(3, dtype=torch.float64)
             works += [dist.irecv(t, worker, tag=base + i) for i, t in enumerate([*staging, times])]
-            return Transfer(seq, blocks, staging, times, works)
+            return Transfer(seq, blocks, staging, times, works, len(tokens))
 
         return self._guard(post)
 
@@ -211,7 +228,8 @@ class PrefillWorkers:
         self.wait(transfer)
         for cache, blocks in zip(self.caches, transfer.staging):
             cache.index_copy_(0, transfer.blocks.to(cache.device), blocks.to(cache.device))
-        self._totals = [self._totals[0] + 1, *(a + float(b) for a, b in zip(self._totals[1:], transfer.times))]
+        self._times = [a + float(b) for a, b in zip(self._times, transfer.times)]
+        self._counts = [a + b for a, b in zip(self._counts, (1, len(transfer.blocks), transfer.tokens))]
 
     def wait(self, transfer: Transfer) -> None:
         """Wait for ``transfer``'s sends and receives (each once: a gloo receive waited
@@ -224,7 +242,8 @@ class PrefillWorkers:
 
     def stats(self) -> PrefillStats:
         """The prefills landed so far."""
-        return PrefillStats(*self._totals)
+        requests, blocks, tokens = self._counts
+        return PrefillStats(requests, *self._times, blocks, tokens)
 
     def _guard(self, fn):
         try:
@@ -241,7 +260,7 @@ class PrefillWorkers:
         try:
             if alive:
                 for worker in range(1, len(self.processes) + 1):
-                    dist.send(torch.tensor([-1, 0, 0], dtype=torch.int64), worker, tag=REQUEST_TAG)
+                    dist.send(torch.tensor([-1] + [0] * (HEADER - 1)), worker, tag=REQUEST_TAG)
         finally:
             stop_workers(self.processes, self._scratch, 10.0 if alive else 0.0)
 
@@ -285,8 +304,8 @@ class DisaggregatedScheduler(Scheduler):
             self.waiting.popleft()
             self.blocks.allocate(seq)
             seq.status = Status.RUNNING
-            if seq.num_tokens == 1:
-                self.running.append(seq)  # nothing to prefill
+            if seq.num_cached == seq.num_tokens - 1:
+                self.running.append(seq)  # nothing to prefill: one token, or all but the last cached
             else:
                 self.prefilling.append(self.workers.dispatch(seq))
 

@@ -112,9 +112,8 @@ class LLMEngine:
             self.runner.warm_up(self.max_num_tokens, info.max_seq_len)
         if config.cuda_graphs == "all":
             self.runner.capture_all()
-        self.prefill = None  # the prefill workers of disaggregated serving (which turns prefix caching off)
-        self.blocks = BlockManager(num_blocks, self.block_size,
-                                   config.prefix_caching and not spec.linear and not config.prefill_workers)
+        self.prefill = None  # the prefill workers of disaggregated serving
+        self.blocks = BlockManager(num_blocks, self.block_size, config.prefix_caching and not spec.linear)
         self.scheduler = Scheduler(self.blocks, self.max_num_seqs, self.max_num_tokens)
         if config.prefill_workers:
             from .disaggregated import DisaggregatedScheduler, PrefillWorkers
