@@ -1,8 +1,13 @@
 """Disaggregated prefill and decode: prompts computed by prefill workers, their KV cache
 sent to the serving process layer by layer while the rest of the prompt computes.
 
-Rank 0 serves (scheduler, sampler, decode steps, its KV cache); ranks 1.. are prefill
-workers, each with the whole model and a KV cache of the same blocks. When the
+Rank 0 serves (scheduler, sampler, decode steps, its KV cache); the prefill workers'
+ranks follow the decode ranks, each worker with the whole model and a KV cache of the
+same blocks. An engine of ``tp`` tensor-parallel ranks (``pp`` = 1) is served by ``tp``
+decode ranks (a ``WorkerGroup``) and prefill workers of ``tp`` ranks each: prefill rank
+``r`` of a worker holds the same heads as decode rank ``r`` and sends its blocks there,
+and rank 0 tells the other decode ranks when to post their receives and when to copy the
+blocks in (``kv_transfer.BlockReceiver``, over the ``KV`` command). When the
 ``DisaggregatedScheduler`` admits a waiting sequence it allocates the sequence's blocks
 on rank 0 and sends a prefill worker all of its tokens but the last, with those block
 numbers (``PrefillWorkers.dispatch``). The worker runs the prompt (in chunks of the
@@ -27,7 +32,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +40,14 @@ import torch.distributed as dist
 from ..backends import kernels_for
 from .batch import SequenceStep, step_inputs
 from .block_manager import BlockManager
-from .distributed import TIMEOUT_S, failure, receive_from_rank0, run_worker, spawn_workers, stop_workers
+from .distributed import (TIMEOUT_S, WorkerError, WorkerGroup, collective_kernels, disaggregated_groups, failure,
+                          run_worker, serve_rank, spawn_workers, stop_workers)
 from .engine import Engine, load_engine
+from .engine_files import read_manifest
 from .executor import load_executor
+from .kv_transfer import DROP, LAND, POST, BlockReceiver, LayerSender
 from .prefill_cache import WorkerHoldings
+from .rank_commands import cache_layout, receive_from_rank0
 from .scheduler import Scheduled, Scheduler
 from .sequence import Sequence, Status
 
@@ -68,70 +76,20 @@ class PrefillStats:
         return 1.0 - self.exposed_s / self.transfer_s if self.transfer_s else 0.0
 
 
-class LayerSender:
-    """A prefill worker's sends of one request's KV blocks to rank 0: each cache as soon
-    as the kernel that writes it returns it (``wrap``), the rest at the end (``finish``)."""
-
-    def __init__(self, caches: dict[str, torch.Tensor]):
-        self.caches = list(caches.values())
-        self._index = {id(t): i for i, t in enumerate(self.caches)}
-        self._request: tuple[torch.Tensor, int] | None = None
-        self._works: list = []
-        self._sent: set[int] = set()
-        self._first: float | None = None
-
-    def arm(self, blocks: torch.Tensor, base_tag: int) -> None:
-        """Send the caches that the next kernels write: ``blocks`` of each, tagged from ``base_tag``."""
-        self._request = (blocks, base_tag)
-
-    def wrap(self, kernel: Callable) -> Callable:
-        """``kernel``, followed by the send of each armed cache among its results."""
-        def call(*args, **kwargs):
-            out = kernel(*args, **kwargs)
-            if self._request is not None:
-                for result in out if isinstance(out, tuple) else (out,):
-                    if id(result) in self._index:
-                        self._send(self._index[id(result)])
-            return out
-
-        return call
-
-    def _send(self, index: int) -> None:
-        if index in self._sent:
-            return
-        blocks, base = self._request
-        self._first = self._first or time.perf_counter()
-        self._sent.add(index)
-        self._works.append(dist.isend(self.caches[index].index_select(0, blocks), 0, tag=base + index))
-
-    def finish(self) -> tuple[float, float]:
-        """Send the caches not sent yet (a backend whose kernels write caches out of
-        place), wait for every send; (when the first send started, when the last ended)."""
-        for index in range(len(self.caches)):
-            self._send(index)
-        for work in self._works:
-            work.wait()
-        first, done = self._first, time.perf_counter()
-        self._request, self._works, self._sent, self._first = None, [], set(), None
-        return first, done
-
-
-def _layout(num_blocks: int, block_size: int) -> tuple[int, int]:
-    layout = torch.tensor([num_blocks, block_size], dtype=torch.int64)
-    dist.broadcast(layout, 0)
-    return int(layout[0]), int(layout[1])
-
-
-def serve_prefill(directory: str, rank: int, device: torch.device) -> None:
-    """A prefill worker's loop: prefill each request rank 0 sends, sending each layer's KV
-    blocks as soon as the layer is done, until rank 0 says stop."""
-    engine = load_engine(directory)
-    num_blocks, block_size = _layout(0, 0)
+def serve_prefill(directory: str, rank: int, device: torch.device, tp: int = 1,
+                  group: dist.ProcessGroup | None = None) -> None:
+    """A prefill rank's loop: prefill each request rank 0 sends, sending each layer's KV
+    blocks to the decode rank of its tensor-parallel rank as soon as the layer is done,
+    until rank 0 says stop. Its worker's ``tp`` ranks run their collectives on ``group``."""
+    tp_rank = rank % tp
+    engine = load_engine(directory, rank=tp_rank)
+    num_blocks, block_size = cache_layout(0, 0, device)
     caches = engine.cache_spec.allocate(num_blocks, block_size, device)
-    sender = LayerSender(caches)
+    sender = LayerSender(caches, target=tp_rank)
     writers = {v.producer.op for v in engine.graph.outputs[1:] if v.producer is not None}  # the caches' writers
     kernels = kernels_for(engine.info.backend, engine.info.target, engine.info.tuned_on, device, engine.kernel_configs)
     kernels = {op: sender.wrap(kernel) if op in writers else kernel for op, kernel in kernels.items()}
+    kernels.update(collective_kernels(tp, group))
     step = load_executor(engine.executor_source, "executor.py", engine.weights(device), kernels)
     limit = engine.info.max_num_tokens
     with torch.inference_mode():
@@ -152,33 +110,53 @@ def serve_prefill(directory: str, rank: int, device: torch.device) -> None:
                 step(**step_inputs([SequenceStep(chunk, position + first, blocks.tolist())], block_size), **caches)
             computed = time.perf_counter()
             sent, done = sender.finish()
-            times = torch.tensor([computed - start, done - sent, max(0.0, done - computed)], dtype=torch.float64)
-            dist.send(times, 0, tag=base + len(caches))
+            if tp_rank == 0:  # the worker's first rank reports its times
+                times = torch.tensor([computed - start, done - sent, max(0.0, done - computed)], dtype=torch.float64)
+                dist.send(times, 0, tag=base + len(caches))
+
+
+def serve_disaggregated(directory: str, rank: int, device: torch.device) -> None:
+    """A spawned rank of disaggregated serving over an engine of ``tp`` ranks: decode ranks
+    1..tp-1 serve rank 0's steps and receive their KV blocks (``serve_rank``), the ranks
+    after them prefill, ``tp`` to a worker (``serve_prefill``)."""
+    tp = read_manifest(directory).get("tp", 1)
+    groups = disaggregated_groups(tp, dist.get_world_size() // tp - 1)
+    if rank < tp:
+        serve_rank(directory, rank, device, groups[0])
+    else:
+        serve_prefill(directory, rank, device, tp, groups[rank // tp])
 
 
 @dataclass
 class Transfer:
-    """A sequence being prefilled by a worker: the blocks it sends, the tensors their KV
-    and the timings arrive in, the sends and receives in flight, and the prompt tokens the
-    worker computes."""
+    """A sequence being prefilled by a worker: the base tag of its messages, how many
+    blocks it sends, the tensor its timings arrive in, the messages in flight besides its
+    blocks (``BlockReceiver``'s), and the prompt tokens the worker computes."""
 
     seq: Sequence
-    blocks: torch.Tensor
-    staging: list[torch.Tensor]
+    base: int
+    blocks: int
     times: torch.Tensor
     works: list
     tokens: int
 
 
 class PrefillWorkers:
-    """Rank 0's side: the prefill worker processes, what their caches hold
-    (``holdings``), and the transfers to rank 0's ``caches``."""
+    """Rank 0's side: the prefill workers (``tp`` ranks each, after the ``tp`` decode
+    ranks), what their caches hold (``holdings``), and the transfers into rank 0's
+    ``caches``; the other decode ranks (``decode``, when ``tp`` > 1) hear of each transfer
+    and receive their share of its blocks. ``processes`` are those of ranks 1..; the
+    workers own them (and the process group) unless ``decode`` does."""
 
-    def __init__(self, processes: list, scratch, caches: dict[str, torch.Tensor], holdings: WorkerHoldings):
+    def __init__(self, processes: list, caches: dict[str, torch.Tensor], holdings: WorkerHoldings, tp: int = 1,
+                 decode: WorkerGroup | None = None, scratch=None):
         self.processes = processes
-        self._scratch = scratch
-        self.caches = list(caches.values())
+        self.receiver = BlockReceiver(caches)
         self.holdings = holdings
+        self.tp = tp
+        self.decode = decode
+        self._scratch = scratch
+        self._layers = len(caches)
         self._requests = 0
         self._times = [0.0, 0.0, 0.0]  # prefill, transfer and exposed seconds of the landed requests
         self._counts = [0, 0, 0]  # their requests, blocks and tokens
@@ -187,56 +165,74 @@ class PrefillWorkers:
     @classmethod
     def start(cls, engine: Engine, caches: dict[str, torch.Tensor], num_blocks: int, block_size: int,
               count: int, timeout_s: float = TIMEOUT_S) -> PrefillWorkers:
-        """Spawn ``count`` prefill workers (CPU, gloo) and send them the cache layout."""
-        if count < 1:
-            raise ValueError(f"disaggregated serving needs at least one prefill worker, got {count}")
+        """Spawn ``count`` prefill workers for an engine of one rank (CPU, gloo) and send
+        them the cache layout."""
+        _check_count(count)
         processes, scratch = spawn_workers(engine, count + 1, "kiln.runtime.disaggregated", timeout_s)[1:]
-        workers = cls(processes, scratch, caches, WorkerHoldings(count, block_size))
-        workers._guard(lambda: _layout(num_blocks, block_size))
+        workers = cls(processes, caches, WorkerHoldings(count, block_size), scratch=scratch)
+        workers._guard(lambda: cache_layout(num_blocks, block_size, torch.device("cpu")))
         return workers
+
+    @classmethod
+    def attach(cls, decode: WorkerGroup, block_size: int, count: int) -> PrefillWorkers:
+        """The ``count`` prefill workers that ``WorkerGroup.start(..., prefill_workers=count)``
+        spawned after the decode ranks of a tensor-parallel engine."""
+        _check_count(count)
+        return cls(decode.processes, decode.caches, WorkerHoldings(count, block_size), decode.layout.tp, decode)
 
     def dispatch(self, seq: Sequence) -> Transfer:
         """Send ``seq``'s tokens but the last, after what the chosen worker's cache holds
-        (``WorkerHoldings.plan``), to that worker, and post the receives of the KV blocks
-        that rank 0's prefix cache lacks."""
+        (``WorkerHoldings.plan``), to each rank of that worker, and post the receives of the
+        KV blocks that rank 0's prefix cache lacks (on every decode rank)."""
         plan = self.holdings.plan(seq)
-        worker = 1 + plan.worker
-        base = (self._requests % _REQUESTS_IN_TAGS) * (len(self.caches) + 1)
+        first_rank = self.tp * (1 + plan.worker)
+        base = (self._requests % _REQUESTS_IN_TAGS) * (self._layers + 1)
         self._requests += 1
         tokens = seq.tokens[plan.start:seq.num_tokens - 1]
         table = torch.tensor(seq.block_table, dtype=torch.int64)
         header = torch.tensor([len(tokens), len(table), base, plan.start, plan.first_block], dtype=torch.int64)
+        payload = torch.cat([torch.tensor(tokens, dtype=torch.int64), table])
         blocks = table[plan.first_block:]
 
         def post() -> Transfer:
-            works = [dist.isend(header, worker, tag=REQUEST_TAG),
-                     dist.isend(torch.cat([torch.tensor(tokens, dtype=torch.int64), table]), worker,
-                                tag=REQUEST_TAG + 1)]
-            staging = [torch.empty((len(blocks), *c.shape[1:]), dtype=c.dtype) for c in self.caches]
+            ranks = range(first_rank, first_rank + self.tp)
+            works = [dist.isend(header, rank, tag=REQUEST_TAG) for rank in ranks]
+            works += [dist.isend(payload, rank, tag=REQUEST_TAG + 1) for rank in ranks]
+            self.receiver.post(base, first_rank, blocks)
             times = torch.empty(3, dtype=torch.float64)
-            works += [dist.irecv(t, worker, tag=base + i) for i, t in enumerate([*staging, times])]
-            return Transfer(seq, blocks, staging, times, works, len(tokens))
+            works.append(dist.irecv(times, first_rank, tag=base + self._layers))
+            if self.decode is not None:
+                self.decode.kv([POST, base, first_rank, *blocks.tolist()])
+            return Transfer(seq, base, len(blocks), times, works, len(tokens))
 
         return self._guard(post)
 
     def arrived(self, transfer: Transfer) -> bool:
-        """Whether every message of ``transfer`` has gone or come."""
-        return all(work.is_completed() for work in transfer.works)
+        """Whether every message of ``transfer`` to and from rank 0 has gone or come."""
+        return all(work.is_completed() for work in transfer.works) and self.receiver.arrived(transfer.base)
 
     def land(self, transfer: Transfer) -> None:
-        """Wait for ``transfer`` and copy its blocks into rank 0's caches."""
+        """Wait for ``transfer`` and copy its blocks into the decode ranks' caches."""
         self.wait(transfer)
-        for cache, blocks in zip(self.caches, transfer.staging):
-            cache.index_copy_(0, transfer.blocks.to(cache.device), blocks.to(cache.device))
+        self._guard(lambda: self.receiver.land(transfer.base))
+        if self.decode is not None:
+            self.decode.kv([LAND, transfer.base])
         self._times = [a + float(b) for a, b in zip(self._times, transfer.times)]
-        self._counts = [a + b for a, b in zip(self._counts, (1, len(transfer.blocks), transfer.tokens))]
+        self._counts = [a + b for a, b in zip(self._counts, (1, transfer.blocks, transfer.tokens))]
+
+    def drop(self, transfer: Transfer) -> None:
+        """Forget ``transfer`` (its sequence ended): its blocks are drained, not copied."""
+        self.receiver.drop(transfer.base)
+        if self.decode is not None:
+            self.decode.kv([DROP, transfer.base])
 
     def wait(self, transfer: Transfer) -> None:
-        """Wait for ``transfer``'s sends and receives (each once: a gloo receive waited
-        for again waits for another message)."""
+        """Wait for ``transfer``'s messages (each once: a gloo receive waited for again
+        waits for another message)."""
         def wait_all() -> None:
             while transfer.works:
                 transfer.works.pop(0).wait()
+            self.receiver.wait(transfer.base)
 
         self._guard(wait_all)
 
@@ -248,21 +244,30 @@ class PrefillWorkers:
     def _guard(self, fn):
         try:
             return fn()
+        except WorkerError:
+            raise  # the decode ranks' group named the rank already
         except RuntimeError as exc:
             raise failure(self.processes, exc, "prefill") from exc
 
     def close(self) -> None:
-        """Tell the workers to stop, wait for them, and leave the process group (once)."""
+        """Tell the workers to stop; wait for them and leave the process group (once),
+        unless the decode ranks' group does that."""
         if self._closed or not dist.is_initialized():
             return
         self._closed = True
         alive = all(p.poll() is None for p in self.processes)  # else the survivors are stuck or failing: killed
         try:
             if alive:
-                for worker in range(1, len(self.processes) + 1):
-                    dist.send(torch.tensor([-1] + [0] * (HEADER - 1)), worker, tag=REQUEST_TAG)
+                for rank in range(self.tp, len(self.processes) + 1):
+                    dist.send(torch.tensor([-1] + [0] * (HEADER - 1)), rank, tag=REQUEST_TAG)
         finally:
-            stop_workers(self.processes, self._scratch, 10.0 if alive else 0.0)
+            if self.decode is None:
+                stop_workers(self.processes, self._scratch, 10.0 if alive else 0.0)
+
+
+def _check_count(count: int) -> None:
+    if count < 1:
+        raise ValueError(f"disaggregated serving needs at least one prefill worker, got {count}")
 
 
 class DisaggregatedScheduler(Scheduler):
@@ -312,9 +317,10 @@ class DisaggregatedScheduler(Scheduler):
     def finish(self, seq: Sequence, reason: str) -> None:
         for transfer in [t for t in self.prefilling if t.seq is seq]:
             self.prefilling.remove(transfer)
+            self.workers.drop(transfer)
             self._dropped.append(transfer)
         super().finish(seq, reason)
 
 
 if __name__ == "__main__":
-    run_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), serve_prefill)
+    run_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), serve_disaggregated)

@@ -15,7 +15,10 @@ its stage's ranks. Rank 0 samples.
 directory; under ``torchrun`` every process is started for us, and the ranks other than
 0 call ``serve_rank``. A worker that dies or stops answering makes rank 0's next step
 fail with a message naming the rank (collectives and receives time out after
-``timeout_s``), and the engine fails that step's requests instead of hanging.
+``timeout_s``), and the engine fails that step's requests instead of hanging. Rank 0's
+commands travel as ``rank_commands`` says. With disaggregated prefill workers
+(``runtime/disaggregated.py``) the engine's ranks are the first of the world, on a process
+group of their own, and the prefill workers' ranks follow them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,14 +38,13 @@ from ..backends import kernels_for
 from ..version import __version__
 from .engine import CacheSpec, Engine, load_engine
 from .executor import load_executor
+from .kv_transfer import BlockReceiver
 from .model_runner import INPUTS
 from .pipeline import Layout, PipelineStats, StageRunner
 from .pipeline_files import Stage, read_stage
+from .rank_commands import KV, STATS, STEP, STOP, broadcast_command, cache_layout, gather_busy
 
-STEP, STOP, STATS = 0, -1, -2  # what rank 0 broadcasts: a step, the end, or a request for the stage times
 TIMEOUT_S = 60.0
-COMMAND_TAG = 1 << 28  # rank 0's commands to each worker (the pipeline's messages have small tags)
-IDLE_WAIT = datetime.timedelta(days=365)  # how long a worker waits for rank 0's next command: a server may idle
 
 
 class WorkerError(RuntimeError):
@@ -72,61 +74,6 @@ def _check_group(ranks: int, size: int) -> None:
         raise WorkerError(f"the engine was partitioned for {ranks} tensor-parallel ranks; {size} are running")
 
 
-def broadcast_command(command: int, device: torch.device, inputs: Mapping[str, torch.Tensor] | None = None,
-                      microbatches: int = 1) -> tuple[int, int, dict[str, torch.Tensor] | None]:
-    """From rank 0 to every rank: ``command`` (``STEP``, ``STOP`` or ``STATS``) and, for a
-    step, its micro-batch count and integer inputs (one header of shapes, sent to each
-    rank, which waits for it without a time limit; then one packed int64 tensor,
-    broadcast). Returns what rank 0 sent: (command, micro-batches, inputs or None)."""
-    header = torch.zeros(2 + 2 * len(INPUTS), dtype=torch.int64, device=device)
-    if dist.get_rank() == 0:
-        header[0], header[1] = command, microbatches
-        if command == STEP:
-            shapes = [tuple(inputs[name].shape) + (1,) * (2 - inputs[name].dim()) for name, _ in INPUTS]
-            header[2:] = torch.tensor([d for shape in shapes for d in shape])
-        for work in [dist.isend(header, rank, tag=COMMAND_TAG) for rank in range(1, dist.get_world_size())]:
-            work.wait()
-    else:
-        receive_from_rank0(header, COMMAND_TAG)
-    command, microbatches = int(header[0]), int(header[1])
-    if command != STEP:
-        return command, microbatches, None
-    shapes = header[2:].view(-1, 2).tolist()
-    sizes = [rows * cols for rows, cols in shapes]
-    if dist.get_rank() == 0:
-        packed = torch.cat([inputs[name].to(device).flatten().long() for name, _ in INPUTS])
-    else:
-        packed = torch.empty(sum(sizes), dtype=torch.int64, device=device)
-    dist.broadcast(packed, 0)
-    out, at = {}, 0
-    for (name, dtype), size, (rows, cols) in zip(INPUTS, sizes, shapes):
-        view = packed[at:at + size]
-        out[name] = (view.view(rows, cols) if name == "block_tables" else view).to(dtype)
-        at += size
-    return STEP, microbatches, out
-
-
-def receive_from_rank0(tensor: torch.Tensor, tag: int) -> None:
-    """Receive ``tensor`` from rank 0, however long it takes: a worker waits for the next
-    command while the server idles (a rank 0 that dies closes the connection, which ends
-    the wait with an error)."""
-    dist.irecv(tensor, 0, tag=tag).wait(IDLE_WAIT)
-
-
-def _cache_layout(num_blocks: int, block_size: int, device: torch.device) -> tuple[int, int]:
-    layout = torch.tensor([num_blocks, block_size], dtype=torch.int64, device=device)
-    dist.broadcast(layout, 0)
-    return int(layout[0]), int(layout[1])
-
-
-def _gather_busy(busy_s: float, device: torch.device) -> list[float]:
-    """Every rank's executor seconds, on every rank."""
-    mine = torch.tensor([busy_s], dtype=torch.float64, device=device)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    return [float(p) for p in parts]
-
-
 def _stage_group(layout: Layout, rank: int) -> dist.ProcessGroup | None:
     """The process group of the tensor-parallel ranks of ``rank``'s stage (None: the whole
     world). Every rank creates every stage's group, in the same order, as torch.distributed asks."""
@@ -136,11 +83,21 @@ def _stage_group(layout: Layout, rank: int) -> dist.ProcessGroup | None:
     return groups[layout.stage(rank)]
 
 
+def disaggregated_groups(tp: int, workers: int) -> list[dist.ProcessGroup | None]:
+    """The process groups of disaggregated serving over ``tp`` tensor-parallel ranks: the
+    decode ranks 0..tp-1, then each of the ``workers`` prefill workers' ``tp`` ranks (every
+    rank creates every group, in this order); all None when ``tp`` is 1 (no collectives)."""
+    if tp == 1:
+        return [None] * (1 + workers)
+    return [dist.new_group(list(range(k * tp, (k + 1) * tp))) for k in range(1 + workers)]
+
+
 def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int, device: torch.device,
-                 num_blocks: int, block_size: int) -> StageRunner:
+                 num_blocks: int, block_size: int, group: dist.ProcessGroup | None = None) -> StageRunner:
     """Rank ``rank``'s runner: its stage (the whole graph without pipeline parallelism,
     with the engine's weights; else the stage's files in ``directory``), the backend's
-    kernels and the collectives of its stage's ranks, and caches for its layers."""
+    kernels and the collectives of its stage's ranks (without pipeline parallelism, of
+    ``group``: default, the world), and caches for its layers."""
     info = engine.info
     layout = Layout(info.tp, info.pp)
     if info.pp == 1:
@@ -153,7 +110,7 @@ def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int,
         weights = {name: v.tensor().to(device) for name, v in stage.graph.constants.items()
                    if v.uses or v in stage.graph.outputs}
     kernels = {**kernels_for(info.backend, info.target, info.tuned_on, device, engine.kernel_configs),
-               **collective_kernels(info.tp, _stage_group(layout, rank))}
+               **collective_kernels(info.tp, group if info.pp == 1 else _stage_group(layout, rank))}
     step = load_executor(stage.executor_source, f"executor.stage{stage.index}.py", weights, kernels)
     caches = stage.cache_inputs
     spec = CacheSpec(tuple(v.name for v in caches), tuple((v.shape[2], v.shape[3]) for v in caches),
@@ -164,21 +121,27 @@ def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int,
                        (int(logits.shape[-1]), logits.dtype.torch_dtype), device)
 
 
-def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device) -> None:
+def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device,
+               group: dist.ProcessGroup | None = None) -> None:
     """A worker's loop (its process group is initialized): load the rank's weights, take
-    the cache layout from rank 0, and run every step rank 0 broadcasts, until it says stop."""
+    the cache layout from rank 0, and run every step rank 0 broadcasts to ``group`` (the
+    ranks serving the engine; default: the world), or receive the KV blocks of
+    disaggregated serving as rank 0 says, until it says stop."""
     engine = load_engine(directory, rank=rank)
-    num_blocks, block_size = _cache_layout(0, 0, device)
-    runner = stage_runner(engine, directory, rank, device, num_blocks, block_size)
+    num_blocks, block_size = cache_layout(0, 0, device)
+    runner = stage_runner(engine, directory, rank, device, num_blocks, block_size, group)
+    receiver = BlockReceiver(runner.caches)
     with torch.inference_mode():
         while True:
-            command, microbatches, inputs = broadcast_command(STOP, device)
+            command, count, data = broadcast_command(STOP, device, group=group)
             if command == STOP:
                 return
             if command == STATS:
-                _gather_busy(runner.busy_s, device)
+                gather_busy(runner.busy_s, device, group)
+            elif command == KV:
+                receiver.handle(data.tolist(), runner.layout.tp_rank(rank))
             else:
-                runner.run(inputs, microbatches)
+                runner.run(data, count)
 
 
 def _threads_per_rank(world_size: int) -> int:
@@ -250,31 +213,42 @@ class WorkerGroup:
     """Rank 0's side of a tensor- and/or pipeline-parallel engine: the worker processes of
     the other ranks (when it spawned them), rank 0's stage runner and its caches, and the
     step that broadcasts each step's inputs before running it. A step is cut into
-    ``microbatches`` micro-batches (default: one per stage)."""
+    ``microbatches`` micro-batches (default: one per stage). The engine's ranks are the
+    world, or ``group`` (ranks 0..) when disaggregated serving adds prefill ranks after them."""
 
     def __init__(self, engine: Engine, directory: str | os.PathLike | None, device: torch.device,
                  processes: list[subprocess.Popen], num_blocks: int, block_size: int, microbatches: int | None = None,
-                 scratch: tempfile.TemporaryDirectory | None = None):
+                 scratch: tempfile.TemporaryDirectory | None = None, group: dist.ProcessGroup | None = None):
         self.engine = engine
         self.device = device
-        self.processes = processes
+        self.processes = processes  # of ranks 1.., prefill ranks included
+        self.group = group
         self.layout = Layout(engine.info.tp, engine.info.pp)
         self.microbatches = microbatches or self.layout.pp
         self._scratch = scratch
         self._closed = False
         self._steps, self._wall_s, self._split = 0, 0.0, 0
-        self._guard(lambda: _cache_layout(num_blocks, block_size, device))
-        self.runner = self._guard(lambda: stage_runner(engine, directory, 0, device, num_blocks, block_size))
+        self._guard(lambda: cache_layout(num_blocks, block_size, device))
+        self.runner = self._guard(lambda: stage_runner(engine, directory, 0, device, num_blocks, block_size, group))
         self.caches = self.runner.caches
 
     @classmethod
     def start(cls, engine: Engine, num_blocks: int, block_size: int, device: torch.device,
-              microbatches: int | None = None, timeout_s: float = TIMEOUT_S) -> WorkerGroup:
+              microbatches: int | None = None, prefill_workers: int = 0,
+              timeout_s: float = TIMEOUT_S) -> WorkerGroup:
         """Spawn the workers of ranks 1.. (CPU, gloo), join them as rank 0, and send them
-        the cache layout. Under torchrun (the process group already initialized, NCCL on
-        GPUs), the other ranks run ``serve_rank`` themselves: nothing is spawned."""
-        world_size = engine.info.tp * engine.info.pp
+        the cache layout; with ``prefill_workers``, as many prefill workers of ``tp`` ranks
+        each follow (``runtime/disaggregated.py``; ``pp`` must be 1). Under torchrun (the
+        process group already initialized, NCCL on GPUs), the other ranks run
+        ``serve_rank`` themselves: nothing is spawned."""
+        info = engine.info
+        world_size = info.tp * info.pp
+        if prefill_workers and info.pp > 1:
+            raise ValueError(f"disaggregated prefill workers serve engines of one pipeline stage, not pp={info.pp} "
+                             "(see docs/parallelism.md)")
         if dist.is_initialized():
+            if prefill_workers:
+                raise ValueError("disaggregated serving starts its workers itself; under torchrun it is not written")
             if dist.get_world_size() != world_size:
                 raise WorkerError(f"the engine has tp={engine.info.tp} x pp={engine.info.pp} ranks; "
                                   f"{dist.get_world_size()} processes are running")
@@ -282,8 +256,16 @@ class WorkerGroup:
         if device.type != "cpu":
             raise ValueError("workers spawned on one host run on the CPU (gloo); on GPUs start one process per "
                              "rank with torchrun (see docs/parallelism.md)")
-        directory, processes, scratch = spawn_workers(engine, world_size, "kiln.runtime.distributed", timeout_s)
-        return cls(engine, directory, device, processes, num_blocks, block_size, microbatches, scratch)
+        if not prefill_workers:
+            directory, processes, scratch = spawn_workers(engine, world_size, "kiln.runtime.distributed", timeout_s)
+            return cls(engine, directory, device, processes, num_blocks, block_size, microbatches, scratch)
+        directory, processes, scratch = spawn_workers(engine, world_size * (1 + prefill_workers),
+                                                      "kiln.runtime.disaggregated", timeout_s)
+        try:
+            group = disaggregated_groups(info.tp, prefill_workers)[0]
+        except RuntimeError as exc:
+            raise failure(processes, exc) from exc
+        return cls(engine, directory, device, processes, num_blocks, block_size, microbatches, scratch, group)
 
     def step(self, **tensors: torch.Tensor) -> list[torch.Tensor]:
         """Broadcast the step's inputs to the workers, then run rank 0's part of it; the
@@ -292,7 +274,7 @@ class WorkerGroup:
 
         def run() -> list[torch.Tensor]:
             start = time.perf_counter()
-            broadcast_command(STEP, self.device, inputs, self.microbatches)
+            broadcast_command(STEP, self.device, inputs, self.microbatches, self.group)
             logits = self.runner.run(inputs, self.microbatches)
             self._wall_s += time.perf_counter() - start
             self._steps += 1
@@ -303,10 +285,15 @@ class WorkerGroup:
 
     def stats(self) -> PipelineStats:
         """The steps' wall time on rank 0 and each stage's executor time so far (see ``PipelineStats``)."""
-        busy = self._guard(lambda: (broadcast_command(STATS, self.device), _gather_busy(self.runner.busy_s,
-                                                                                         self.device))[1])
+        busy = self._guard(lambda: (broadcast_command(STATS, self.device, group=self.group),
+                                    gather_busy(self.runner.busy_s, self.device, self.group))[1])
         stages = tuple(busy[self.layout.rank(stage, 0)] for stage in range(self.layout.pp))
         return PipelineStats(self._steps, self._wall_s, stages, self._split / max(self._steps, 1))
+
+    def kv(self, record: list[int]) -> None:
+        """Tell the other ranks about a request's KV blocks (``kv_transfer.BlockReceiver.handle``)."""
+        payload = torch.tensor(record, dtype=torch.int64)
+        self._guard(lambda: broadcast_command(KV, self.device, group=self.group, payload=payload))
 
     def _guard(self, fn):
         try:
@@ -322,7 +309,7 @@ class WorkerGroup:
         alive = all(p.poll() is None for p in self.processes)  # else the survivors are stuck or failing: killed
         try:
             if alive:
-                broadcast_command(STOP, self.device)
+                broadcast_command(STOP, self.device, group=self.group)
         finally:
             stop_workers(self.processes, self._scratch, 10.0 if alive else 0.0)
 
