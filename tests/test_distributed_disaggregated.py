@@ -2,8 +2,9 @@
 by a worker whose KV blocks come back layer by layer give the greedy tokens of one
 process, through ``kiln.LLM`` (engines of one rank, and of two tensor-parallel ranks on
 both sides: four processes) and ``kiln serve`` with the openai client; the transfer is
-reported; a prompt whose prefix is cached has only the rest computed and sent; a killed
-prefill rank ends the run with an error naming it; two pipeline stages are refused."""
+reported; a prompt whose prefix is cached has only the rest computed and sent; a request
+aborted while prefilling is dropped on every rank; a killed prefill rank ends the run with
+an error naming it; two pipeline stages are refused."""
 
 import pytest
 from test_distributed import PROMPTS, greedy, kill_worker, serve_and_compare  # noqa: F401 - greedy is a fixture
@@ -44,11 +45,29 @@ def generate_and_reuse_a_prefix(llm, params, expected) -> None:
     assert again.tokens - stats.tokens == size - 1 - 20  # the worker held the prefix too
 
 
+def abort_while_prefilling(llm, params, expected) -> None:
+    """A request aborted while a worker prefills it has its blocks drained, not landed, on
+    every decode rank; the next requests still give one process's tokens."""
+    engine = llm.llm_engine
+    engine.add_request("A", params, "running")  # one token: it runs at once, so nothing waits for the prefill
+    engine.step()
+    engine.add_request("Hello world, a prompt that nobody has sent before, none of it cached", params, "aborted")
+    engine.step()  # dispatches the long prompt
+    assert [t.seq.request_id for t in engine.scheduler.prefilling] == ["aborted"]
+    landed = llm.prefill_stats().requests
+    engine.abort("aborted")
+    while engine.has_unfinished():
+        engine.step()
+    assert llm.prefill_stats().requests == landed
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expected[:len(PROMPTS)]
+
+
 def test_prefilled_elsewhere_generates_what_one_process_does_and_a_killed_worker_is_named(saved_engine, greedy,
                                                                                            expected):
     llm = kiln.LLM(saved_engine, RUNTIME)
     try:
         generate_and_reuse_a_prefix(llm, greedy[0], expected)
+        abort_while_prefilling(llm, greedy[0], expected)
         kill_worker(llm.llm_engine.prefill.processes, 1)
         with pytest.raises(WorkerError, match="prefill worker failed: rank 1 exited with code -9"):
             llm.generate(["Hello there"], greedy[0])
@@ -61,6 +80,7 @@ def test_two_tensor_parallel_ranks_on_each_side_and_a_killed_prefill_rank_is_nam
     llm = kiln.LLM(bundled_tp2_engine, RUNTIME)  # decode ranks 0-1, prefill ranks 2-3
     try:
         generate_and_reuse_a_prefix(llm, greedy[0], expected)
+        abort_while_prefilling(llm, greedy[0], expected)
         kill_worker(llm.llm_engine.workers.processes, 3)  # the prefill worker's second rank
         with pytest.raises(WorkerError, match="prefill worker failed: .*rank 3 exited with code -9"):
             llm.generate(["Hello there"], greedy[0])
