@@ -3,11 +3,12 @@ sent to the serving process layer by layer while the rest of the prompt computes
 
 Rank 0 serves (scheduler, sampler, decode steps, its KV cache); the prefill workers'
 ranks follow the decode ranks, each worker with the whole model and a KV cache of the
-same blocks. An engine of ``tp`` tensor-parallel ranks (``pp`` = 1) is served by ``tp``
-decode ranks (a ``WorkerGroup``) and prefill workers of ``tp`` ranks each: prefill rank
-``r`` of a worker holds the same heads as decode rank ``r`` and sends its blocks there,
-and rank 0 tells the other decode ranks when to post their receives and when to copy the
-blocks in (``kv_transfer.BlockReceiver``, over the ``KV`` command). When the
+same blocks. An engine of ``tp x pp`` ranks is served by its ranks (a ``WorkerGroup``)
+and prefill workers of as many ranks each, laid out the same way: prefill rank ``r`` of a
+worker (from its first rank) holds the same layers and heads as decode rank ``r`` and
+sends its blocks there, and rank 0 tells the other decode ranks when to post their
+receives and when to copy the blocks in (``kv_transfer.BlockReceiver``, over the ``KV``
+command). When the
 ``DisaggregatedScheduler`` admits a waiting sequence it allocates the sequence's blocks
 on rank 0 and sends a prefill worker all of its tokens but the last, with those block
 numbers (``PrefillWorkers.dispatch``). The worker runs the prompt (in chunks of the
@@ -37,15 +38,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..backends import kernels_for
 from .batch import SequenceStep, step_inputs
 from .block_manager import BlockManager
-from .distributed import (TIMEOUT_S, WorkerError, WorkerGroup, collective_kernels, disaggregated_groups, failure,
-                          run_worker, serve_rank, spawn_workers, stop_workers)
+from .distributed import (TIMEOUT_S, Groups, WorkerError, WorkerGroup, failure, rank_groups, run_worker, serve_rank,
+                          spawn_workers, stage_runner, stop_workers)
 from .engine import Engine, load_engine
 from .engine_files import read_manifest
-from .executor import load_executor
 from .kv_transfer import DROP, LAND, POST, BlockReceiver, LayerSender
+from .pipeline import Layout
 from .prefill_cache import WorkerHoldings
 from .rank_commands import cache_layout, receive_from_rank0
 from .scheduler import Scheduled, Scheduler
@@ -76,21 +76,18 @@ class PrefillStats:
         return 1.0 - self.exposed_s / self.transfer_s if self.transfer_s else 0.0
 
 
-def serve_prefill(directory: str, rank: int, device: torch.device, tp: int = 1,
-                  group: dist.ProcessGroup | None = None) -> None:
+def serve_prefill(directory: str, rank: int, device: torch.device, groups: Groups) -> None:
     """A prefill rank's loop: prefill each request rank 0 sends, sending each layer's KV
-    blocks to the decode rank of its tensor-parallel rank as soon as the layer is done,
-    until rank 0 says stop. Its worker's ``tp`` ranks run their collectives on ``group``."""
-    tp_rank = rank % tp
-    engine = load_engine(directory, rank=tp_rank)
+    blocks to the decode rank in its place (the same stage and tensor-parallel rank) as
+    soon as the layer is done, until rank 0 says stop. ``groups`` are ``rank_groups``'."""
+    tp, pp = (read_manifest(directory).get(key, 1) for key in ("tp", "pp"))
+    local = rank % (tp * pp)  # the rank within the worker, and the decode rank in its place
+    engine = load_engine(directory, rank=local)
     num_blocks, block_size = cache_layout(0, 0, device)
-    caches = engine.cache_spec.allocate(num_blocks, block_size, device)
-    sender = LayerSender(caches, target=tp_rank)
-    writers = {v.producer.op for v in engine.graph.outputs[1:] if v.producer is not None}  # the caches' writers
-    kernels = kernels_for(engine.info.backend, engine.info.target, engine.info.tuned_on, device, engine.kernel_configs)
-    kernels = {op: sender.wrap(kernel) if op in writers else kernel for op, kernel in kernels.items()}
-    kernels.update(collective_kernels(tp, group))
-    step = load_executor(engine.executor_source, "executor.py", engine.weights(device), kernels)
+    sender = LayerSender({}, target=local)
+    runner = stage_runner(engine, directory, rank, device, num_blocks, block_size, groups[1][rank], rank - local,
+                          sender.wrap)
+    sender.watch(runner.caches)
     limit = engine.info.max_num_tokens
     with torch.inference_mode():
         while True:
@@ -107,24 +104,24 @@ def serve_prefill(directory: str, rank: int, device: torch.device, tp: int = 1,
                 chunk = tokens[first:first + limit]
                 if first + len(chunk) == count:
                     sender.arm(blocks[first_block:], base)
-                step(**step_inputs([SequenceStep(chunk, position + first, blocks.tolist())], block_size), **caches)
+                runner.run(step_inputs([SequenceStep(chunk, position + first, blocks.tolist())], block_size), 1)
             computed = time.perf_counter()
             sent, done = sender.finish()
-            if tp_rank == 0:  # the worker's first rank reports its times
+            if local == 0:  # the worker's first rank (which the logits reach last) reports its times
                 times = torch.tensor([computed - start, done - sent, max(0.0, done - computed)], dtype=torch.float64)
-                dist.send(times, 0, tag=base + len(caches))
+                dist.send(times, 0, tag=base + len(runner.caches))
 
 
 def serve_disaggregated(directory: str, rank: int, device: torch.device) -> None:
-    """A spawned rank of disaggregated serving over an engine of ``tp`` ranks: decode ranks
-    1..tp-1 serve rank 0's steps and receive their KV blocks (``serve_rank``), the ranks
-    after them prefill, ``tp`` to a worker (``serve_prefill``)."""
-    tp = read_manifest(directory).get("tp", 1)
-    groups = disaggregated_groups(tp, dist.get_world_size() // tp - 1)
-    if rank < tp:
-        serve_rank(directory, rank, device, groups[0])
+    """A spawned rank of disaggregated serving over an engine of ``tp x pp`` ranks: the
+    engine's ranks 1.. serve rank 0's steps and receive their KV blocks (``serve_rank``),
+    the ranks after them prefill, ``tp x pp`` to a worker (``serve_prefill``)."""
+    tp, pp = (read_manifest(directory).get(key, 1) for key in ("tp", "pp"))
+    groups = rank_groups(Layout(tp, pp), dist.get_world_size() // (tp * pp))
+    if rank < tp * pp:
+        serve_rank(directory, rank, device, groups)
     else:
-        serve_prefill(directory, rank, device, tp, groups[rank // tp])
+        serve_prefill(directory, rank, device, groups)
 
 
 @dataclass
@@ -142,18 +139,18 @@ class Transfer:
 
 
 class PrefillWorkers:
-    """Rank 0's side: the prefill workers (``tp`` ranks each, after the ``tp`` decode
-    ranks), what their caches hold (``holdings``), and the transfers into rank 0's
-    ``caches``; the other decode ranks (``decode``, when ``tp`` > 1) hear of each transfer
-    and receive their share of its blocks. ``processes`` are those of ranks 1..; the
-    workers own them (and the process group) unless ``decode`` does."""
+    """Rank 0's side: the prefill workers (``size`` ranks each, after the ``size`` ranks
+    of the engine), what their caches hold (``holdings``), and the transfers into rank 0's
+    ``caches``; the engine's other ranks (``decode``, when ``size`` > 1) hear of each
+    transfer and receive their share of its blocks. ``processes`` are those of ranks 1..;
+    the workers own them (and the process group) unless ``decode`` does."""
 
-    def __init__(self, processes: list, caches: dict[str, torch.Tensor], holdings: WorkerHoldings, tp: int = 1,
+    def __init__(self, processes: list, caches: dict[str, torch.Tensor], holdings: WorkerHoldings, size: int = 1,
                  decode: WorkerGroup | None = None, scratch=None):
         self.processes = processes
         self.receiver = BlockReceiver(caches)
         self.holdings = holdings
-        self.tp = tp
+        self.size = size
         self.decode = decode
         self._scratch = scratch
         self._layers = len(caches)
@@ -176,16 +173,17 @@ class PrefillWorkers:
     @classmethod
     def attach(cls, decode: WorkerGroup, block_size: int, count: int) -> PrefillWorkers:
         """The ``count`` prefill workers that ``WorkerGroup.start(..., prefill_workers=count)``
-        spawned after the decode ranks of a tensor-parallel engine."""
+        spawned after the ranks of a parallel engine."""
         _check_count(count)
-        return cls(decode.processes, decode.caches, WorkerHoldings(count, block_size), decode.layout.tp, decode)
+        return cls(decode.processes, decode.caches, WorkerHoldings(count, block_size), decode.layout.world_size,
+                   decode)
 
     def dispatch(self, seq: Sequence) -> Transfer:
         """Send ``seq``'s tokens but the last, after what the chosen worker's cache holds
         (``WorkerHoldings.plan``), to each rank of that worker, and post the receives of the
         KV blocks that rank 0's prefix cache lacks (on every decode rank)."""
         plan = self.holdings.plan(seq)
-        first_rank = self.tp * (1 + plan.worker)
+        first_rank = self.size * (1 + plan.worker)
         base = (self._requests % _REQUESTS_IN_TAGS) * (self._layers + 1)
         self._requests += 1
         tokens = seq.tokens[plan.start:seq.num_tokens - 1]
@@ -195,7 +193,7 @@ class PrefillWorkers:
         blocks = table[plan.first_block:]
 
         def post() -> Transfer:
-            ranks = range(first_rank, first_rank + self.tp)
+            ranks = range(first_rank, first_rank + self.size)
             works = [dist.isend(header, rank, tag=REQUEST_TAG) for rank in ranks]
             works += [dist.isend(payload, rank, tag=REQUEST_TAG + 1) for rank in ranks]
             self.receiver.post(base, first_rank, blocks)
@@ -258,7 +256,7 @@ class PrefillWorkers:
         alive = all(p.poll() is None for p in self.processes)  # else the survivors are stuck or failing: killed
         try:
             if alive:
-                for rank in range(self.tp, len(self.processes) + 1):
+                for rank in range(self.size, len(self.processes) + 1):
                     dist.send(torch.tensor([-1] + [0] * (HEADER - 1)), rank, tag=REQUEST_TAG)
         finally:
             if self.decode is None:

@@ -23,6 +23,7 @@ group of their own, and the prefill workers' ranks follow them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import subprocess
@@ -74,32 +75,38 @@ def _check_group(ranks: int, size: int) -> None:
         raise WorkerError(f"the engine was partitioned for {ranks} tensor-parallel ranks; {size} are running")
 
 
-def _stage_group(layout: Layout, rank: int) -> dist.ProcessGroup | None:
-    """The process group of the tensor-parallel ranks of ``rank``'s stage (None: the whole
-    world). Every rank creates every stage's group, in the same order, as torch.distributed asks."""
-    if layout.pp == 1 or layout.tp == 1:
-        return None
-    groups = [dist.new_group(layout.stage_ranks(stage)) for stage in range(layout.pp)]
-    return groups[layout.stage(rank)]
+Groups = tuple[dist.ProcessGroup | None, dict[int, dist.ProcessGroup | None]]
 
 
-def disaggregated_groups(tp: int, workers: int) -> list[dist.ProcessGroup | None]:
-    """The process groups of disaggregated serving over ``tp`` tensor-parallel ranks: the
-    decode ranks 0..tp-1, then each of the ``workers`` prefill workers' ``tp`` ranks (every
-    rank creates every group, in this order); all None when ``tp`` is 1 (no collectives)."""
-    if tp == 1:
-        return [None] * (1 + workers)
-    return [dist.new_group(list(range(k * tp, (k + 1) * tp))) for k in range(1 + workers)]
+def rank_groups(layout: Layout, instances: int = 1) -> Groups:
+    """The process groups of ``instances`` copies of ``layout`` laid end to end (the
+    engine's ranks, then each disaggregated prefill worker's): the first copy's ranks, which
+    rank 0's commands reach (None: the whole world, or rank 0 alone), and for every rank the
+    group of its stage's tensor-parallel ranks, its collectives' (None: the whole world, or
+    no collectives at tp = 1). Every rank creates every group, in this order, as
+    torch.distributed asks."""
+    size = layout.world_size
+    world = size * instances
+    command = None if size in (1, world) else dist.new_group(list(range(size)))
+    stage_groups = {}
+    for copy in range(instances):
+        for stage in range(layout.pp):
+            ranks = dataclasses.replace(layout, base=copy * size).stage_ranks(stage)
+            group = None if layout.tp == 1 or len(ranks) == world else dist.new_group(ranks)
+            stage_groups.update(dict.fromkeys(ranks, group))
+    return command, stage_groups
 
 
 def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int, device: torch.device,
-                 num_blocks: int, block_size: int, group: dist.ProcessGroup | None = None) -> StageRunner:
-    """Rank ``rank``'s runner: its stage (the whole graph without pipeline parallelism,
-    with the engine's weights; else the stage's files in ``directory``), the backend's
-    kernels and the collectives of its stage's ranks (without pipeline parallelism, of
-    ``group``: default, the world), and caches for its layers."""
+                 num_blocks: int, block_size: int, group: dist.ProcessGroup | None = None, base: int = 0,
+                 wrap: Callable[[Callable], Callable] | None = None) -> StageRunner:
+    """Rank ``rank``'s runner in the copy of the engine's ranks that starts at ``base``:
+    its stage (the whole graph without pipeline parallelism, with the engine's weights;
+    else the stage's files in ``directory``), the backend's kernels (those that write the
+    caches passed through ``wrap``, if given) and the collectives of its stage's ranks (on ``group``: default, the
+    world), and caches for its layers."""
     info = engine.info
-    layout = Layout(info.tp, info.pp)
+    layout = Layout(info.tp, info.pp, base)
     if info.pp == 1:
         stage, weights = Stage(0, True, engine.graph, engine.executor_source), engine.weights(device)
     else:
@@ -109,8 +116,12 @@ def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int,
                            __version__)
         weights = {name: v.tensor().to(device) for name, v in stage.graph.constants.items()
                    if v.uses or v in stage.graph.outputs}
-    kernels = {**kernels_for(info.backend, info.target, info.tuned_on, device, engine.kernel_configs),
-               **collective_kernels(info.tp, group if info.pp == 1 else _stage_group(layout, rank))}
+    kernels = kernels_for(info.backend, info.target, info.tuned_on, device, engine.kernel_configs)
+    if wrap is not None:  # around the kernels of the ops that write the caches (the stage's last outputs)
+        written = stage.graph.outputs[len(stage.graph.outputs) - len(stage.cache_inputs):]
+        writers = {v.producer.op for v in written if v.producer is not None}
+        kernels = {op: wrap(kernel) if op in writers else kernel for op, kernel in kernels.items()}
+    kernels.update(collective_kernels(info.tp, group))
     step = load_executor(stage.executor_source, f"executor.stage{stage.index}.py", weights, kernels)
     caches = stage.cache_inputs
     spec = CacheSpec(tuple(v.name for v in caches), tuple((v.shape[2], v.shape[3]) for v in caches),
@@ -121,15 +132,15 @@ def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int,
                        (int(logits.shape[-1]), logits.dtype.torch_dtype), device)
 
 
-def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device,
-               group: dist.ProcessGroup | None = None) -> None:
+def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device, groups: Groups | None = None) -> None:
     """A worker's loop (its process group is initialized): load the rank's weights, take
-    the cache layout from rank 0, and run every step rank 0 broadcasts to ``group`` (the
-    ranks serving the engine; default: the world), or receive the KV blocks of
-    disaggregated serving as rank 0 says, until it says stop."""
+    the cache layout from rank 0, and run every step rank 0 broadcasts to the engine's
+    ranks, or receive the KV blocks of disaggregated serving as rank 0 says, until it says
+    stop. ``groups`` are ``rank_groups``' (default: those of the engine's ranks alone)."""
     engine = load_engine(directory, rank=rank)
+    group, stage_groups = groups or rank_groups(Layout(engine.info.tp, engine.info.pp))
     num_blocks, block_size = cache_layout(0, 0, device)
-    runner = stage_runner(engine, directory, rank, device, num_blocks, block_size, group)
+    runner = stage_runner(engine, directory, rank, device, num_blocks, block_size, stage_groups[rank])
     receiver = BlockReceiver(runner.caches)
     with torch.inference_mode():
         while True:
@@ -139,7 +150,7 @@ def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device,
             if command == STATS:
                 gather_busy(runner.busy_s, device, group)
             elif command == KV:
-                receiver.handle(data.tolist(), runner.layout.tp_rank(rank))
+                receiver.handle(data.tolist(), rank)
             else:
                 runner.run(data, count)
 
@@ -213,23 +224,25 @@ class WorkerGroup:
     """Rank 0's side of a tensor- and/or pipeline-parallel engine: the worker processes of
     the other ranks (when it spawned them), rank 0's stage runner and its caches, and the
     step that broadcasts each step's inputs before running it. A step is cut into
-    ``microbatches`` micro-batches (default: one per stage). The engine's ranks are the
-    world, or ``group`` (ranks 0..) when disaggregated serving adds prefill ranks after them."""
+    ``microbatches`` micro-batches (default: one per stage). ``groups`` are
+    ``rank_groups``': the engine's ranks are the world, or a group (ranks 0..) when
+    disaggregated serving adds prefill ranks after them."""
 
     def __init__(self, engine: Engine, directory: str | os.PathLike | None, device: torch.device,
-                 processes: list[subprocess.Popen], num_blocks: int, block_size: int, microbatches: int | None = None,
-                 scratch: tempfile.TemporaryDirectory | None = None, group: dist.ProcessGroup | None = None):
+                 processes: list[subprocess.Popen], num_blocks: int, block_size: int, groups: Groups,
+                 microbatches: int | None = None, scratch: tempfile.TemporaryDirectory | None = None):
         self.engine = engine
         self.device = device
         self.processes = processes  # of ranks 1.., prefill ranks included
-        self.group = group
+        self.group, stage_groups = groups
         self.layout = Layout(engine.info.tp, engine.info.pp)
         self.microbatches = microbatches or self.layout.pp
         self._scratch = scratch
         self._closed = False
         self._steps, self._wall_s, self._split = 0, 0.0, 0
         self._guard(lambda: cache_layout(num_blocks, block_size, device))
-        self.runner = self._guard(lambda: stage_runner(engine, directory, 0, device, num_blocks, block_size, group))
+        self.runner = self._guard(lambda: stage_runner(engine, directory, 0, device, num_blocks, block_size,
+                                                       stage_groups[0]))
         self.caches = self.runner.caches
 
     @classmethod
@@ -237,35 +250,30 @@ class WorkerGroup:
               microbatches: int | None = None, prefill_workers: int = 0,
               timeout_s: float = TIMEOUT_S) -> WorkerGroup:
         """Spawn the workers of ranks 1.. (CPU, gloo), join them as rank 0, and send them
-        the cache layout; with ``prefill_workers``, as many prefill workers of ``tp`` ranks
-        each follow (``runtime/disaggregated.py``; ``pp`` must be 1). Under torchrun (the
-        process group already initialized, NCCL on GPUs), the other ranks run
-        ``serve_rank`` themselves: nothing is spawned."""
+        the cache layout; with ``prefill_workers``, as many prefill workers of ``tp x pp``
+        ranks each follow (``runtime/disaggregated.py``). Under torchrun (the process group
+        already initialized, NCCL on GPUs), the other ranks run ``serve_rank`` themselves:
+        nothing is spawned."""
         info = engine.info
-        world_size = info.tp * info.pp
-        if prefill_workers and info.pp > 1:
-            raise ValueError(f"disaggregated prefill workers serve engines of one pipeline stage, not pp={info.pp} "
-                             "(see docs/parallelism.md)")
+        layout = Layout(info.tp, info.pp)
+        world_size = layout.world_size
         if dist.is_initialized():
             if prefill_workers:
                 raise ValueError("disaggregated serving starts its workers itself; under torchrun it is not written")
             if dist.get_world_size() != world_size:
                 raise WorkerError(f"the engine has tp={engine.info.tp} x pp={engine.info.pp} ranks; "
                                   f"{dist.get_world_size()} processes are running")
-            return cls(engine, engine.directory, device, [], num_blocks, block_size, microbatches)
+            return cls(engine, engine.directory, device, [], num_blocks, block_size, rank_groups(layout), microbatches)
         if device.type != "cpu":
             raise ValueError("workers spawned on one host run on the CPU (gloo); on GPUs start one process per "
                              "rank with torchrun (see docs/parallelism.md)")
-        if not prefill_workers:
-            directory, processes, scratch = spawn_workers(engine, world_size, "kiln.runtime.distributed", timeout_s)
-            return cls(engine, directory, device, processes, num_blocks, block_size, microbatches, scratch)
-        directory, processes, scratch = spawn_workers(engine, world_size * (1 + prefill_workers),
-                                                      "kiln.runtime.disaggregated", timeout_s)
+        module = "kiln.runtime.disaggregated" if prefill_workers else "kiln.runtime.distributed"
+        directory, processes, scratch = spawn_workers(engine, world_size * (1 + prefill_workers), module, timeout_s)
         try:
-            group = disaggregated_groups(info.tp, prefill_workers)[0]
+            groups = rank_groups(layout, 1 + prefill_workers)
         except RuntimeError as exc:
             raise failure(processes, exc) from exc
-        return cls(engine, directory, device, processes, num_blocks, block_size, microbatches, scratch, group)
+        return cls(engine, directory, device, processes, num_blocks, block_size, groups, microbatches, scratch)
 
     def step(self, **tensors: torch.Tensor) -> list[torch.Tensor]:
         """Broadcast the step's inputs to the workers, then run rank 0's part of it; the

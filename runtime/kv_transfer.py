@@ -1,11 +1,11 @@
 """KV blocks between the ranks of disaggregated serving: a prefill rank's sends, layer by
 layer, and a decode rank's receives.
 
-Prefill rank ``r`` of a worker (its tensor-parallel rank) computes the same heads as
-decode rank ``r`` and sends its blocks there, one message per cache, tagged from a base
-that names the request. ``LayerSender`` wraps the kernels that write the caches, so that
-each layer's blocks leave as soon as its kernel returns, while the next layers compute.
-``BlockReceiver`` posts a request's receives as soon as rank 0 dispatches it, and copies
+Prefill rank ``r`` of a worker (counted from the worker's first rank: the same stage and
+tensor-parallel rank) holds the same layers and heads as decode rank ``r`` and sends its
+blocks there, one message per cache, tagged from a base that names the request.
+``LayerSender`` wraps the kernels that write the caches, so that each layer's blocks
+leave as soon as its kernel returns, while the next layers compute. ``BlockReceiver`` posts a request's receives as soon as rank 0 dispatches it, and copies
 the blocks into the rank's caches when rank 0 says the request lands (or drains and
 drops them, for a request that ended while it was prefilling).
 """
@@ -27,13 +27,17 @@ class LayerSender:
     (``finish``)."""
 
     def __init__(self, caches: dict[str, torch.Tensor], target: int = 0):
-        self.caches = list(caches.values())
         self.target = target
-        self._index = {id(t): i for i, t in enumerate(self.caches)}
+        self.watch(caches)
         self._request: tuple[torch.Tensor, int] | None = None
         self._works: list = []
         self._sent: set[int] = set()
         self._first: float | None = None
+
+    def watch(self, caches: dict[str, torch.Tensor]) -> None:
+        """Send ``caches`` (those of the rank's layers, once they are allocated)."""
+        self.caches = list(caches.values())
+        self._index = {id(t): i for i, t in enumerate(self.caches)}
 
     def arm(self, blocks: torch.Tensor, base_tag: int) -> None:
         """Send the caches that the next kernels write: ``blocks`` of each, tagged from ``base_tag``."""
@@ -66,7 +70,8 @@ class LayerSender:
             self._send(index)
         for work in self._works:
             work.wait()
-        first, done = self._first, time.perf_counter()
+        done = time.perf_counter()
+        first = done if self._first is None else self._first  # a stage without attention sends nothing
         self._request, self._works, self._sent, self._first = None, [], set(), None
         return first, done
 
@@ -111,13 +116,14 @@ class BlockReceiver:
         self._dropped = [d for d in self._dropped if not all(w.is_completed() for w in d[1])]
         self._dropped.append((staging, works))
 
-    def handle(self, record: Sequence[int], tp_rank: int) -> None:
+    def handle(self, record: Sequence[int], rank: int) -> None:
         """Rank 0's word about a request: ``(POST, base, worker's first rank, block ids...)``
-        (the blocks come from that worker's rank of the same tensor-parallel rank as this
-        one, ``tp_rank``), ``(LAND, base)`` or ``(DROP, base)``."""
+        (the blocks come from the worker's rank in this decode rank's place: the same stage
+        and tensor-parallel rank, ``rank`` ranks after its first), ``(LAND, base)`` or
+        ``(DROP, base)``."""
         kind, base = record[0], record[1]
         if kind == POST:
-            self.post(base, record[2] + tp_rank, torch.tensor(record[3:], dtype=torch.int64))
+            self.post(base, record[2] + rank, torch.tensor(record[3:], dtype=torch.int64))
         elif kind == LAND:
             self.land(base)
         elif kind == DROP:

@@ -1,10 +1,10 @@
 """Disaggregated prefill and decode on real processes (gloo on the CPU): prompts prefilled
 by a worker whose KV blocks come back layer by layer give the greedy tokens of one
-process, through ``kiln.LLM`` (engines of one rank, and of two tensor-parallel ranks on
-both sides: four processes) and ``kiln serve`` with the openai client; the transfer is
+process, through ``kiln.LLM`` (engines of one rank, and of two ranks on both sides, tp=2
+or pp=2: four processes) and ``kiln serve`` with the openai client; the transfer is
 reported; a prompt whose prefix is cached has only the rest computed and sent; a request
 aborted while prefilling is dropped on every rank; a killed prefill rank ends the run with
-an error naming it; two pipeline stages are refused."""
+an error naming it."""
 
 import pytest
 from test_distributed import PROMPTS, greedy, kill_worker, serve_and_compare  # noqa: F401 - greedy is a fixture
@@ -75,9 +75,11 @@ def test_prefilled_elsewhere_generates_what_one_process_does_and_a_killed_worker
         llm.close()
 
 
-def test_two_tensor_parallel_ranks_on_each_side_and_a_killed_prefill_rank_is_named(bundled_tp2_engine, greedy,
-                                                                                    expected):
-    llm = kiln.LLM(bundled_tp2_engine, RUNTIME)  # decode ranks 0-1, prefill ranks 2-3
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_parallel_engines_on_each_side_and_a_killed_prefill_rank_is_named(bundled_engine, bundled_tp2_engine, greedy,
+                                                                          expected, tp, pp):
+    engine = with_stages(bundled_tp2_engine if tp == 2 else bundled_engine, pp)
+    llm = kiln.LLM(engine, RUNTIME)  # the engine's ranks 0-1, then the prefill worker's ranks 2-3
     try:
         generate_and_reuse_a_prefix(llm, greedy[0], expected)
         abort_while_prefilling(llm, greedy[0], expected)
@@ -86,11 +88,6 @@ def test_two_tensor_parallel_ranks_on_each_side_and_a_killed_prefill_rank_is_nam
             llm.generate(["Hello there"], greedy[0])
     finally:
         llm.close()
-
-
-def test_pipeline_stages_with_prefill_workers_are_refused(bundled_tp2_engine):
-    with pytest.raises(ValueError, match="prefill workers serve engines of one pipeline stage, not pp=2"):
-        kiln.LLM(with_stages(bundled_tp2_engine, 2), RUNTIME)
 
 
 def test_kiln_serve_with_a_prefill_worker_answers_the_openai_client(saved_engine, greedy):
