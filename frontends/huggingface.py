@@ -24,6 +24,7 @@ from torch.export import Dim
 from ..ir import ConstantData, Graph, LazyData, MissingData
 from .attention import register_with_transformers
 from .checkpoint import read_checkpoint
+from .config_checks import check_config
 from .errors import FrontendError
 from .experts import register_with_transformers as register_experts
 from .prequantized import prequantized_tensors
@@ -89,6 +90,7 @@ def build_model(config: Any, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     architectures = getattr(config, "architectures", None) or []
+    check_config(config)
     try:
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
@@ -208,6 +210,7 @@ def import_weights(model: nn.Module, tensors: dict[str, Any], max_batch_size: in
 def import_model(model: nn.Module, tokenizer: Any = None, max_batch_size: int = 256,
                  max_seq_len: int = 8192) -> ImportedLM:
     """Import an in-memory ``transformers`` causal LM; its own tensors are the weights."""
+    check_config(model.config)
     implementation, experts = model.config._attn_implementation, model.get_experts_implementation()
     own_attention = _writes_attention_out(type(model))  # keeps its mask, for the raise stage
     if not own_attention:
