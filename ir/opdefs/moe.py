@@ -139,7 +139,7 @@ def _sparsemixer(logits: torch.Tensor, top_k: int, eps: float) -> tuple[torch.Te
 
 def _moe(x: TensorType, router_logits: TensorType, gate_up: TensorType, down: TensorType,
          correction_bias: TensorType | None, top_k: int, scoring: str, normalize: bool, scale: float,
-         num_groups: int, topk_groups: int, jitter_eps: float, activation: str) -> TensorType:
+         num_groups: int, topk_groups: int, activation: str, jitter_eps: float = 0.0) -> TensorType:
     _experts_shapes(x, gate_up, down)
     experts = gate_up.shape[0]
     if not router_logits.dtype.is_float or router_logits.rank != 2 \
@@ -161,7 +161,7 @@ def _check_routing(experts, correction_bias: TensorType | None, top_k: int, num_
 
 
 def _moe_reference(x, router_logits, gate_up, down, correction_bias, top_k, scoring, normalize, scale, num_groups,
-                   topk_groups, jitter_eps, activation):
+                   topk_groups, activation, jitter_eps=0.0):
     weights, indices = route(router_logits, correction_bias, top_k, scoring, normalize, scale, num_groups,
                              topk_groups, jitter_eps)
     return moe_experts_reference(x, weights, indices, gate_up, down, activation)
@@ -169,7 +169,7 @@ def _moe_reference(x, router_logits, gate_up, down, correction_bias, top_k, scor
 
 def _moe_route(router_logits: TensorType, correction_bias: TensorType | None, top_k: int, scoring: str,
                normalize: bool, scale: float, num_groups: int, topk_groups: int,
-               jitter_eps: float) -> tuple[TensorType, TensorType]:
+               jitter_eps: float = 0.0) -> tuple[TensorType, TensorType]:
     if not router_logits.dtype.is_float or router_logits.rank != 2:
         raise ShapeError(f"router logits {router_logits} are not float [tokens, experts]")
     tokens, experts = router_logits.shape
