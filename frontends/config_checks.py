@@ -39,10 +39,10 @@ def _phimoe(config: Any) -> list[str]:
         problems.append(f"num_experts_per_tok={config.num_experts_per_tok} (PhiMoE's sparsemixer always routes to "
                         "2 experts, whatever the config says)")
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type != "default":
+    if rope_type not in ("default", "longrope"):
         problems.append(f"rope_parameters rope_type={rope_type!r} (PhiMoE's rotary picks its scale by the "
-                        "largest position in the batch, a data-dependent branch that torch.export cannot trace "
-                        "and that depends on what else is in a batch)")
+                        "largest position in the batch, a data-dependent branch that torch.export cannot trace; "
+                        "kiln takes default and longrope, see frontends/longrope.py)")
     return problems
 
 

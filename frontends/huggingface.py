@@ -27,6 +27,7 @@ from .checkpoint import read_checkpoint
 from .config_checks import check_config
 from .errors import FrontendError
 from .experts import register_with_transformers as register_experts
+from .longrope import static_longrope
 from .prequantized import prequantized_tensors
 from .quantized_linear import QuantizedRef, use_quantized_weights
 from .torch_export import import_program
@@ -127,7 +128,7 @@ def _export(model: nn.Module, max_batch_size: int, max_seq_len: int, device: str
     # cannot trace for every length up to and including it.
     seq_max = max(min(max_seq_len, _context_length(model.config) - 1), 8)
     dims = {0: Dim("batch", max=max(max_batch_size, 2)), 1: Dim("seq", min=1, max=seq_max)}
-    with torch.no_grad():
+    with torch.no_grad(), static_longrope(model, max_seq_len):
         return torch.export.export(_Logits(model), (example,), dynamic_shapes=(dims,), strict=False)
 
 

@@ -80,6 +80,12 @@ ARCHITECTURES = {
     # PhiMoE: sparsemixer routing over 4 experts, layer norms with biases, biased attention and LM head
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                         attention_bias=True, lm_head_bias=True)),
+    # ... with Phi-3.5-MoE's longrope: short factors and short_mscale within the original context
+    "phimoe-longrope": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32768, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=8192, short_mscale=1.2,
+            long_mscale=1.5, short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+            long_factor=[1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]))),
     # attention written out by the model: ALiBi (BLOOM, MPT; 6 heads, not a power of two)
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=96, num_attention_heads=6)),
     "mpt": ("MptConfig", "MptForCausalLM", dict(hidden_size=96, num_attention_heads=6, expansion_ratio=2,

@@ -85,6 +85,8 @@ def test_router_is_raised_into_one_moe_per_layer(name, rule, attrs):
     ("deepseek-v2-lite", dict(norm_topk_prob=True), r"norm_topk_prob=True \(transformers' DeepSeek-V2 router "
                                                     r"ignores it"),
     ("phimoe", dict(num_experts_per_tok=3), r"num_experts_per_tok=3 \(PhiMoE's sparsemixer always routes to 2"),
+    ("phimoe", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
+     r"rope_parameters rope_type='dynamic' \(PhiMoE's rotary picks its scale by the largest position"),
 ])
 def test_unsupported_config_values_are_named(name, setting, message):
     model = random_model(name)
@@ -92,3 +94,13 @@ def test_unsupported_config_values_are_named(name, setting, message):
         setattr(model.config, key, value)
     with pytest.raises(FrontendError, match=rf"kiln does not support this \w+ config yet:\n  - {message}"):
         kiln.compile(model, max_seq_len=64)
+
+
+def test_phimoe_longrope_beyond_its_original_context_is_refused():
+    """Within original_max_position_embeddings (8192 here) longrope is static and verified
+    with every architecture; past it, its scale would depend on the rest of the batch."""
+    model = random_model("phimoe-longrope")
+    with pytest.raises(FrontendError, match=r"max_seq_len 8193 exceeds this PhiMoE's original_max_position_embeddings "
+                                            r"8192: .* compile with max_seq_len <= 8192"):
+        kiln.compile(model, max_seq_len=8193)
+    assert model.model.rotary_emb.forward.__func__ is type(model.model.rotary_emb).forward  # left as it was
