@@ -79,8 +79,8 @@ def test_router_is_raised_into_one_moe_per_layer(name, rule, attrs):
 
 
 @pytest.mark.parametrize("name, setting, message", [
-    ("deepseek-v2", dict(topk_method="noaux_tc"), r"topk_method='noaux_tc' \(transformers' DeepSeek-V2 router "
-                                                  r"knows greedy, group_limited_greedy\)"),
+    ("deepseek-v2", dict(topk_method="noaux_tc"), r"topk_method='noaux_tc' \(transformers' DeepSeek-V2 router knows "
+                                                  r"greedy, group_limited_greedy\)"),
     ("deepseek-v2", dict(n_group=3), r"topk_method='group_limited_greedy' with n_group=3 and topk_group=1"),
     ("deepseek-v2-lite", dict(norm_topk_prob=True), r"norm_topk_prob=True \(transformers' DeepSeek-V2 router "
                                                     r"ignores it"),
