@@ -8,9 +8,10 @@ Python branch on a tensor, which torch.export cannot trace, and a choice that de
 what else is in a batch, which a paged engine cannot follow.
 
 For an engine whose ``max_seq_len`` is within ``original_max_position_embeddings`` no
-position ever passes it, so the branch always takes ``short_mscale``: while exporting,
-each such module computes exactly that, without the branch. A longer ``max_seq_len`` is
-refused by name.
+position ever passes it, so the branch always takes ``short_mscale``; where the two scales
+are equal the branch does not matter at any length. In both cases, while exporting, each
+such module computes exactly what transformers does, without the branch. A longer
+``max_seq_len`` with two different scales is refused by name.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from .errors import FrontendError
 
 
 def _short_forward(rotary: nn.Module):
-    """transformers' forward for positions within the original context: the module's
-    ``inv_freq`` (the short factors), ``short_mscale``."""
+    """transformers' forward for positions within the original context: the short factors'
+    frequencies (``original_inv_freq``, which transformers' dynamic update never overwrites,
+    unlike ``inv_freq``), ``short_mscale``."""
     mscale = rotary.config.rope_parameters["short_mscale"]
 
     def forward(x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * rotary.inv_freq.to(device=x.device, dtype=torch.float)
+        freqs = position_ids[..., None].float() * rotary.original_inv_freq.to(device=x.device, dtype=torch.float)
         angles = torch.cat((freqs, freqs), dim=-1)
         return (angles.cos() * mscale).to(x.dtype), (angles.sin() * mscale).to(x.dtype)
 
@@ -46,12 +48,13 @@ def static_longrope(model: nn.Module, max_seq_len: int) -> Iterator[None]:
 
     patched = [m for m in model.modules() if isinstance(m, PhimoeRotaryEmbedding) and m.rope_type == "longrope"]
     for module in patched:
-        original: Any = module.config.rope_parameters["original_max_position_embeddings"]
-        if max_seq_len > original:
+        rope = module.config.rope_parameters
+        original: Any = rope["original_max_position_embeddings"]
+        if max_seq_len > original and rope["long_mscale"] != rope["short_mscale"]:
             raise FrontendError(f"max_seq_len {max_seq_len} exceeds this PhiMoE's original_max_position_embeddings "
                                 f"{original}: beyond it, transformers' longrope scales by long_mscale whenever the "
                                 f"longest position in a batch passes {original}, which depends on the rest of the "
-                                f"batch; compile with max_seq_len <= {original}")
+                                f"batch; compile with max_seq_len <= {original} (or equal short and long mscale)")
     for module in patched:
         module.forward = _short_forward(module)
     try:

@@ -96,11 +96,18 @@ def test_unsupported_config_values_are_named(name, setting, message):
         kiln.compile(model, max_seq_len=64)
 
 
-def test_phimoe_longrope_beyond_its_original_context_is_refused():
+def test_phimoe_longrope_beyond_its_original_context():
     """Within original_max_position_embeddings (8192 here) longrope is static and verified
-    with every architecture; past it, its scale would depend on the rest of the batch."""
+    with every architecture; past it, its scale would depend on the rest of the batch, unless
+    the short and long scales are equal."""
     model = random_model("phimoe-longrope")
     with pytest.raises(FrontendError, match=r"max_seq_len 8193 exceeds this PhiMoE's original_max_position_embeddings "
                                             r"8192: .* compile with max_seq_len <= 8192"):
         kiln.compile(model, max_seq_len=8193)
     assert model.model.rotary_emb.forward.__func__ is type(model.model.rotary_emb).forward  # left as it was
+    model.config.rope_parameters["long_mscale"] = model.config.rope_parameters["short_mscale"]
+    engine = kiln.compile(model, max_seq_len=8193)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    assert (engine.logits(ids) - want).abs().max().item() <= 1e-5
