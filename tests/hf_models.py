@@ -77,12 +77,11 @@ ARCHITECTURES = {
         v_head_dim=16, n_routed_experts=8, n_group=2, topk_group=1, topk_method="group_limited_greedy",
         num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32, n_shared_experts=1,
         routed_scaling_factor=2.0)),
-    # PhiMoE: sparsemixer routing over 4 experts, layer norms with biases, biased attention and LM head
-    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
-                                                        attention_bias=True, lm_head_bias=True)),
-    # ... with Phi-3.5-MoE's longrope: short factors and short_mscale within the original context
-    "phimoe-longrope": ("PhimoeConfig", "PhimoeForCausalLM", dict(
-        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32768, rope_parameters=dict(
+    # PhiMoE: sparsemixer routing over 4 experts, layer norms with biases, biased attention and LM head, and
+    # Phi-3.5-MoE's longrope (short factors and short_mscale within the original context)
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+        max_position_embeddings=32768, rope_parameters=dict(
             rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=8192, short_mscale=1.2,
             long_mscale=1.5, short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
             long_factor=[1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]))),

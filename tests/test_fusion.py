@@ -53,8 +53,7 @@ EXPECTED = {
     # (MPT's layer norms have no bias, which the residual + layer norm fusion does not take)
     "falcon": {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 9},  # x @ w.T as linears
     # sparsemixer routing raised into moe; layer norms with biases; a biased LM head
-    **{name: {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 7, "moe": 2}
-       for name in ("phimoe", "phimoe-longrope")},
+    "phimoe": {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 7, "moe": 2},
 }
 
 
@@ -66,8 +65,7 @@ NO_HALF_ROTARY = {"cohere", "glm", "gpt2", "opt", "bloom", "mpt"}  # interleaved
 ROTARY_APART = {"gemma3", "olmo2", "qwen3", "gpt-neox", "phi3", "qwen3-moe", "olmoe", "persimmon", "apertus",
                 "falcon"}  # Falcon: heads interleaved as [heads, 3, head_dim], as GPT-NeoX
 ADD_LAYER_NORMS = {"gpt2": 5, "stablelm": 4, "starcoder2": 4, "gpt-neox": 2, "phi": 2, "nemotron": 4,
-                   "persimmon": 4, "opt": 1, "bloom": 4, "falcon": 2, "phimoe": 4,
-                   "phimoe-longrope": 4}  # parallel blocks: 2
+                   "persimmon": 4, "opt": 1, "bloom": 4, "falcon": 2, "phimoe": 4}  # parallel blocks: 2
 for _name, _expected in EXPECTED.items():
     _fused = _name not in NO_HALF_ROTARY | ROTARY_APART
     EXPECTED[_name] = {"moe": 0, **_expected, "rotary": 4 if _name in ROTARY_APART else 0,

@@ -54,7 +54,6 @@ def test_sparsemixer_routing_matches_phimoe(eps):
 @pytest.mark.parametrize("name, rule, attrs", [
     ("deepseek-v2", "raise_moe_group_limited_greedy_scaled",
      dict(scoring="softmax", num_groups=2, topk_groups=1, scale=2.0, normalize=False)),
-    ("deepseek-v2-lite", "raise_moe_softmax_topk", dict(scoring="softmax", num_groups=1, scale=1.0)),
     ("phimoe", "raise_moe_sparsemixer", dict(scoring="sparsemixer", top_k=2, normalize=False)),
 ])
 def test_router_is_raised_into_one_moe_per_layer(name, rule, attrs):
@@ -100,7 +99,7 @@ def test_phimoe_longrope_beyond_its_original_context():
     """Within original_max_position_embeddings (8192 here) longrope is static and verified
     with every architecture; past it, its scale would depend on the rest of the batch, unless
     the short and long scales are equal."""
-    model = random_model("phimoe-longrope")
+    model = random_model("phimoe")
     with pytest.raises(FrontendError, match=r"max_seq_len 8193 exceeds this PhiMoE's original_max_position_embeddings "
                                             r"8192: .* compile with max_seq_len <= 8192"):
         kiln.compile(model, max_seq_len=8193)
