@@ -54,6 +54,8 @@ def test_sparsemixer_routing_matches_phimoe(eps):
 @pytest.mark.parametrize("name, rule, attrs", [
     ("deepseek-v2", "raise_moe_group_limited_greedy_scaled",
      dict(scoring="softmax", num_groups=2, topk_groups=1, scale=2.0, normalize=False)),
+    ("deepseek-v2", "raise_moe_group_limited_greedy",  # a scale of 1 leaves no multiplication to match
+     dict(scoring="softmax", num_groups=2, topk_groups=1, scale=1.0, normalize=False)),
     ("phimoe", "raise_moe_sparsemixer", dict(scoring="sparsemixer", top_k=2, normalize=False)),
 ])
 def test_router_is_raised_into_one_moe_per_layer(name, rule, attrs):
@@ -61,6 +63,9 @@ def test_router_is_raised_into_one_moe_per_layer(name, rule, attrs):
     from kiln.ir import interpret
 
     model = random_model(name)
+    if name == "deepseek-v2":
+        for layer in model.model.layers[model.config.first_k_dense_replace:]:
+            layer.mlp.gate.routed_scaling_factor = attrs["scale"]
     graph = import_model(model).graph
     pipeline_manager("cleanup").run(graph)
     layers = sum(1 for layer in model.model.layers if hasattr(layer.mlp, "experts"))

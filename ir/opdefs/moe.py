@@ -92,7 +92,8 @@ def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, indices: torch
 
 
 def route(logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, scoring: str, normalize: bool,
-          scale: float, num_groups: int, topk_groups: int, jitter_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+          scale: float, num_groups: int, topk_groups: int,
+          jitter_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing weights (float32) and expert indices [tokens, top_k] from router logits."""
     logits = logits.float()
     if scoring == "sparsemixer":
