@@ -21,9 +21,10 @@ from torch.utils._sympy.functions import Max as TorchMax
 from torch.utils._sympy.functions import Min as TorchMin
 from torch.utils._sympy.value_ranges import bound_sympy
 
-from ..ir import ConstantData, Graph, LazyData, TensorType, Value, dtypes, sym
+from ..ir import ConstantData, Graph, LazyData, TensorType, Value, sym
 from ..ir.shapes import Dim, dims_equal, normalize_dim
 from .aten import CONVERTERS, IGNORED, Conversion
+from .complex import COMPLEX_CONVERTERS, Complex, is_complex, pair_shape, real_dtype
 from .errors import FrontendError, UnsupportedOpsError
 from .fills import COPY_OP, EMPTY_OPS, SLICE_OP, Fill, FillSlice, slice_of, view_base
 
@@ -52,7 +53,8 @@ class _Importer:
         return int(size)
 
     def tensor_type(self, fake: torch.Tensor) -> TensorType:
-        return TensorType(dtypes.dtype(fake.dtype), [self.dim(d) for d in fake.shape])
+        """kiln's type of a traced tensor (a complex one as its real pairs, see ``complex``)."""
+        return TensorType(real_dtype(fake.dtype), [self.dim(d) for d in pair_shape(fake)])
 
     def _from_program(self, target: str, fake: torch.Tensor) -> ConstantData:
         target = self.prefix + target
@@ -142,7 +144,7 @@ class _Importer:
                 except NotImplementedError as exc:
                     self.unsupported.setdefault(f"{EMPTY_OPS[0]} ({exc})", []).append("")
                     return _MISSING
-            return value
+            return Complex(value) if is_complex(arg.meta.get("val")) and value is not _MISSING else value
         if isinstance(arg, (list, tuple)):
             return type(arg)(self._arg(a) for a in arg)
         if isinstance(arg, torch.SymInt):
@@ -159,18 +161,20 @@ class _Importer:
             return
         if self._fill(node, name, fake):
             return
-        converter, mutated = CONVERTERS.get(name), None
+        table = COMPLEX_CONVERTERS if _touches_complex(node) else CONVERTERS
+        converter, mutated = table.get(name), None
         in_place = node.args and isinstance(node.args[0], torch.fx.Node)
-        if converter is None and _functional(name) in CONVERTERS and in_place:
-            converter, mutated = CONVERTERS[_functional(name)], node.args[0]
+        if converter is None and _functional(name) in table and in_place:
+            converter, mutated = table[_functional(name)], node.args[0]
         args, kwargs = self._arg(node.args), {k: self._arg(v) for k, v in node.kwargs.items()}
         if converter is None:
-            self.unsupported.setdefault(name, []).append(self.location(node) or "")
+            label = f"{name} (on complex tensors)" if table is COMPLEX_CONVERTERS else name
+            self.unsupported.setdefault(label, []).append(self.location(node) or "")
             return
         if _contains_missing((args, kwargs)):
             return  # downstream of an unsupported op: already reported
         first = fake[0] if isinstance(fake, (tuple, list)) else fake
-        cx = Conversion(self.graph, dtypes.dtype(first.dtype) if isinstance(first, torch.Tensor) else None,
+        cx = Conversion(self.graph, real_dtype(first.dtype) if isinstance(first, torch.Tensor) else None,
                         self.location(node))
         before = len(self.graph.nodes)
         try:
@@ -217,6 +221,13 @@ class _Importer:
 
 
 _MISSING = object()
+
+
+def _touches_complex(node: torch.fx.Node) -> bool:
+    """Whether ``node`` takes or makes a complex tensor (converted by ``COMPLEX_CONVERTERS``)."""
+    results = node.meta.get("val")
+    results = results if isinstance(results, (tuple, list)) else [results]
+    return any(is_complex(r) for r in results) or any(is_complex(a.meta.get("val")) for a in node.all_input_nodes)
 
 
 def _functional(name: str) -> str:

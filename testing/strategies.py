@@ -429,11 +429,12 @@ def _moe(b: GraphDraft, routed_apart: bool = False):
     if not routed_apart and b.draw(st.booleans()):
         weights, indices = ops.topk(ops.softmax(logits, dim=-1), k=top_k)
         return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
-    scoring = b.draw(st.sampled_from(["softmax", "sigmoid"]))
+    scoring = b.draw(st.sampled_from(["softmax", "sigmoid", "sparsemixer"]))
     groups = b.draw(st.sampled_from([g for g in (1, 2) if experts % g == 0 and (g == 1 or experts // g >= 2)]))
     bias = b.constant((experts,)) if scoring == "sigmoid" and b.draw(st.booleans()) else None
     routing = dict(top_k=top_k, scoring=scoring, normalize=b.draw(st.booleans()),
-                   scale=b.draw(st.sampled_from([1.0, 2.5])), num_groups=groups, topk_groups=1 if groups == 1 else 2)
+                   scale=b.draw(st.sampled_from([1.0, 2.5])), num_groups=groups, topk_groups=1 if groups == 1 else 2,
+                   jitter_eps=b.draw(st.sampled_from([0.01, 0.3])) if scoring == "sparsemixer" else 0.0)
     if routed_apart:
         weights, indices = ops.moe_route(logits, bias, **routing)
         return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)

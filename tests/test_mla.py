@@ -93,15 +93,28 @@ def test_paged_kernels_match_attention_over_the_whole_sequence(block_size):
         torch.testing.assert_close(caches["kernel"], caches["reference"], equal_nan=True)
 
 
-@pytest.fixture(scope="module")
-def deepseek(tmp_path_factory):
-    model = random_model("deepseek-v3")
-    path = write_checkpoint(model, tmp_path_factory.mktemp("deepseek-v3"))
+def _compiled(name, tmp_path_factory):
+    model = random_model(name)
+    path = write_checkpoint(model, tmp_path_factory.mktemp(name))
     return model, path, kiln.compile(path, dtype="float32", max_seq_len=64)
 
 
-def test_the_cache_holds_latents_only(deepseek):
-    model, _, engine = deepseek
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    return _compiled("deepseek-v3", tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["deepseek-v3", "deepseek-v2-lite"])
+def latent(request, tmp_path_factory):
+    """DeepSeek-V3, and DeepSeek-V2 (its rotary written as complex multiplication, its
+    queries without a low-rank projection)."""
+    if request.param == "deepseek-v3":
+        return request.getfixturevalue("deepseek")
+    return _compiled(request.param, tmp_path_factory)
+
+
+def test_the_cache_holds_latents_only(latent):
+    model, _, engine = latent
     config = model.config
     assert engine.cache_spec.names == ("latent_cache_0", "latent_cache_1")
     per_token = engine.cache_spec.bytes_per_token()
@@ -110,8 +123,8 @@ def test_the_cache_holds_latents_only(deepseek):
     assert config.num_hidden_layers * heads_kv * 4 == 4 * per_token  # what per-head keys and values would take
 
 
-def test_llm_serves_chunked_prefill_decode_and_prefix_reuse(deepseek):
-    model, _, engine = deepseek
+def test_llm_serves_chunked_prefill_decode_and_prefix_reuse(latent):
+    model, _, engine = latent
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (13, 6)]
     with torch.no_grad():
