@@ -153,7 +153,8 @@ def test_the_kernel_table_takes_stored_configurations():
     assert kernels["linear_int8"] is quantized.linear_int8 and kernels["linear_fp8"] is quantized.linear_fp8
 
 
-@pytest.mark.parametrize("scheme", ["int4", pytest.param("int8", marks=GPU)])  # int8's kernels: tested above
+@pytest.mark.parametrize("scheme", ["int4", pytest.param("int8", marks=GPU),  # int8's kernels: tested above
+                                    pytest.param("fp8", marks=GPU)])  # with the norms' E4M3 codes (norm_quant.py)
 def test_quantized_engines_step_with_the_cuda_kernels(scheme):
     """The bundled model quantized for the cuda target: a mixed prefill step and a decode
     step through the CUDA kernel table give the reference kernels' logits (on the CPU,
