@@ -26,7 +26,7 @@ from .partition_rules import SELECTION_THROUGH_COLLECTIVES
 from .partition_simulator import simulate_ranks
 from .pattern import AttrVar, Match, Pattern, is_splat, trace
 from .rewriter import RewriteLimitError, Rewrites, Rule, rewrite
-from .quantization import (QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES, QuantConfig, fp8_kv_cache,
+from .quantization import (ACTIVATION_QUANT_RULES, QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES, QuantConfig, fp8_kv_cache,
                            quantize_pass)
 
 canonicalize = rewrite_pass("canonicalize", CANONICAL_RULES,
@@ -46,6 +46,8 @@ fuse_rotary = rewrite_pass("fuse_rotary", ROTARY_RULES + CANONICAL_RULES,
 select_logits = rewrite_pass("select_logits",
                              SELECTION_RULES + SELECTION_THROUGH_COLLECTIVES + QUANTIZED_SELECTION_RULES,
                              "compute the final layers only for the tokens whose logits are asked for")
+fuse_activation_quant = rewrite_pass("fuse_activation_quant", ACTIVATION_QUANT_RULES,
+                                     "norms feeding W8A8 layers emit the E4M3/INT8 codes and per-token scales")
 paged_attention = Pass("paged_attention", page_attention,
                        "a causal LM graph becomes the runtime's step graph over a paged KV cache",
                        changes_signature=True)
@@ -57,13 +59,14 @@ linear_kv = Pass("linear_kv_cache", linear_kv_cache,
                  changes_signature=True)
 
 PASSES: dict[str, Pass] = {p.name: p for p in (canonicalize, fold, cse, dce, raise_ops, fuse, paged_attention,
-                                                fuse_rotary, select_logits, linear_kv)}
+                                                fuse_rotary, select_logits, fuse_activation_quant,
+                                                linear_kv)}
 # A pipeline is its passes in order; these are repeated until a round changes nothing.
 PIPELINES: dict[str, tuple[str, ...]] = {
     "cleanup": ("canonicalize", "fold_constants", "cse", "dce"),
 }
 PIPELINES["reference"] = (*PIPELINES["cleanup"], "raise", "fuse", "paged_attention", "fuse_rotary",
-                          "select_logits")
+                          "select_logits", "fuse_activation_quant")
 # The CUDA backend's kernels implement the reference pipeline's fused ops over paged
 # blocks; TensorRT-RTX has linear per-slot caches only.
 PIPELINES["cuda"] = PIPELINES["reference"]
@@ -125,7 +128,8 @@ __all__ = [
     "PASSES", "PIPELINES", "Pass", "PassError", "PassManager", "PassRecord", "Pattern", "QuantConfig",
     "RewriteLimitError", "Rewrites", "Rule", "canonicalize", "cse", "dce", "eliminate_common_subexpressions",
     "eliminate_dead_code", "fold", "fold_constants", "fp8_kv_cache", "kv_cache_fp8", "quantize_pass",
-    "format_records", "fuse", "fuse_rotary", "raise_ops", "is_splat", "linear_kv", "linear_kv_cache",
+    "format_records", "fuse", "fuse_activation_quant", "fuse_rotary", "raise_ops", "is_splat", "linear_kv",
+    "linear_kv_cache",
     "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite", "rewrite_pass",
     "select_logits", "trace", "PartitionError", "partition", "partition_tensor_parallel", "run_pipeline",
     "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks", "split_pipeline", "MLA_RULES",

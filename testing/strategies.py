@@ -331,9 +331,21 @@ def _fused(b: GraphDraft):
     return ops.gated_activation(ops.concat([x, ops.neg(x)], dim=-1), activation=activation)
 
 
+def _from_a_norm(b: GraphDraft, x: Value, qweight: Value, weight_scale: Value, bias: Value | None, qdtype) -> Value:
+    """A norm (with or without a residual) that emits its output rounded per token into
+    ``qdtype``, and ``scaled_linear`` over the codes."""
+    weight = b.constant((x.shape[-1],), dtype=x.type.dtype) if b.draw(st.booleans()) else None
+    if b.draw(st.booleans()):
+        codes, scales = ops.rms_norm_quant(x, weight, eps=1e-5, qdtype=qdtype)
+    else:
+        codes, scales, _ = ops.add_rms_norm_quant(x, x, weight, eps=1e-5, qdtype=qdtype)
+    return ops.scaled_linear(codes, scales, qweight, weight_scale, bias, dtype=x.type.dtype)
+
+
 def _quantized(b: GraphDraft):
-    """A quantized linear layer (INT8, INT4 in groups, FP8 dynamic or static, INT8 W8A8)
-    over a random weight quantized by the ``quantize`` stage's own quantizers."""
+    """A quantized linear layer (INT8, INT4 in groups, FP8 dynamic or static, INT8 W8A8,
+    or a W8A8 layer over the codes a norm emits) over a random weight quantized by the
+    ``quantize`` stage's own quantizers."""
     from ..passes.quantization.weights import quantize_fp8_weight, quantize_int4, quantize_int8
 
     x = b.value(lambda v: v.type.rank >= 1 and isinstance(v.shape[-1], int) and v.shape[-1] > 0
@@ -343,7 +355,12 @@ def _quantized(b: GraphDraft):
     d, out = x.shape[-1], b.draw(st.integers(1, 5))
     weight = b.constant((out, d)).tensor()
     bias = b.constant((out,)) if b.draw(st.booleans()) else None
-    scheme = b.draw(st.sampled_from(["int8", "int4", "fp8", "w8a8"]))
+    scheme = b.draw(st.sampled_from(["int8", "int4", "fp8", "w8a8", "fp8 from a norm", "w8a8 from a norm"]))
+    if scheme.endswith("from a norm"):
+        fp8 = scheme.startswith("fp8")
+        parts = [b.graph.add_constant(t, name="k") for t in (quantize_fp8_weight if fp8 else quantize_int8)(weight)]
+        bias = b.constant((out,), dtype=x.type.dtype) if bias is not None else None
+        return _from_a_norm(b, x, *parts, bias, dtypes.float8_e4m3fn if fp8 else dtypes.int8)
     if scheme in ("int8", "w8a8"):
         parts = quantize_int8(weight)
     elif scheme == "int4":

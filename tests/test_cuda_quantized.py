@@ -122,6 +122,23 @@ def test_the_gemv_reads_every_code_exactly(bits):
     assert torch.equal(got, x @ codes.float().T)
 
 
+def test_the_fp8_gemv_takes_a_row_of_e4m3_codes():
+    """``scaled_linear``'s one row: E4M3 codes and their scale, made by the norm before it,
+    go into the FP8 GEMV as they are (``fp8_gemv`` with a float8 input)."""
+    from kiln.ir import dtypes
+
+    n, k = 40, 256
+    g = torch.Generator().manual_seed(3)
+    codes = (torch.randn(1, k, generator=g) * 50).to(torch.float8_e4m3fn)
+    scale = torch.tensor([[0.02]])
+    qweight, weight_scale = quantize_fp8_weight(torch.randn(n, k, generator=g) / 16)
+    bias = torch.randn(n, generator=g)
+    got = quantized_gemv.fp8_gemv(codes, qweight, weight_scale, scale, bias, quantized_gemv.QuantGemvConfig(8, 64),
+                                  torch.float32)
+    want = REGISTRY["scaled_linear"].reference(codes, scale, qweight, weight_scale, bias, dtypes.float32)
+    assert got.dtype == torch.float32 and _relative(got, want) < 1e-6
+
+
 @pytest.mark.parametrize("device, dtype, tolerance", GPU_CASES)
 @pytest.mark.parametrize("rows", [1, 7, 512])
 @pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 14336), (28672, 4096)])
@@ -169,7 +186,8 @@ def test_the_kernel_table_takes_stored_configurations():
     assert kernels["linear_int8"] is quantized.linear_int8 and kernels["linear_fp8"] is quantized.linear_fp8
 
 
-@pytest.mark.parametrize("scheme", ["int4", pytest.param("int8", marks=GPU)])  # int8's kernels: tested above
+@pytest.mark.parametrize("scheme", ["int4", pytest.param("int8", marks=GPU),  # int8's kernels: tested above
+                                    pytest.param("fp8", marks=GPU)])  # with the norms' E4M3 codes (norm_quant.py)
 def test_quantized_engines_step_with_the_cuda_kernels(scheme):
     """The bundled model quantized for the cuda target: a mixed prefill step and a decode
     step through the CUDA kernel table give the reference kernels' logits (on the CPU,

@@ -21,7 +21,8 @@ def test_core_op_set_is_complete():
         "min", "argmax", "softmax", "log_softmax", "rms_norm", "layer_norm", "rotary", "attention", "paged_attention",
         "add_rms_norm", "add_layer_norm", "gated_activation", "qkv_rotary",
         "full", "arange", "all_reduce", "all_gather", "expm1", "softplus", "topk", "moe_experts", "moe",
-        "linear_int8", "linear_int4", "linear_fp8", "linear_w8a8", "conv",
+        "linear_int8", "linear_int4", "linear_fp8", "linear_w8a8", "rms_norm_quant", "add_rms_norm_quant",
+        "scaled_linear", "conv",
         "mla_attention", "paged_mla_attention", "moe_route",
     }
     assert set(REGISTRY.names()) == expected

@@ -52,6 +52,13 @@ def scaled_mm(x2: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tenso
               bias: torch.Tensor | None) -> torch.Tensor:
     """``linear_fp8`` over the rows of ``x2`` on the FP8 tensor cores."""
     codes, scales = quantize_rows(x2, input_scale)
+    return scaled_mm_codes(codes, scales, qweight, weight_scale, bias, x2.dtype)
+
+
+def scaled_mm_codes(codes: torch.Tensor, scales: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """E4M3 ``codes [m, k]`` (scaled per row by ``scales [m, 1]``, or one scalar) times the
+    E4M3 weight ``[n, k]`` (per channel) on the FP8 tensor cores, in ``out_dtype``."""
     out = torch._scaled_mm(codes, qweight.t(), scale_a=scales, scale_b=weight_scale.float()[None, :],
-                           out_dtype=x2.dtype)
+                           out_dtype=out_dtype)
     return out if bias is None else out.add_(bias)

@@ -33,9 +33,17 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tens
     if out_features % ALIGN or in_features % ALIGN:
         return REGISTRY["linear_w8a8"].reference(x, qweight, weight_scale, bias)
     x2 = x.reshape(-1, in_features)
-    rows = x2.shape[0]
     scale = int8_token_scales(x2)
-    codes = quantize_int8_tokens(x2, scale)
+    out = int_mm_codes(quantize_int8_tokens(x2, scale), scale, qweight, weight_scale, bias, x.dtype)
+    return out.view(*x.shape[:-1], out_features)
+
+
+def int_mm_codes(codes: torch.Tensor, scale: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """INT8 ``codes [m, k]`` (scaled per row by ``scale [m, 1]``) times the INT8 weight
+    ``[n, k]`` (per channel), summed in int32 by ``torch._int_mm``, scaled and biased in
+    float32, rounded once to ``out_dtype``; the dims must be multiples of ``ALIGN``."""
+    rows = codes.shape[0]
     padded = int_mm_rows(rows)
     if padded != rows:
         codes = F.pad(codes, (0, 0, 0, padded - rows))
@@ -43,4 +51,4 @@ def linear_w8a8(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tens
     out = product.float() * scale * weight_scale.float()
     if bias is not None:
         out += bias.float()
-    return out.to(x.dtype).view(*x.shape[:-1], out_features)
+    return out.to(out_dtype)

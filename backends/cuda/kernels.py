@@ -1,7 +1,8 @@
 """The CUDA backend's kernel table: Triton kernels for the fused ops, paged attention,
 multi-head latent attention and mixtures of experts,
 cuBLAS GEMMs (``torch.nn.functional.linear``; a Triton GEMV for the one-row shapes where
-tuning measured it faster), the quantized linear layers (``quantized.py``) and torch's own CUDA kernels
+tuning measured it faster), the quantized linear layers (``quantized.py``; ``norm_quant.py`` and
+``scaled_linear.py`` where a norm emits a W8A8 layer's quantized input) and torch's own CUDA kernels
 for the remaining ops (views, casts, gathers), each called as the executor calls a
 registry op. Launch parameters tuned at build time come in as plain dicts."""
 
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 
 from ..reference import Kernel, reference_kernels
-from . import activations, attention, gemv, int8_mm, mla_attention, moe, norms, quantized, rotary
+from . import (activations, attention, gemv, int8_mm, mla_attention, moe, norm_quant, norms, quantized, rotary,
+               scaled_linear)
 from .configs import config_from_dict
 
 # op -> (launcher, what its stored configuration becomes: a dataclass, a function of the
@@ -34,6 +36,9 @@ LAUNCHERS: dict[str, tuple[Callable[..., Any], type | Callable[[Mapping], Any] |
     "linear_int4": (quantized.linear_int4, quantized.per_shape),
     "linear_fp8": (quantized.linear_fp8, quantized.per_shape),
     "linear_w8a8": (int8_mm.linear_w8a8, None),  # torch._int_mm, nothing to tune
+    "rms_norm_quant": (norm_quant.rms_norm_quant, norms.NormConfig),
+    "add_rms_norm_quant": (norm_quant.add_rms_norm_quant, norms.NormConfig),
+    "scaled_linear": (scaled_linear.scaled_linear, quantized.per_shape),  # E4M3 at one row: the tuned FP8 GEMV
 }
 
 

@@ -172,7 +172,8 @@ def _integer_gemv_kernel(x, q, scales, zeros, bias, out, n, words, stride_q, str
 
 @triton.jit
 def _fp8_gemv_kernel(x, q, scale, input_scale, bias, out, n, k, stride_q, STATIC_INPUT: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     CODES_INPUT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     if STATIC_INPUT:
@@ -189,7 +190,8 @@ def _fp8_gemv_kernel(x, q, scale, input_scale, bias, out, n, k, stride_q, STATIC
         cols = start + tl.arange(0, BLOCK_K)
         col_ok = cols < k
         xv = tl.load(x + cols, mask=col_ok, other=0.0).to(tl.float32)
-        xv = tl.clamp(xv * x_inverse, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv).to(tl.float32)
+        if not CODES_INPUT:  # E4M3 codes came in as they are; a float row is rounded here
+            xv = tl.clamp(xv * x_inverse, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv).to(tl.float32)
         codes = tl.load(q + rows.to(tl.int64)[:, None] * stride_q + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += codes.to(tl.float32) * xv[None, :]
@@ -230,14 +232,18 @@ def integer_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
 
 def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None,
-             bias: torch.Tensor | None, config: QuantGemvConfig) -> torch.Tensor:
+             bias: torch.Tensor | None, config: QuantGemvConfig, out_dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
     """``linear_fp8`` for one row of ``x``: the row rounded into E4M3 by its own (or the
-    static) scale exactly as the op's reference does, then ``x @ (codes * scale).T + bias``
-    over E4M3 codes with a scale per output channel."""
+    static) scale as the op's reference does, then ``x @ (codes * scale).T + bias`` over
+    E4M3 codes with a scale per output channel. An E4M3 ``x`` (``scaled_linear``'s codes,
+    quantized by the norm before it) is taken as it is, scaled by ``input_scale``; the
+    result is in ``out_dtype`` (default: ``x``'s dtype)."""
     n, k = qweight.shape
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((1, n), dtype=out_dtype or x.dtype, device=x.device)
     _fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, qweight, scale, input_scale if input_scale is not None else scale, bias if bias is not None else scale,
-        out, n, k, qweight.stride(0), STATIC_INPUT=input_scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
+        out, n, k, qweight.stride(0), STATIC_INPUT=input_scale is not None,
+        CODES_INPUT=x.dtype == torch.float8_e4m3fn, HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, num_warps=config.num_warps)
     return out

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ...ir import Graph, Node, TensorType
+from ...ir import Graph, Node, TensorType, dtypes
 from ...passes.profiles import EngineLimits
 from . import quantized
 from .attention import AttentionConfig, decode_configs, multiprocessors, paged_attention, prefill_configs
@@ -29,6 +30,7 @@ from .configs import shape_key
 from .gemv import gemv, gemv_configs
 from .mla_attention import MlaConfig, mla_decode_configs, mla_prefill_configs, paged_mla_attention
 from .quantized_gemv import gemv_candidates
+from .scaled_linear import scaled_linear
 from .targets import device_name, matches
 
 _BLOCK_SIZE = 16
@@ -123,27 +125,43 @@ def _gemv_choices(graph: Graph) -> dict[str, dict]:
     return choices
 
 
+def _gemv_weight(node: Node) -> int | None:
+    """Where ``node`` runs a tuned quantized GEMV at one row, the index of its (constant)
+    weight operand: the operands before it are the row's (an input, or codes and scales)."""
+    if node.op in quantized.GEMV_OPS:
+        at = 1
+    elif node.op == "scaled_linear" and node.inputs[0].type.dtype == dtypes.float8_e4m3fn:
+        at = 2
+    else:
+        return None
+    return at if node.inputs[at].is_constant else None
+
+
 def _quantized_gemv_choices(graph: Graph) -> dict[str, dict]:
     """Quantized op -> weight shape -> the fastest GEMV's ``QuantLinearConfig`` fields,
     timed on random operands of each layer's layout."""
-    layers: dict[tuple[str, str], Node] = {}
+    layers: dict[tuple[str, str], tuple[Node, int]] = {}
     for node in graph.nodes:
-        if node.op in quantized.GEMV_OPS and node.inputs[1].is_constant:
-            layers.setdefault((node.op, shape_key(node.inputs[1].type.shape[0], node.inputs[0].type.shape[-1])), node)
+        at = _gemv_weight(node)
+        if at is not None:
+            key = shape_key(node.inputs[at].type.shape[0], node.inputs[0].type.shape[-1])
+            layers.setdefault((node.op, key), (node, at))
     choices: dict[str, dict] = {}
-    for (op, key), node in sorted(layers.items()):
-        operands = [_random_operand(v.type) if v is not None else None for v in node.inputs[1:]]
-        x = torch.randn(1, node.inputs[0].type.shape[-1], dtype=node.inputs[0].type.dtype.torch_dtype, device="cuda")
-        launcher = getattr(quantized, op)
+    for (op, key), (node, at) in sorted(layers.items()):
+        operands = [_random_operand(v.type) if v is not None else None for v in node.inputs[at:]]
+        row = [torch.rand(1, int(v.type.shape[-1]), device="cuda").to(v.type.dtype.torch_dtype)
+               for v in node.inputs[:at]]
+        launcher = (partial(scaled_linear, dtype=node.attrs["dtype"]) if op == "scaled_linear"
+                    else getattr(quantized, op))
         bits = 4 if op == "linear_int4" else 8
 
-        def run(config, launcher=launcher, x=x, operands=operands, key=key):
-            return launcher(x, *operands, config={key: quantized.QuantLinearConfig(gemv=config)})
+        def run(config, launcher=launcher, row=row, operands=operands, key=key):
+            return launcher(*row, *operands, config={key: quantized.QuantLinearConfig(gemv=config)})
 
         timed = {config: _graph_ms(lambda c=config: run(c)) for config in gemv_candidates(bits)}
         best = quantized.QuantLinearConfig(gemv=min(timed, key=timed.get))
-        if op != "linear_fp8":
-            best = dataclasses.replace(best, dequantize_from=_dequantize_from(launcher, x, operands, key))
+        if op in ("linear_int8", "linear_int4"):
+            best = dataclasses.replace(best, dequantize_from=_dequantize_from(launcher, row[0], operands, key))
         choices.setdefault(op, {})[key] = dataclasses.asdict(best)
     return choices
 

@@ -110,6 +110,9 @@ NOT_LOWERED = {
     "paged_mla_attention": "multi-head latent attention is not lowered to TensorRT yet (its native attention takes "
                            "keys and values of one shape, not a latent cache)",
     "linear_w8a8": "quantized linears are not lowered to TensorRT yet (add_dynamic_quantize_v2 and dequantize layers)",
+    "rms_norm_quant": "quantized activations are not lowered to TensorRT yet (add_dynamic_quantize_v2)",
+    "add_rms_norm_quant": "quantized activations are not lowered to TensorRT yet (add_dynamic_quantize_v2)",
+    "scaled_linear": "quantized linears are not lowered to TensorRT yet (add_dynamic_quantize_v2 and dequantize layers)",
 }
 
 

@@ -134,11 +134,22 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
+def scaled_product(codes: torch.Tensor, scale: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``(codes @ qweight.T) * scale * weight_scale + bias`` in float32: the W8A8 product of
+    activation codes (E4M3, or INT8 whose integer products are summed exactly, as an int32
+    accumulator does; float64 holds them) and weight codes of the same dtype."""
+    if codes.dtype == torch.int8:
+        product = (codes.double() @ qweight.double().T).float()
+    else:
+        product = codes.float() @ qweight.float().T
+    out = product * scale * weight_scale
+    return out if bias is None else out + bias.float()
+
+
 def _linear_fp8_reference(x, qweight, weight_scale, input_scale, bias):
     scale = fp8_token_scales(x) if input_scale is None else input_scale.float()
-    product = quantize_fp8(x, scale).float() @ qweight.float().T
-    out = product * scale * weight_scale
-    return (out if bias is None else out + bias.float()).to(x.dtype)
+    return scaled_product(quantize_fp8(x, scale), scale, qweight, weight_scale, bias).to(x.dtype)
 
 
 INT8_MAX = 127.0
@@ -164,10 +175,7 @@ def quantize_int8_tokens(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _linear_w8a8_reference(x, qweight, weight_scale, bias):
     scale = int8_token_scales(x)
-    # integer products summed exactly (float64 holds them), as an int32 accumulator does
-    product = (quantize_int8_tokens(x, scale).double() @ qweight.double().T).float()
-    out = product * scale * weight_scale
-    return (out if bias is None else out + bias.float()).to(x.dtype)
+    return scaled_product(quantize_int8_tokens(x, scale), scale, qweight, weight_scale, bias).to(x.dtype)
 
 
 OPS = [

@@ -40,7 +40,9 @@ _GATED = {"silu": lambda t: ops.silu(t), "gelu": lambda t: ops.gelu(t),
           "gelu_tanh": lambda t: ops.gelu(t, approximate="tanh")}
 
 
-def _signature(fn, names, attrs=()):
+def signature(fn, names, attrs=()):
+    """Give ``fn`` (taking ``**values``) the parameters ``names`` (values) and ``attrs``
+    (attribute variables), so that the pattern tracer and the rewriter bind them by name."""
     fn.__signature__ = inspect.Signature(
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
         + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int) for n in attrs])
@@ -75,7 +77,7 @@ def _qkv_rule(variant: Variant) -> Rule:
         return ops.split(_fused(variant, v, layers), dim=-1, sizes=sizes)
 
     names = _names(variant, layers)
-    return Rule(_signature(pattern, names), _signature(replacement, names), when=_fusable(variant, layers),
+    return Rule(signature(pattern, names), signature(replacement, names), when=_fusable(variant, layers),
                 name=f"fuse_qkv_{variant.label}")
 
 
@@ -90,7 +92,7 @@ def _gated_rule(variant: Variant, activation: str) -> Rule:
         return ops.gated_activation(_fused(variant, v, layers), activation=activation)
 
     names = _names(variant, layers)
-    return Rule(_signature(pattern, names), _signature(replacement, names), when=_fusable(variant, layers),
+    return Rule(signature(pattern, names), signature(replacement, names), when=_fusable(variant, layers),
                 name=f"fuse_{activation}_{variant.label}")
 
 
@@ -102,7 +104,7 @@ def _selection_rule(variant: Variant) -> Rule:
         return variant.call(ops.index_select(x, index, dim=dim), v)
 
     names = ["x", *variant.parts, *variant.shared, "index"]
-    return Rule(_signature(pattern, names, ("dim",)), _signature(replacement, names, ("dim",)),
+    return Rule(signature(pattern, names, ("dim",)), signature(replacement, names, ("dim",)),
                 when=lambda m: m["dim"] % m["x"].type.rank != m["x"].type.rank - 1,
                 name=f"select_before_{variant.label}")
 
