@@ -4,7 +4,8 @@ A backend's kernel table covers ops, and the CUDA backend runs the ops it has no
 of its own for through torch, which is right for views and gathers but not for an
 attention whose reference reads sizes back to the host (no CUDA graph could capture it).
 Such ops are refused here by name; so are attributes that ask a kernel for something it
-does not implement (the CUDA attention kernels have no ALiBi biases). Each refusal names
+does not implement (the CUDA attention kernels have no ALiBi biases and no chunked local
+attention). Each refusal names
 the op, where it occurs and the reason, so that ``kiln.compile(target="h100")`` fails at
 build rather than at the first step. (TensorRT and ONNX refuse what their lowering
 tables lack in the same spirit: ``backends/tensorrt/table.py``, ``backends/onnx/table.py``.)
@@ -23,7 +24,8 @@ REFUSED_OPS: dict[str, dict[str, str]] = {
 
 # backend -> op -> attribute -> the feature a set value asks for, as users know it
 REFUSED_ATTRIBUTES: dict[str, dict[str, dict[str, str]]] = {
-    "cuda": {"paged_attention": {"alibi_bias_max": "ALiBi attention biases have no CUDA kernel yet"}},
+    "cuda": {"paged_attention": {"alibi_bias_max": "ALiBi attention biases have no CUDA kernel yet",
+                                 "chunk_size": "chunked local attention (Llama 4) has no CUDA kernel yet"}},
 }
 
 

@@ -24,6 +24,7 @@ from torch.utils._sympy.value_ranges import bound_sympy
 from ..ir import ConstantData, Graph, LazyData, TensorType, Value, dtypes, sym
 from ..ir.shapes import Dim, dims_equal, normalize_dim
 from .aten import CONVERTERS, IGNORED, Conversion
+from .complex import COMPLEX_CONVERTERS, Complex, is_complex_call, real_dtype
 from .errors import FrontendError, UnsupportedOpsError
 from .fills import COPY_OP, EMPTY_OPS, SLICE_OP, Fill, FillSlice, slice_of, view_base
 
@@ -159,19 +160,20 @@ class _Importer:
             return
         if self._fill(node, name, fake):
             return
-        converter, mutated = CONVERTERS.get(name), None
-        in_place = node.args and isinstance(node.args[0], torch.fx.Node)
-        if converter is None and _functional(name) in CONVERTERS and in_place:
-            converter, mutated = CONVERTERS[_functional(name)], node.args[0]
         args, kwargs = self._arg(node.args), {k: self._arg(v) for k, v in node.kwargs.items()}
+        table = COMPLEX_CONVERTERS if is_complex_call((args, kwargs), fake) else CONVERTERS
+        converter, mutated = table.get(name), None
+        in_place = node.args and isinstance(node.args[0], torch.fx.Node)
+        if converter is None and _functional(name) in table and in_place:
+            converter, mutated = table[_functional(name)], node.args[0]
         if converter is None:
-            self.unsupported.setdefault(name, []).append(self.location(node) or "")
+            self.unsupported.setdefault(name if table is CONVERTERS else f"{name} (of complex tensors)",
+                                        []).append(self.location(node) or "")
             return
         if _contains_missing((args, kwargs)):
             return  # downstream of an unsupported op: already reported
         first = fake[0] if isinstance(fake, (tuple, list)) else fake
-        cx = Conversion(self.graph, dtypes.dtype(first.dtype) if isinstance(first, torch.Tensor) else None,
-                        self.location(node))
+        cx = Conversion(self.graph, _result_dtype(first), self.location(node))
         before = len(self.graph.nodes)
         try:
             result = converter(cx, *args, **kwargs)
@@ -206,7 +208,12 @@ class _Importer:
     def _check(self, node: torch.fx.Node, name: str, result: Any, fake: Any, cx: Conversion) -> Any:
         if isinstance(result, (tuple, list)):
             return tuple(self._check(node, name, r, f, cx) for r, f in zip(result, fake))
-        want = self.tensor_type(fake)
+        if isinstance(result, Complex):  # its pairs: torch's shape and a last dim of 2
+            want = TensorType(real_dtype(fake.dtype), [*(self.dim(d) for d in fake.shape), 2])
+            return Complex(self._check_value(node, name, result.pairs, want, cx))
+        return self._check_value(node, name, result, self.tensor_type(fake), cx)
+
+    def _check_value(self, node: torch.fx.Node, name: str, result: Value, want: TensorType, cx: Conversion) -> Value:
         if result.dtype != want.dtype:
             result = cx.value(result, want.dtype)
         if not (len(result.shape) == len(want.shape)
@@ -227,6 +234,13 @@ def _functional(name: str) -> str:
     if len(parts) == 3 and parts[1].endswith("_") and not parts[1].startswith("_"):
         return ".".join((parts[0], parts[1][:-1], parts[2]))
     return name
+
+
+def _result_dtype(fake: Any) -> dtypes.DType | None:
+    """The kiln dtype of a node's (first) result; a complex result's parts' dtype."""
+    if not isinstance(fake, torch.Tensor):
+        return None
+    return real_dtype(fake.dtype) or dtypes.dtype(fake.dtype)
 
 
 def _settle_extrema(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, Any]) -> sympy.Expr:

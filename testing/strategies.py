@@ -380,7 +380,7 @@ def _math(b: GraphDraft):
     x = b.value()
     positive = ops.abs(x) + 0.5
     name = b.draw(st.sampled_from(["exp", "log", "sqrt", "rsqrt", "reciprocal", "pow", "clamp",
-                                   "argmax", "gather", "logical_and", "expm1", "softplus"]))
+                                   "argmax", "gather", "logical_and", "expm1", "softplus", "log1p", "floor"]))
     if name in ("exp", "expm1"):
         return ops.call(name, -positive)
     if name == "softplus":
@@ -397,7 +397,10 @@ def _math(b: GraphDraft):
         return ops.gather(x, index, dim=-1) - x
     if name == "logical_and":
         return ops.where(ops.logical_and(ops.gt(x, 0.0), ops.lt(x, 1.0)), x, -x)
-    return ops.call(name, positive) if name in ("log", "sqrt", "rsqrt", "reciprocal") else None
+    if name == "floor" and x.type.rank:  # of exact values: floor would magnify a pass's rounding
+        steps = ops.cast(ops.arange(graph=b.graph, end=x.shape[-1]), dtype=x.dtype)
+        return x * ops.floor(steps * 0.25)
+    return ops.call(name, positive) if name in ("log", "sqrt", "rsqrt", "reciprocal", "log1p") else None
 
 
 def _redundant(b: GraphDraft):
