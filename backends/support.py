@@ -22,10 +22,12 @@ REFUSED_OPS: dict[str, dict[str, str]] = {
     "cuda": {"paged_mla_attention": _MLA, "mla_attention": _MLA},
 }
 
-# backend -> op -> attribute -> the feature a set value asks for, as users know it
+# backend -> op -> attribute -> the feature a set value (not None, not False) asks for, as users know it
 REFUSED_ATTRIBUTES: dict[str, dict[str, dict[str, str]]] = {
     "cuda": {"paged_attention": {"alibi_bias_max": "ALiBi attention biases have no CUDA kernel yet",
-                                 "chunk_size": "chunked local attention (Llama 4) has no CUDA kernel yet"}},
+                                 "chunk_size": "chunked local attention (Llama 4) has no CUDA kernel yet"},
+             **{op: {"weigh_inputs": "experts that weigh their inputs (Llama 4) have no CUDA kernel yet"}
+                for op in ("moe", "moe_experts")}},
 }
 
 
@@ -43,7 +45,7 @@ def check_backend_support(graph: Graph, backend: str, target: str) -> None:
         if node.op in ops:
             found.setdefault(node.op, f"{node.op} (at {where}): {ops[node.op]}")
         for attr, feature in attributes.get(node.op, {}).items():
-            if node.attrs.get(attr) is not None:
+            if node.attrs.get(attr) not in (None, False):
                 found.setdefault(f"{node.op}.{attr}",
                                  f"{node.op} (at {where}, {attr}={node.attrs[attr]}): {feature}")
     if found:

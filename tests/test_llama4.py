@@ -1,7 +1,7 @@
 """Llama 4's pieces: chunked local attention in both attention references and the reference
 backend's paged kernel, complex tensors imported as real pairs, the router's scatter of the
 top-k logits, the raise of a complex product of pairs into interleaved rotary, and the
-backends that refuse chunked attention by name. (The whole model
+backends that refuse chunked attention and input-weighted experts by name. (The whole model
 against transformers is in test_frontend_hf.py and test_paged.py, config "llama4".)"""
 
 import pytest
@@ -99,14 +99,17 @@ def test_router_scatter_of_the_top_logits():
     assert torch.equal(compiled(logits), TopKScores()(logits))
 
 
-def test_cuda_targets_onnx_and_tensorrt_refuse_chunked_attention(tmp_path):
+def test_cuda_onnx_and_tensorrt_refuse_chunked_attention_and_input_weighted_experts(tmp_path):
     from kiln.backends.onnx.table import unexportable
     from kiln.backends.tensorrt.table import _no_window_or_softcap
 
     checkpoint = write_checkpoint(random_model("llama4"), tmp_path)
-    with pytest.raises(BackendSupportError, match=r"  - paged_attention \(at model.layers.0.self_attn, chunk_size=4\): "
-                                                  r"chunked local attention \(Llama 4\) has no CUDA kernel yet"):
+    with pytest.raises(BackendSupportError) as refused:
         kiln.compile(checkpoint, target="h100", dtype="float32", max_seq_len=64)
+    assert "  - paged_attention (at model.layers.0.self_attn, chunk_size=4): chunked local attention (Llama 4) " \
+           "has no CUDA kernel yet" in str(refused.value)
+    assert "  - moe (at model.layers.1.feed_forward, weigh_inputs=True): experts that weigh their inputs " \
+           "(Llama 4) have no CUDA kernel yet" in str(refused.value)
     engine = kiln.compile(checkpoint, dtype="float32", max_seq_len=64)
     chunked = [n for n in engine.graph.nodes if n.op == "paged_attention"]
     assert [n.attrs["chunk_size"] for n in chunked] == [4, None]  # layer 1 is a NoPE layer of full attention
