@@ -13,8 +13,9 @@ whose weights scale the experts' inputs: ``moe`` over the weights transposed to 
 layout (``[experts, 2 inter, hidden]`` and ``[experts, hidden, inter]``, folded into
 constants), each token through its top-k experts only.
 
-The rule matches the float32 form; a bf16 model's casts around the sigmoid leave the layer
-as it is (the dense form, which computes the same).
+The router is matched as a float32 model has it, and as a bf16 one does (its sigmoid taken in
+float32 and cast back); ``moe`` routes in float32 and casts the weights to the model's dtype
+before scaling the inputs, as transformers does.
 """
 
 from __future__ import annotations
@@ -27,19 +28,32 @@ from .pattern import AttrVar, Match
 from .rewriter import Rule
 
 
-def _scores(logits, positions, fill, k: int):
-    """The router: sigmoids of the top-k logits written into ``fill`` (``-inf``)."""
+def _scores(logits, positions, fill, k: int, in_float32: bool):
+    """The router: sigmoids of the top-k logits written into ``fill`` (``-inf``); taken in
+    float32 and cast back where the model is narrower."""
     top, indices = ops.topk(logits, k=k, dim=AttrVar("topk_dim"))
     hits = ops.eq(ops.unsqueeze(indices, dim=2), positions)
     written = ops.where(hits, ops.unsqueeze(top, dim=2), float("-inf"))
     chosen = ops.cast(ops.max(ops.cast(hits, dtype=dtypes.float32), dims=(1,)), dtype=dtypes.bool_)
-    return ops.sigmoid(ops.where(chosen, ops.max(written, dims=(1,)), fill))
+    scored = ops.where(chosen, ops.max(written, dims=(1,)), fill)
+    if in_float32:
+        return ops.cast(ops.sigmoid(ops.cast(scored, dtype=dtypes.float32)), dtype=AttrVar("narrow"))
+    return ops.sigmoid(scored)
 
 
-def _dense_experts(x, logits, positions, fill, gate_up, down, k: int, lifted: tuple, tiled: tuple, rows: tuple,
-                   column: tuple, per_expert: tuple, gate_size: int, up_size: int):
-    """Every expert on every token, its input scaled by the expert's score; summed."""
-    scores = _scores(logits, positions, fill, k)
+def _dense_experts(in_float32: bool):
+    """The pattern: every expert on every token, its input scaled by the expert's score;
+    summed."""
+    def pattern(x, logits, positions, fill, gate_up, down, k: int, lifted: tuple, tiled: tuple, rows: tuple,
+                column: tuple, per_expert: tuple, gate_size: int, up_size: int):
+        scores = _scores(logits, positions, fill, k, in_float32)
+        return _experts(x, scores, gate_up, down, lifted, tiled, rows, column, per_expert, gate_size, up_size)
+
+    pattern.__name__ = f"raise_moe_dense_sigmoid{'_in_float32' if in_float32 else ''}"
+    return pattern
+
+
+def _experts(x, scores, gate_up, down, lifted, tiled, rows, column, per_expert, gate_size, up_size):
     repeated = ops.reshape(ops.expand(ops.reshape(x, shape=lifted), shape=tiled), shape=rows)
     weighed = ops.mul(repeated, ops.reshape(ops.transpose(scores, dim0=0, dim1=1), shape=column))
     projected = ops.matmul(ops.reshape(weighed, shape=per_expert), gate_up)
@@ -83,7 +97,7 @@ def _routes_every_token(m: Match) -> bool:
         return False
     if (m["gate_size"], m["up_size"]) != (inter, inter) or m["split_dim"] not in (-1, 2):
         return False
-    if m["topk_dim"] not in (-1, 1):
+    if m["topk_dim"] not in (-1, 1) or m.attrs.get("narrow", x.dtype) != x.dtype:
         return False
     positions = m["positions"]
     if not positions.is_literal or not torch.equal(positions.tensor(), torch.arange(experts).reshape(1, 1, -1)):
@@ -95,4 +109,4 @@ def _routes_every_token(m: Match) -> bool:
         and m["per_expert"][0] == experts
 
 
-DENSE_MOE_RULES = [Rule(_dense_experts, _moe, when=_routes_every_token, name="raise_moe_dense_sigmoid")]
+DENSE_MOE_RULES = [Rule(_dense_experts(in_float32), _moe, when=_routes_every_token) for in_float32 in (False, True)]

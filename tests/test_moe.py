@@ -265,17 +265,19 @@ class _Llama4Moe(torch.nn.Module):
         return self.moe(x)[0]
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_llama4_router_and_dense_experts_are_raised_into_one_moe(top_k):
-    """The router's scatter of the top-k logits into -inf, its sigmoids, and every expert
-    run on every token (repeated, weighed, two batched matmuls, summed) become one
-    ``moe {scoring = sigmoid, weigh_inputs = true}`` over the transposed weights."""
+@pytest.mark.parametrize("top_k, dtype, tolerance", [(1, torch.float32, 1e-6), (2, torch.float32, 1e-6),
+                                                     (1, torch.bfloat16, 2e-2)])
+def test_llama4_router_and_dense_experts_are_raised_into_one_moe(top_k, dtype, tolerance):
+    """The router's scatter of the top-k logits into -inf, its sigmoids (in float32 and cast
+    back, in bf16), and every expert run on every token (repeated, weighed, two batched
+    matmuls, summed) become one ``moe {scoring = sigmoid, weigh_inputs = true}`` over the
+    transposed weights."""
     from kiln.passes import DENSE_MOE_RULES, pipeline_manager
 
-    x = torch.randn(2, 6, 16)
-    graph = kiln.compile(_Llama4Moe(top_k), example_inputs=[x]).graph
+    x = torch.randn(2, 6, 16, dtype=dtype)
+    graph = kiln.compile(_Llama4Moe(top_k).to(dtype), example_inputs=[x]).graph
     pipeline_manager("cleanup").run(graph)
-    result = assert_preserves(lambda g: rewrite(g, DENSE_MOE_RULES), graph, [x])
+    result = assert_preserves(lambda g: rewrite(g, DENSE_MOE_RULES), graph, [x], rtol=tolerance, atol=tolerance)
     counts = result.op_counts()
     assert counts["moe"] == 1 and "matmul" not in counts and "topk" not in counts
     (node,) = [n for n in result.nodes if n.op == "moe"]
