@@ -75,6 +75,11 @@ def _polar(cx, magnitude: Value, angle: Value) -> Complex:
                ops.unsqueeze(ops.mul(magnitude, ops.sin(angle)), dim=last))
 
 
+def _complex(cx, real: Value, imag: Value) -> Complex:
+    """``torch.complex(real, imag)``."""
+    return _of(*(ops.unsqueeze(cx.value(part), dim=part.type.rank) for part in (real, imag)))
+
+
 def _view_as_complex(cx, x: Value) -> Complex:
     if x.type.rank == 0 or x.shape[-1] != 2:
         raise NotImplementedError(f"view_as_complex of {x.type}, whose last dim is not 2")
@@ -131,6 +136,7 @@ def _same(cx, z: Complex, *args: Any, **kwargs: Any) -> Complex:
 
 COMPLEX_CONVERTERS = {
     "aten.polar.default": _polar,
+    "aten.complex.default": _complex,
     "aten.view_as_complex.default": _view_as_complex,
     "aten.view_as_real.default": _view_as_real,
     "aten.mul.Tensor": _mul,

@@ -54,6 +54,8 @@ def _dense_experts(in_float32: bool):
 
 
 def _experts(x, scores, gate_up, down, lifted, tiled, rows, column, per_expert, gate_size, up_size):
+    """x repeated once per expert, each copy scaled by its expert's scores, through the
+    stacked SwiGLU experts by two batched matmuls, summed over the experts."""
     repeated = ops.reshape(ops.expand(ops.reshape(x, shape=lifted), shape=tiled), shape=rows)
     weighed = ops.mul(repeated, ops.reshape(ops.transpose(scores, dim0=0, dim1=1), shape=column))
     projected = ops.matmul(ops.reshape(weighed, shape=per_expert), gate_up)

@@ -60,7 +60,8 @@ class ComplexRotary(nn.Module):
 
     def forward(self, x):  # x [batch, seq, heads, 8]
         angles = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * self.inv_freq
-        freqs = torch.polar(torch.ones_like(angles), angles)[None] * 0.5  # [1, seq, 4], scaled by a number
+        freqs = torch.polar(torch.ones_like(angles), angles) * 0.5 + torch.complex(angles.cos(), angles.sin()) * 0.5
+        freqs = freqs[None]  # [1, seq, 4]: a sum of complex tensors, each scaled by a number
         freqs = freqs.transpose(0, 1).reshape(x.shape[1], 1, 4).transpose(0, 1)  # view, transpose round trip
         pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
         turned = pairs * freqs[:, :, None, :] + pairs[:, :, :, :]  # product, sum, slice of a complex tensor
