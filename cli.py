@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pipeline-parallel stages, each a worker process per tensor-parallel rank "
                        "(default: the engine's)")
     serve.add_argument("--prefill-workers", type=int, default=0,
-                       help="disaggregated serving: prompts prefilled by this many worker processes, their KV cache "
-                       "sent back layer by layer (default: 0, prefill here)")
+                       help="disaggregated serving: prompts prefilled by this many workers (each of the engine's "
+                       "tp x pp processes), their KV cache sent back layer by layer (default: 0, prefill here)")
     serve.set_defaults(run=_serve)
     ir = commands.add_parser("ir", help="print a graph (a .kiln text file or a checkpoint directory), "
                              "optionally after a pipeline")

@@ -3,9 +3,10 @@
 A backend's kernel table covers ops, and the CUDA backend runs the ops it has no kernel
 of its own for through torch, which is right for views and gathers but not for an
 attention whose reference reads sizes back to the host (no CUDA graph could capture it).
-Such ops are refused here by name; so are attributes that ask a kernel for something it
-does not implement (the CUDA attention kernels have no ALiBi biases and no chunked local
-attention). Each refusal names
+Such ops are refused here by name (none is now: multi-head latent attention, the last,
+has its kernels in ``cuda/mla_attention.py``); so are attributes that ask a kernel for
+something it does not implement (the CUDA attention kernels have no ALiBi biases and no
+chunked local attention; the CUDA experts do not weigh their inputs). Each refusal names
 the op, where it occurs and the reason, so that ``kiln.compile(target="h100")`` fails at
 build rather than at the first step. (TensorRT and ONNX refuse what their lowering
 tables lack in the same spirit: ``backends/tensorrt/table.py``, ``backends/onnx/table.py``.)
@@ -15,12 +16,8 @@ from __future__ import annotations
 
 from ..ir import Graph
 
-_MLA = "multi-head latent attention (DeepSeek-V2/V3) has no CUDA kernel yet"
-
 # backend -> op -> why it is refused
-REFUSED_OPS: dict[str, dict[str, str]] = {
-    "cuda": {"paged_mla_attention": _MLA, "mla_attention": _MLA},
-}
+REFUSED_OPS: dict[str, dict[str, str]] = {}
 
 # backend -> op -> attribute -> the feature a set value (not None, not False) asks for, as users know it
 REFUSED_ATTRIBUTES: dict[str, dict[str, dict[str, str]]] = {

@@ -66,8 +66,14 @@ def llama_8b(device: str = "cuda"):
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                          bos_token_id=128000, eos_token_id=128001)
+    return random_model(LlamaForCausalLM, config, device)
+
+
+def random_model(model_class, config, device: str, dtype: torch.dtype = torch.bfloat16):
+    """``model_class(config)`` on ``device`` with random ``dtype`` weights (normal, std
+    0.02; norms 1), made there directly (no copy of the weights in the host's memory)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = model_class(config).to(dtype)
     model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -76,7 +82,7 @@ def llama_8b(device: str = "cuda"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=generator)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config, device=device)  # to_empty left its buffers empty
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)  # to_empty left its buffers empty
     model.generation_config.pad_token_id = 0
     return model.eval()
 

@@ -266,6 +266,11 @@ def _topk(cx: Conversion, x: Value, k: int, dim: int = -1, largest: bool = True,
     return ops.topk(x, k=k, dim=dim)  # always sorted, which is one valid order when torch was not asked to sort
 
 
+def _max_dim(cx: Conversion, x: Value, dim: int, keepdim: bool = False) -> tuple[Value, Value]:
+    """The largest values along ``dim`` and their indices (DeepSeek-V2's group scores, PhiMoE's router)."""
+    return ops.max(x, dims=(dim,), keepdim=keepdim), ops.argmax(x, dim=dim, keepdim=keepdim)
+
+
 def _kiln_experts(cx: Conversion, x: Value, weights: Value, indices: Value, gate_up: Value, down: Value,
                   activation: str) -> Value:
     return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
@@ -273,6 +278,15 @@ def _kiln_experts(cx: Conversion, x: Value, weights: Value, indices: Value, gate
 
 def _clamp(cx: Conversion, x: Value, min: float | None = None, max: float | None = None) -> Value:
     return ops.clamp(x, min=min, max=max)
+
+
+def _clamp_tensor(cx: Conversion, x: Value, min: Value | None = None, max: Value | None = None) -> Value:
+    """``x`` clamped by tensors (PhiMoE's router: ``scores.abs().clamp(min=threshold)``)."""
+    if min is not None:
+        x = ops.maximum(*cx.promote(x, min))
+    if max is not None:
+        x = ops.minimum(*cx.promote(x, max))
+    return x
 
 
 def _gelu(cx: Conversion, x: Value, approximate: str = "none") -> Value:
@@ -364,6 +378,7 @@ CONVERTERS: dict[str, Converter] = {
     "aten.pow.Tensor_Scalar": _pow,
     "aten.pow.Tensor_Tensor": _pow,
     "aten.clamp.default": _clamp,
+    "aten.clamp.Tensor": _clamp_tensor,
     "aten.where.self": _where,
     "aten.masked_fill.Scalar": _masked_fill,
     "aten.to.dtype": _cast,
@@ -419,6 +434,7 @@ CONVERTERS: dict[str, Converter] = {
     "kiln.attention.default": _kiln_attention,
     "kiln.experts.default": _kiln_experts,
     "aten.topk.default": _topk,
+    "aten.max.dim": _max_dim,
     "aten.cumsum.default": _cumsum,
     "aten.arange.default": _arange,
     "aten.arange.start": _arange,

@@ -1,21 +1,23 @@
-"""Complex tensors in the importer, held as real pairs.
+"""Complex tensors as real pairs: how the ATen ops that DeepSeek-V2's and Llama 4's rotary
+embeddings leave on complex tensors (``polar``, ``complex``, ``view_as_complex``, complex
+``mul`` and ``add``, the shape ops ``unsqueeze``, ``slice``, ``view``, ``transpose``,
+``view_as_real``) become kiln ops.
 
-kiln's IR has no complex dtypes. Models that rotate with complex numbers (Llama 4 and
-DeepSeek-V2: ``torch.polar`` for the frequencies, ``view_as_complex`` of the queries and
-keys cut into pairs, a complex product, ``view_as_real``) are imported with each complex
-tensor of shape ``S`` held as a real ``Value`` of shape ``S + (2,)``: its real and
-imaginary parts side by side along a trailing dim, which is exactly the memory layout that
-``view_as_complex`` and ``view_as_real`` reinterpret. Those two views are then free, and
-the arithmetic is written out on the parts: ``(a + ib)(c + id) = (ac - bd) + i(ad + bc)``.
-The ``raise`` stage recognizes a product of pairs with rotation factors as an interleaved
-``rotary`` (``passes/complex_rotary.py``).
+kiln's IR has no complex dtype. A complex tensor of shape ``S`` is held as a real tensor
+of shape ``S + (2,)``, its real and imaginary parts along the last dim: exactly the layout
+of ``torch.view_as_real``, so ``view_as_complex`` and ``view_as_real`` cost nothing.
+Arithmetic on complex tensors is written out on the two parts; the ``raise`` stage then
+recognizes a rotation by unit complex numbers as kiln's interleaved ``rotary``
+(``passes/complex_rotary.py``).
 
-``COMPLEX_CONVERTERS`` holds the converters used when a node's operands or result are
-complex; an op outside it is reported by name, as any unmapped op.
+The importer sends every node that takes or makes a complex tensor here
+(``COMPLEX_CONVERTERS``), its complex arguments wrapped as ``Complex``; the others never
+see a complex tensor. A complex op without a converter here is reported by name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,132 +25,121 @@ import torch
 
 from ..ir import DType, Value, dtypes, ops
 from ..ir.opdefs.shape import END
+from .aten import Conversion
 
-_REAL = {torch.complex32: dtypes.float16, torch.complex64: dtypes.float32, torch.complex128: dtypes.float64}
+_REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
 
 
 @dataclass(frozen=True)
 class Complex:
-    """A complex tensor as a real value ``pairs`` of shape ``[..., 2]`` (real, imaginary)."""
+    """A complex argument: ``pairs`` holds it as real ``[..., 2]`` (real, imaginary)."""
 
     pairs: Value
 
     @property
     def rank(self) -> int:
+        """The rank of the complex tensor (one less than its pairs')."""
         return self.pairs.type.rank - 1
 
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.pairs.shape[:-1])
 
-    def parts(self) -> tuple[Value, Value]:
-        """The real and imaginary parts, each ``[..., 1]``."""
-        last = self.rank
-        return (ops.slice(self.pairs, dim=last, start=0, end=1), ops.slice(self.pairs, dim=last, start=1, end=2))
+def is_complex(value: Any) -> bool:
+    """Whether ``value`` (a traced node's fake tensor) is a complex tensor."""
+    return isinstance(value, torch.Tensor) and value.is_complex()
 
 
-def real_dtype(dtype: torch.dtype) -> DType | None:
-    """The dtype of the parts of a complex torch dtype; None for a dtype that is not complex."""
-    return _REAL.get(dtype)
+def real_dtype(dtype: torch.dtype) -> DType:
+    """The kiln dtype of a torch dtype, complex ones as the dtype of their parts."""
+    return dtypes.dtype(_REAL_OF.get(dtype, dtype))
 
 
-def is_complex_call(args: Any, fake: Any) -> bool:
-    """Whether a node takes or makes a complex tensor (its arguments hold a ``Complex``, or
-    torch computed a complex result)."""
-    if isinstance(fake, torch.Tensor) and fake.dtype.is_complex:
-        return True
-    if isinstance(args, (list, tuple)):
-        return any(is_complex_call(a, None) for a in args)
-    if isinstance(args, dict):
-        return any(is_complex_call(a, None) for a in args.values())
-    return isinstance(args, Complex)
+def pair_shape(fake: torch.Tensor) -> tuple:
+    """The shape of a fake tensor as kiln holds it: complex ones gain the pair dim."""
+    return (*fake.shape, 2) if fake.is_complex() else tuple(fake.shape)
 
 
-def _of(re: Value, im: Value) -> Complex:
-    return Complex(ops.concat([re, im], dim=re.type.rank - 1))
+def _parts(z: Complex) -> tuple[Value, Value]:
+    last = z.pairs.type.rank - 1
+    return tuple(ops.squeeze(ops.slice(z.pairs, dim=last, start=i, end=i + 1), dim=last) for i in (0, 1))
 
 
-def _polar(cx, magnitude: Value, angle: Value) -> Complex:
-    """``magnitude * (cos(angle) + i sin(angle))``."""
-    last = angle.type.rank
-    return _of(ops.unsqueeze(ops.mul(magnitude, ops.cos(angle)), dim=last),
-               ops.unsqueeze(ops.mul(magnitude, ops.sin(angle)), dim=last))
+def _pairs(real: Value, imag: Value) -> Value:
+    last = real.type.rank
+    return ops.concat([ops.unsqueeze(real, dim=last), ops.unsqueeze(imag, dim=last)], dim=last)
 
 
-def _complex(cx, real: Value, imag: Value) -> Complex:
+def _polar(cx: Conversion, magnitude: Value, angle: Value) -> Value:
+    return _pairs(ops.mul(magnitude, ops.cos(angle)), ops.mul(magnitude, ops.sin(angle)))
+
+
+def _complex(cx: Conversion, real: Value, imag: Value) -> Value:
     """``torch.complex(real, imag)``."""
-    return _of(*(ops.unsqueeze(cx.value(part), dim=part.type.rank) for part in (real, imag)))
+    return _pairs(cx.value(real), cx.value(imag))
 
 
-def _view_as_complex(cx, x: Value) -> Complex:
-    if x.type.rank == 0 or x.shape[-1] != 2:
-        raise NotImplementedError(f"view_as_complex of {x.type}, whose last dim is not 2")
-    return Complex(x)
-
-
-def _view_as_real(cx, z: Complex) -> Value:
-    return z.pairs
-
-
-def _product(a: Complex, b: Complex) -> Complex:
-    ar, ai = a.parts()
-    br, bi = b.parts()
-    return _of(ops.sub(ops.mul(ar, br), ops.mul(ai, bi)), ops.add(ops.mul(ar, bi), ops.mul(ai, br)))
-
-
-def _scaled(cx, z: Complex, factor: Any) -> Complex:
-    """A complex tensor times a real tensor or number (both parts scaled)."""
-    if isinstance(factor, Value):
-        factor = ops.unsqueeze(cx.value(factor, z.pairs.dtype), dim=factor.type.rank)
-    else:
-        factor = cx.value(factor, z.pairs.dtype)
-    return Complex(ops.mul(z.pairs, factor))
-
-
-def _mul(cx, a: Any, b: Any) -> Complex:
+def _mul(cx: Conversion, a: Any, b: Any) -> Value:
+    """``(ar + i ai)(br + i bi)``; a real factor (a tensor or a number) scales both parts."""
     if isinstance(a, Complex) and isinstance(b, Complex):
-        return _product(a, b)
-    if isinstance(b, Complex):
-        a, b = b, a
-    if isinstance(b, complex):
-        raise NotImplementedError("a product with a Python complex number")
-    return _scaled(cx, a, b)
+        (ar, ai), (br, bi) = _parts(a), _parts(b)
+        return _pairs(ops.sub(ops.mul(ar, br), ops.mul(ai, bi)), ops.add(ops.mul(ar, bi), ops.mul(ai, br)))
+    z, r = (a, b) if isinstance(a, Complex) else (b, a)
+    if isinstance(r, Value):
+        if r.type.rank > z.rank:
+            raise NotImplementedError("a complex tensor times a real one of higher rank")
+        r = ops.unsqueeze(cx.value(r), dim=r.type.rank)
+    return ops.mul(z.pairs, cx.value(r))
 
 
-def _add(cx, a: Any, b: Any, alpha: float = 1) -> Complex:
+def _add(cx: Conversion, a: Any, b: Any, alpha: float = 1) -> Value:
     if not (isinstance(a, Complex) and isinstance(b, Complex)) or alpha != 1:
         raise NotImplementedError("a sum of a complex tensor with anything but another complex tensor")
-    return Complex(ops.add(a.pairs, b.pairs))
+    return ops.add(a.pairs, b.pairs)
 
 
-def _axis(z: Complex, dim: int, extra: int = 0) -> int:
-    """A dim of the complex tensor as a dim of its pairs (``extra`` for ops that add a dim)."""
-    return dim % (z.rank + extra)
+def _unsqueeze(cx: Conversion, z: Complex, dim: int) -> Value:
+    return ops.unsqueeze(z.pairs, dim=dim % (z.rank + 1))
 
 
-def _same(cx, z: Complex, *args: Any, **kwargs: Any) -> Complex:
-    """Copies, aliases and conversions that keep the complex dtype."""
-    if cx.result_dtype != z.pairs.dtype:
-        raise NotImplementedError(f"a conversion of a complex tensor of {z.pairs.dtype} parts to "
-                                  f"{cx.result_dtype} parts")
-    return z
+def _slice(cx: Conversion, z: Complex, dim: int = 0, start: int | None = None, end: int | None = None,
+           step: int = 1) -> Value:
+    return ops.slice(z.pairs, dim=dim % z.rank, start=start or 0, end=END if end is None else end, step=step)
 
 
-COMPLEX_CONVERTERS = {
+def _reshape(cx: Conversion, z: Complex, shape: Any) -> Value:
+    """``view``, ``reshape`` (the pair dim stays last, so any ``-1`` still means the same)."""
+    return ops.reshape(z.pairs, shape=(*shape, 2))
+
+
+def _transpose(cx: Conversion, z: Complex, dim0: int, dim1: int) -> Value:
+    return ops.transpose(z.pairs, dim0=dim0 % z.rank, dim1=dim1 % z.rank)
+
+
+def _same(cx: Conversion, z: Any, *args: Any, **kwargs: Any) -> Value:
+    """A copy, view or move that keeps the values (a cast between complex dtypes casts both parts)."""
+    if not isinstance(z, Complex):
+        raise NotImplementedError("a cast from real to complex")
+    return cx.value(z.pairs)
+
+
+def _view_as_complex(cx: Conversion, x: Value) -> Value:
+    if x.type.rank < 1 or x.shape[-1] != 2:
+        raise NotImplementedError("view_as_complex of a tensor whose last dim is not 2")
+    return x
+
+
+COMPLEX_CONVERTERS: dict[str, Callable[..., Any]] = {
     "aten.polar.default": _polar,
-    "aten.complex.default": _complex,
     "aten.view_as_complex.default": _view_as_complex,
-    "aten.view_as_real.default": _view_as_real,
+    "aten.view_as_real.default": lambda cx, z: z.pairs,
+    "aten.complex.default": _complex,
     "aten.mul.Tensor": _mul,
     "aten.mul.Scalar": _mul,
     "aten.add.Tensor": _add,
-    "aten.unsqueeze.default": lambda cx, z, dim: Complex(ops.unsqueeze(z.pairs, dim=_axis(z, dim, 1))),
-    "aten.slice.Tensor": lambda cx, z, dim=0, start=None, end=None, step=1: Complex(ops.slice(
-        z.pairs, dim=_axis(z, dim), start=start or 0, end=END if end is None else end, step=step)),
-    "aten.view.default": lambda cx, z, shape: Complex(ops.reshape(z.pairs, shape=(*shape, 2))),
-    "aten.reshape.default": lambda cx, z, shape: Complex(ops.reshape(z.pairs, shape=(*shape, 2))),
-    "aten.expand.default": lambda cx, z, sizes, **kwargs: Complex(ops.expand(z.pairs, shape=(*sizes, 2))),
-    "aten.transpose.int": lambda cx, z, a, b: Complex(ops.transpose(z.pairs, dim0=_axis(z, a), dim1=_axis(z, b))),
-    **{f"aten.{name}": _same for name in ("to.dtype", "to.dtype_layout", "to.device", "_to_copy.default",
-                                         "clone.default", "alias.default", "contiguous.default", "detach.default")},
+    "aten.unsqueeze.default": _unsqueeze,
+    "aten.slice.Tensor": _slice,
+    "aten.view.default": _reshape,
+    "aten.reshape.default": _reshape,
+    "aten.transpose.int": _transpose,
+    **{f"aten.{name}": _same for name in ("to.dtype", "to.device", "to.dtype_layout", "_to_copy.default",
+                                          "clone.default", "alias.default", "contiguous.default",
+                                          "detach.default")},
 }

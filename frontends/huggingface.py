@@ -24,8 +24,10 @@ from torch.export import Dim
 from ..ir import ConstantData, Graph, LazyData, MissingData
 from .attention import register_with_transformers
 from .checkpoint import read_checkpoint
+from .config_checks import check_config
 from .errors import FrontendError
 from .experts import register_with_transformers as register_experts
+from .longrope import static_longrope
 from .prequantized import prequantized_tensors
 from .quantized_linear import QuantizedRef, use_quantized_weights
 from .torch_export import import_program
@@ -89,6 +91,7 @@ def build_model(config: Any, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     architectures = getattr(config, "architectures", None) or []
+    check_config(config)
     try:
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
@@ -125,7 +128,7 @@ def _export(model: nn.Module, max_batch_size: int, max_seq_len: int, device: str
     # cannot trace for every length up to and including it.
     seq_max = max(min(max_seq_len, _context_length(model.config) - 1), 8)
     dims = {0: Dim("batch", max=max(max_batch_size, 2)), 1: Dim("seq", min=1, max=seq_max)}
-    with torch.no_grad():
+    with torch.no_grad(), static_longrope(model, max_seq_len):
         return torch.export.export(_Logits(model), (example,), dynamic_shapes=(dims,), strict=False)
 
 
@@ -208,6 +211,7 @@ def import_weights(model: nn.Module, tensors: dict[str, Any], max_batch_size: in
 def import_model(model: nn.Module, tokenizer: Any = None, max_batch_size: int = 256,
                  max_seq_len: int = 8192) -> ImportedLM:
     """Import an in-memory ``transformers`` causal LM; its own tensors are the weights."""
+    check_config(model.config)
     implementation, experts = model.config._attn_implementation, model.get_experts_implementation()
     own_attention = _writes_attention_out(type(model))  # keeps its mask, for the raise stage
     if not own_attention:

@@ -21,10 +21,10 @@ from torch.utils._sympy.functions import Max as TorchMax
 from torch.utils._sympy.functions import Min as TorchMin
 from torch.utils._sympy.value_ranges import bound_sympy
 
-from ..ir import ConstantData, Graph, LazyData, TensorType, Value, dtypes, sym
+from ..ir import ConstantData, Graph, LazyData, TensorType, Value, sym
 from ..ir.shapes import Dim, dims_equal, normalize_dim
 from .aten import CONVERTERS, IGNORED, Conversion
-from .complex import COMPLEX_CONVERTERS, Complex, is_complex_call, real_dtype
+from .complex import COMPLEX_CONVERTERS, Complex, is_complex, pair_shape, real_dtype
 from .errors import FrontendError, UnsupportedOpsError
 from .fills import COPY_OP, EMPTY_OPS, SLICE_OP, Fill, FillSlice, slice_of, view_base
 
@@ -53,7 +53,8 @@ class _Importer:
         return int(size)
 
     def tensor_type(self, fake: torch.Tensor) -> TensorType:
-        return TensorType(dtypes.dtype(fake.dtype), [self.dim(d) for d in fake.shape])
+        """kiln's type of a traced tensor (a complex one as its real pairs, see ``complex``)."""
+        return TensorType(real_dtype(fake.dtype), [self.dim(d) for d in pair_shape(fake)])
 
     def _from_program(self, target: str, fake: torch.Tensor) -> ConstantData:
         target = self.prefix + target
@@ -143,7 +144,7 @@ class _Importer:
                 except NotImplementedError as exc:
                     self.unsupported.setdefault(f"{EMPTY_OPS[0]} ({exc})", []).append("")
                     return _MISSING
-            return value
+            return Complex(value) if is_complex(arg.meta.get("val")) and value is not _MISSING else value
         if isinstance(arg, (list, tuple)):
             return type(arg)(self._arg(a) for a in arg)
         if isinstance(arg, torch.SymInt):
@@ -160,20 +161,21 @@ class _Importer:
             return
         if self._fill(node, name, fake):
             return
-        args, kwargs = self._arg(node.args), {k: self._arg(v) for k, v in node.kwargs.items()}
-        table = COMPLEX_CONVERTERS if is_complex_call((args, kwargs), fake) else CONVERTERS
+        table = COMPLEX_CONVERTERS if _touches_complex(node) else CONVERTERS
         converter, mutated = table.get(name), None
         in_place = node.args and isinstance(node.args[0], torch.fx.Node)
         if converter is None and _functional(name) in table and in_place:
             converter, mutated = table[_functional(name)], node.args[0]
+        args, kwargs = self._arg(node.args), {k: self._arg(v) for k, v in node.kwargs.items()}
         if converter is None:
-            self.unsupported.setdefault(name if table is CONVERTERS else f"{name} (of complex tensors)",
-                                        []).append(self.location(node) or "")
+            label = f"{name} (on complex tensors)" if table is COMPLEX_CONVERTERS else name
+            self.unsupported.setdefault(label, []).append(self.location(node) or "")
             return
         if _contains_missing((args, kwargs)):
             return  # downstream of an unsupported op: already reported
         first = fake[0] if isinstance(fake, (tuple, list)) else fake
-        cx = Conversion(self.graph, _result_dtype(first), self.location(node))
+        cx = Conversion(self.graph, real_dtype(first.dtype) if isinstance(first, torch.Tensor) else None,
+                        self.location(node))
         before = len(self.graph.nodes)
         try:
             result = converter(cx, *args, **kwargs)
@@ -208,12 +210,7 @@ class _Importer:
     def _check(self, node: torch.fx.Node, name: str, result: Any, fake: Any, cx: Conversion) -> Any:
         if isinstance(result, (tuple, list)):
             return tuple(self._check(node, name, r, f, cx) for r, f in zip(result, fake))
-        if isinstance(result, Complex):  # its pairs: torch's shape and a last dim of 2
-            want = TensorType(real_dtype(fake.dtype), [*(self.dim(d) for d in fake.shape), 2])
-            return Complex(self._check_value(node, name, result.pairs, want, cx))
-        return self._check_value(node, name, result, self.tensor_type(fake), cx)
-
-    def _check_value(self, node: torch.fx.Node, name: str, result: Value, want: TensorType, cx: Conversion) -> Value:
+        want = self.tensor_type(fake)
         if result.dtype != want.dtype:
             result = cx.value(result, want.dtype)
         if not (len(result.shape) == len(want.shape)
@@ -226,6 +223,13 @@ class _Importer:
 _MISSING = object()
 
 
+def _touches_complex(node: torch.fx.Node) -> bool:
+    """Whether ``node`` takes or makes a complex tensor (converted by ``COMPLEX_CONVERTERS``)."""
+    results = node.meta.get("val")
+    results = results if isinstance(results, (tuple, list)) else [results]
+    return any(is_complex(r) for r in results) or any(is_complex(a.meta.get("val")) for a in node.all_input_nodes)
+
+
 def _functional(name: str) -> str:
     """The out-of-place form of an in-place op's name: ``aten.div_.Tensor`` -> ``aten.div.Tensor``.
     An in-place op is imported as its functional form, whose result then stands for the
@@ -234,13 +238,6 @@ def _functional(name: str) -> str:
     if len(parts) == 3 and parts[1].endswith("_") and not parts[1].startswith("_"):
         return ".".join((parts[0], parts[1][:-1], parts[2]))
     return name
-
-
-def _result_dtype(fake: Any) -> dtypes.DType | None:
-    """The kiln dtype of a node's (first) result; a complex result's parts' dtype."""
-    if not isinstance(fake, torch.Tensor):
-        return None
-    return real_dtype(fake.dtype) or dtypes.dtype(fake.dtype)
 
 
 def _settle_extrema(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, Any]) -> sympy.Expr:

@@ -1,63 +1,64 @@
-"""Raising rotary embedding written as a complex product: ``view_as_real(view_as_complex(x)
-* freqs)`` (Llama 4, DeepSeek-V2) becomes an interleaved ``rotary``.
+"""Raising rotary embedding written as complex multiplication (DeepSeek-V2's
+``view_as_complex(x) * freqs_cis``) into kiln's interleaved ``rotary``.
 
-The frontend holds complex tensors as real pairs (``frontends/complex.py``): ``x`` cut into
-``[..., n, 2]`` pairs, each pair multiplied by the pair ``(c, s)`` of a rotation factor
-``c + is`` along the same last dim, the parts concatenated and flattened back:
+The frontend holds a complex tensor as real ``[..., 2]`` pairs and writes a complex product
+out on the parts (``frontends/complex.py``): for ``x`` viewed as pairs ``(re, im)`` and a
+table of ``cos`` and ``sin`` (the parts of ``freqs_cis``, angles ``[..., rope / 2]``),
 
-    (a, b) * (c, s) = (a c - b s, a s + b c)
+    (re cos - im sin, re sin + im cos)
 
-which is ``rotary(x, cos, sin, interleaved=True)`` with each factor's real part repeated over
-its pair as ``cos`` and its imaginary part as ``sin``: interleaved rotary turns each
-``(x[2i], x[2i+1])`` into ``(x[2i] cos - x[2i+1] sin, x[2i+1] cos + x[2i] sin)``, the same
-products and sums. Any factors whose parts broadcast onto ``x``'s pairs match (``torch.polar``
-of the angles, scaled or not); common-subexpression elimination shares the repeated parts
-between q and k.
+stacked back into pairs. That is rotary over interleaved feature pairs ``(x0, x1), (x2,
+x3), ...``, so the rule makes one ``rotary {interleaved}`` of ``x`` flattened to ``[...,
+rope]``, its tables repeated for both features of each pair (kiln's interleaved ``rotary``
+takes one cos and one sin per feature). The scale transformers folds into ``freqs_cis``
+(``attention_scaling``) stays in the tables.
 """
 
 from __future__ import annotations
 
 from ..ir import ops
 from ..ir.shapes import dims_equal
-from .pattern import AttrVar, Match
+from .pattern import Match
 from .rewriter import Rule
 
 
-def _product_of_pairs(x, cos, sin, pairs: tuple, flat: tuple):
-    """The complex product as the frontend writes it, back to ``x``'s layout; ``cos`` and
-    ``sin`` are the factors' parts (slices of their pairs, shared by the products of q and k)."""
-    a = ops.reshape(x, shape=pairs)
-    last = AttrVar("last")
-    ar, ai = ops.slice(a, dim=last, start=0, end=1), ops.slice(a, dim=last, start=1, end=2)
-    real = ops.sub(ops.mul(ar, cos), ops.mul(ai, sin))
-    imag = ops.add(ops.mul(ar, sin), ops.mul(ai, cos))
-    return ops.reshape(ops.concat([real, imag], dim=last), shape=flat)
+def _part(pairs, index: int, dim: int):
+    return ops.squeeze(ops.slice(pairs, dim=dim, start=index, end=index + 1), dim=dim)
 
 
-def _repeated_over_pairs(part):
-    """One part of each factor, repeated over its pair: ``[..., n, 1] -> [..., 2 n]``."""
-    both = ops.expand(part, shape=(*part.shape[:-1], 2))
-    return ops.reshape(both, shape=(*part.shape[:-2], 2 * part.shape[-2]))
+def _complex_product(x, cos, sin, part_dim: int, pair_dim: int):
+    re, im = _part(x, 0, part_dim), _part(x, 1, part_dim)
+    turned_re = ops.sub(ops.mul(re, cos), ops.mul(im, sin))
+    turned_im = ops.add(ops.mul(re, sin), ops.mul(im, cos))
+    return ops.concat([ops.unsqueeze(turned_re, dim=pair_dim), ops.unsqueeze(turned_im, dim=pair_dim)],
+                      dim=pair_dim)
 
 
-def _interleaved_rotary(x, cos, sin, pairs: tuple, flat: tuple):
-    return ops.rotary(ops.reshape(x, shape=flat), _repeated_over_pairs(cos), _repeated_over_pairs(sin),
-                      interleaved=True)
+def _per_feature(table):
+    """An angle table ``[..., n]`` as ``[..., 2 n]``, each angle's value for both features of its pair."""
+    shape = table.shape
+    doubled = ops.expand(ops.unsqueeze(table, dim=len(shape)), shape=(*shape, 2))
+    return ops.reshape(doubled, shape=(*shape[:-1], shape[-1] * 2))
 
 
-def _rotates_pairs(m: Match) -> bool:
-    """The pairs are the last dim (of size 2) of ``x``'s reshape; the factors' parts have its
-    rank, one static factor per pair and broadcast onto the pairs (the product has their
-    shape); the result flattens each pair back into the last dim."""
-    pairs = next(n.results[0].type for n in m.nodes.values() if n.op == "reshape" and n.inputs[0] is m["x"])
-    product, cos, sin, out = m.outputs[0].producer.inputs[0].type, m["cos"].type, m["sin"].type, m.outputs[0].type
-    rank = pairs.rank
-    if m["last"] not in (-1, rank - 1) or pairs.shape[-1] != 2 or not cos.equivalent(sin) or cos.rank != rank:
+def _interleaved_rotary(x, cos, sin):
+    *outer, half, _ = x.shape
+    flat = ops.reshape(x, shape=(*outer, half * 2))
+    turned = ops.rotary(flat, _per_feature(cos), _per_feature(sin), interleaved=True)
+    return ops.reshape(turned, shape=tuple(x.shape))
+
+
+def _pairs_over_the_last_dim(m: Match) -> bool:
+    """``x`` is ``[..., n, 2]`` pairs cut along their last dim and joined back along it, and
+    the tables are ``[..., n]`` (one angle per pair, static)."""
+    x, cos, sin = m["x"].type, m["cos"].type, m["sin"].type
+    last = x.rank - 1
+    if x.rank < 2 or x.shape[-1] != 2 or m["part_dim"] not in (-1, last) or m["pair_dim"] not in (-1, last):
         return False
-    if cos.shape[-1] != 1 or not isinstance(cos.shape[-2], int) or not product.equivalent(pairs):
-        return False
-    return out.rank == rank - 1 and all(dims_equal(p, q) for p, q in zip(out.shape, pairs.shape[:-2]))
+    half = x.shape[-2]
+    return isinstance(half, int) and cos.rank >= 1 and dims_equal(cos.shape[-1], half) \
+        and cos.shape == sin.shape and cos.dtype == x.dtype == sin.dtype
 
 
-COMPLEX_ROTARY_RULES = [Rule(_product_of_pairs, _interleaved_rotary, when=_rotates_pairs,
+COMPLEX_ROTARY_RULES = [Rule(_complex_product, _interleaved_rotary, when=_pairs_over_the_last_dim,
                              name="raise_complex_rotary")]

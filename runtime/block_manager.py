@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from .sequence import Sequence
 
 
+def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    """The chained hash of a full block: its tokens and the hash of the block before it."""
+    return hash((parent, tokens))
+
+
 @dataclass
 class Block:
     """A cache block: how many sequences use it, and the hash and tokens of its content
@@ -57,7 +62,7 @@ class BlockManager:
         parent = None
         for index in range(seq.reusable_prefix // self.block_size):
             tokens = tuple(seq.tokens[index * self.block_size:(index + 1) * self.block_size])
-            digest = hash((parent, tokens))
+            digest = block_hash(parent, tokens)
             block_id = self.cached.get(digest)
             if block_id is None or self.blocks[block_id].tokens != tokens:
                 break
@@ -107,7 +112,7 @@ class BlockManager:
             index = len(seq.block_hashes)
             tokens = tuple(seq.tokens[index * self.block_size:(index + 1) * self.block_size])
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            digest = hash((parent, tokens))
+            digest = block_hash(parent, tokens)
             block = self.blocks[seq.block_table[index]]
             if block.hash is None:
                 block.hash, block.tokens = digest, tokens

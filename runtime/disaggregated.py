@@ -1,8 +1,14 @@
 """Disaggregated prefill and decode: prompts computed by prefill workers, their KV cache
 sent to the serving process layer by layer while the rest of the prompt computes.
 
-Rank 0 serves (scheduler, sampler, decode steps, its KV cache); ranks 1.. are prefill
-workers, each with the whole model and a KV cache of the same blocks. When the
+Rank 0 serves (scheduler, sampler, decode steps, its KV cache); the prefill workers'
+ranks follow the decode ranks, each worker with the whole model and a KV cache of the
+same blocks. An engine of ``tp x pp`` ranks is served by its ranks (a ``WorkerGroup``)
+and prefill workers of as many ranks each, laid out the same way: prefill rank ``r`` of a
+worker (from its first rank) holds the same layers and heads as decode rank ``r`` and
+sends its blocks there, and rank 0 tells the other decode ranks when to post their
+receives and when to copy the blocks in (``kv_transfer.BlockReceiver``, over the ``KV``
+command). When the
 ``DisaggregatedScheduler`` admits a waiting sequence it allocates the sequence's blocks
 on rank 0 and sends a prefill worker all of its tokens but the last, with those block
 numbers (``PrefillWorkers.dispatch``). The worker runs the prompt (in chunks of the
@@ -16,42 +22,53 @@ samples the first token, on rank 0, as for any sequence. The worker also reports
 prefill time and how long the transfers ran past it (``PrefillStats``: the fraction of
 the transfer hidden behind compute).
 
-Prefix caching is off in this mode (a block that rank 0 filled by decoding is not in the
-workers' caches), and a sequence that is preempted is prefilled again by a worker.
+Prefix caching works as in one process on rank 0: a prompt's cached prefix blocks are
+neither computed nor sent. ``prefill_cache.WorkerHoldings`` picks the worker whose cache
+holds most of that prefix and the token the worker starts from; the worker sends only the
+blocks after rank 0's prefix. A sequence that is preempted is prefilled again by a worker
+(from its cached prefix, like any other).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..backends import kernels_for
 from .batch import SequenceStep, step_inputs
 from .block_manager import BlockManager
-from .distributed import TIMEOUT_S, failure, receive_from_rank0, run_worker, spawn_workers, stop_workers
+from .distributed import (TIMEOUT_S, Groups, WorkerError, WorkerGroup, failure, rank_groups, run_worker, serve_rank,
+                          spawn_workers, stage_runner, stop_workers)
 from .engine import Engine, load_engine
-from .executor import load_executor
+from .engine_files import read_manifest
+from .kv_transfer import DROP, LAND, POST, BlockReceiver, LayerSender
+from .pipeline import Layout
+from .prefill_cache import WorkerHoldings
+from .rank_commands import cache_layout, receive_from_rank0
 from .scheduler import Scheduled, Scheduler
 from .sequence import Sequence, Status
 
 REQUEST_TAG = 1 << 24  # a request's header and tokens; a request's KV messages are tagged below it
+HEADER = 5  # a request's header: tokens, blocks, KV tag, first token's position, first block sent (tokens -1: stop)
 _REQUESTS_IN_TAGS = 4096  # request numbers that the KV tags tell apart (far more than can be in flight)
 
 
 @dataclass(frozen=True)
 class PrefillStats:
     """The prefills so far: the workers' compute time, the time from each request's first
-    KV send to its last send's completion, and the part of it after the compute ended."""
+    KV send to its last send's completion, and the part of it after the compute ended; the
+    KV blocks sent to rank 0 (those its prefix cache lacked) and the prompt tokens the
+    workers computed."""
 
     requests: int
     prefill_s: float
     transfer_s: float
     exposed_s: float
+    blocks: int = 0
+    tokens: int = 0
 
     @property
     def hidden(self) -> float:
@@ -59,77 +76,24 @@ class PrefillStats:
         return 1.0 - self.exposed_s / self.transfer_s if self.transfer_s else 0.0
 
 
-class LayerSender:
-    """A prefill worker's sends of one request's KV blocks to rank 0: each cache as soon
-    as the kernel that writes it returns it (``wrap``), the rest at the end (``finish``)."""
-
-    def __init__(self, caches: dict[str, torch.Tensor]):
-        self.caches = list(caches.values())
-        self._index = {id(t): i for i, t in enumerate(self.caches)}
-        self._request: tuple[torch.Tensor, int] | None = None
-        self._works: list = []
-        self._sent: set[int] = set()
-        self._first: float | None = None
-
-    def arm(self, blocks: torch.Tensor, base_tag: int) -> None:
-        """Send the caches that the next kernels write: ``blocks`` of each, tagged from ``base_tag``."""
-        self._request = (blocks, base_tag)
-
-    def wrap(self, kernel: Callable) -> Callable:
-        """``kernel``, followed by the send of each armed cache among its results."""
-        def call(*args, **kwargs):
-            out = kernel(*args, **kwargs)
-            if self._request is not None:
-                for result in out if isinstance(out, tuple) else (out,):
-                    if id(result) in self._index:
-                        self._send(self._index[id(result)])
-            return out
-
-        return call
-
-    def _send(self, index: int) -> None:
-        if index in self._sent:
-            return
-        blocks, base = self._request
-        self._first = self._first or time.perf_counter()
-        self._sent.add(index)
-        self._works.append(dist.isend(self.caches[index].index_select(0, blocks), 0, tag=base + index))
-
-    def finish(self) -> tuple[float, float]:
-        """Send the caches not sent yet (a backend whose kernels write caches out of
-        place), wait for every send; (when the first send started, when the last ended)."""
-        for index in range(len(self.caches)):
-            self._send(index)
-        for work in self._works:
-            work.wait()
-        first, done = self._first, time.perf_counter()
-        self._request, self._works, self._sent, self._first = None, [], set(), None
-        return first, done
-
-
-def _layout(num_blocks: int, block_size: int) -> tuple[int, int]:
-    layout = torch.tensor([num_blocks, block_size], dtype=torch.int64)
-    dist.broadcast(layout, 0)
-    return int(layout[0]), int(layout[1])
-
-
-def serve_prefill(directory: str, rank: int, device: torch.device) -> None:
-    """A prefill worker's loop: prefill each request rank 0 sends, sending each layer's KV
-    blocks as soon as the layer is done, until rank 0 says stop."""
-    engine = load_engine(directory)
-    num_blocks, block_size = _layout(0, 0)
-    caches = engine.cache_spec.allocate(num_blocks, block_size, device)
-    sender = LayerSender(caches)
-    writers = {v.producer.op for v in engine.graph.outputs[1:] if v.producer is not None}  # the caches' writers
-    kernels = kernels_for(engine.info.backend, engine.info.target, engine.info.tuned_on, device, engine.kernel_configs)
-    kernels = {op: sender.wrap(kernel) if op in writers else kernel for op, kernel in kernels.items()}
-    step = load_executor(engine.executor_source, "executor.py", engine.weights(device), kernels)
+def serve_prefill(directory: str, rank: int, device: torch.device, groups: Groups) -> None:
+    """A prefill rank's loop: prefill each request rank 0 sends, sending each layer's KV
+    blocks to the decode rank in its place (the same stage and tensor-parallel rank) as
+    soon as the layer is done, until rank 0 says stop. ``groups`` are ``rank_groups``'."""
+    tp, pp = (read_manifest(directory).get(key, 1) for key in ("tp", "pp"))
+    local = rank % (tp * pp)  # the rank within the worker, and the decode rank in its place
+    engine = load_engine(directory, rank=local)
+    num_blocks, block_size = cache_layout(0, 0, device)
+    sender = LayerSender({}, target=local)
+    runner = stage_runner(engine, directory, rank, device, num_blocks, block_size, groups[1][rank], rank - local,
+                          sender.wrap)
+    sender.watch(runner.caches)
     limit = engine.info.max_num_tokens
     with torch.inference_mode():
         while True:
-            header = torch.empty(3, dtype=torch.int64)
+            header = torch.empty(HEADER, dtype=torch.int64)
             receive_from_rank0(header, REQUEST_TAG)
-            count, num_blocks, base = header.tolist()
+            count, num_blocks, base, position, first_block = header.tolist()
             if count < 0:
                 return
             payload = torch.empty(count + num_blocks, dtype=torch.int64)
@@ -139,110 +103,169 @@ def serve_prefill(directory: str, rank: int, device: torch.device) -> None:
             for first in range(0, count, limit):
                 chunk = tokens[first:first + limit]
                 if first + len(chunk) == count:
-                    sender.arm(blocks, base)
-                step(**step_inputs([SequenceStep(chunk, first, blocks.tolist())], block_size), **caches)
+                    sender.arm(blocks[first_block:], base)
+                runner.run(step_inputs([SequenceStep(chunk, position + first, blocks.tolist())], block_size), 1)
             computed = time.perf_counter()
             sent, done = sender.finish()
-            times = torch.tensor([computed - start, done - sent, max(0.0, done - computed)], dtype=torch.float64)
-            dist.send(times, 0, tag=base + len(caches))
+            if local == 0:  # the worker's first rank (which the logits reach last) reports its times
+                times = torch.tensor([computed - start, done - sent, max(0.0, done - computed)], dtype=torch.float64)
+                dist.send(times, 0, tag=base + len(runner.caches))
+
+
+def serve_disaggregated(directory: str, rank: int, device: torch.device) -> None:
+    """A spawned rank of disaggregated serving over an engine of ``tp x pp`` ranks: the
+    engine's ranks 1.. serve rank 0's steps and receive their KV blocks (``serve_rank``),
+    the ranks after them prefill, ``tp x pp`` to a worker (``serve_prefill``)."""
+    tp, pp = (read_manifest(directory).get(key, 1) for key in ("tp", "pp"))
+    groups = rank_groups(Layout(tp, pp), dist.get_world_size() // (tp * pp))
+    if rank < tp * pp:
+        serve_rank(directory, rank, device, groups)
+    else:
+        serve_prefill(directory, rank, device, groups)
 
 
 @dataclass
 class Transfer:
-    """A sequence being prefilled by a worker: its blocks, the tensors its KV and timings
-    arrive in, and the sends and receives in flight."""
+    """A sequence being prefilled by a worker: the base tag of its messages, how many
+    blocks it sends, the tensor its timings arrive in, the messages in flight besides its
+    blocks (``BlockReceiver``'s), and the prompt tokens the worker computes."""
 
     seq: Sequence
-    blocks: torch.Tensor
-    staging: list[torch.Tensor]
+    base: int
+    blocks: int
     times: torch.Tensor
     works: list
+    tokens: int
 
 
 class PrefillWorkers:
-    """Rank 0's side: the prefill worker processes and the transfers to rank 0's ``caches``."""
+    """Rank 0's side: the prefill workers (``size`` ranks each, after the ``size`` ranks
+    of the engine), what their caches hold (``holdings``), and the transfers into rank 0's
+    ``caches``; the engine's other ranks (``decode``, when ``size`` > 1) hear of each
+    transfer and receive their share of its blocks. ``processes`` are those of ranks 1..;
+    the workers own them (and the process group) unless ``decode`` does."""
 
-    def __init__(self, processes: list, scratch, caches: dict[str, torch.Tensor]):
+    def __init__(self, processes: list, caches: dict[str, torch.Tensor], holdings: WorkerHoldings, size: int = 1,
+                 decode: WorkerGroup | None = None, scratch=None):
         self.processes = processes
+        self.receiver = BlockReceiver(caches)
+        self.holdings = holdings
+        self.size = size
+        self.decode = decode
         self._scratch = scratch
-        self.caches = list(caches.values())
+        self._layers = len(caches)
         self._requests = 0
-        self._totals = [0, 0.0, 0.0, 0.0]
+        self._times = [0.0, 0.0, 0.0]  # prefill, transfer and exposed seconds of the landed requests
+        self._counts = [0, 0, 0]  # their requests, blocks and tokens
         self._closed = False
 
     @classmethod
     def start(cls, engine: Engine, caches: dict[str, torch.Tensor], num_blocks: int, block_size: int,
               count: int, timeout_s: float = TIMEOUT_S) -> PrefillWorkers:
-        """Spawn ``count`` prefill workers (CPU, gloo) and send them the cache layout."""
-        if count < 1:
-            raise ValueError(f"disaggregated serving needs at least one prefill worker, got {count}")
+        """Spawn ``count`` prefill workers for an engine of one rank (CPU, gloo) and send
+        them the cache layout."""
+        _check_count(count)
         processes, scratch = spawn_workers(engine, count + 1, "kiln.runtime.disaggregated", timeout_s)[1:]
-        workers = cls(processes, scratch, caches)
-        workers._guard(lambda: _layout(num_blocks, block_size))
+        workers = cls(processes, caches, WorkerHoldings(count, block_size), scratch=scratch)
+        workers._guard(lambda: cache_layout(num_blocks, block_size, torch.device("cpu")))
         return workers
 
+    @classmethod
+    def attach(cls, decode: WorkerGroup, block_size: int, count: int) -> PrefillWorkers:
+        """The ``count`` prefill workers that ``WorkerGroup.start(..., prefill_workers=count)``
+        spawned after the ranks of a parallel engine."""
+        _check_count(count)
+        return cls(decode.processes, decode.caches, WorkerHoldings(count, block_size), decode.layout.world_size,
+                   decode)
+
     def dispatch(self, seq: Sequence) -> Transfer:
-        """Send all of ``seq``'s tokens but the last to a worker (round robin), and post
-        the receives of its KV blocks."""
-        worker = 1 + self._requests % len(self.processes)
-        base = (self._requests % _REQUESTS_IN_TAGS) * (len(self.caches) + 1)
+        """Send ``seq``'s tokens but the last, after what the chosen worker's cache holds
+        (``WorkerHoldings.plan``), to each rank of that worker, and post the receives of the
+        KV blocks that rank 0's prefix cache lacks (on every decode rank)."""
+        plan = self.holdings.plan(seq)
+        first_rank = self.size * (1 + plan.worker)
+        base = (self._requests % _REQUESTS_IN_TAGS) * (self._layers + 1)
         self._requests += 1
-        tokens = seq.tokens[:seq.num_tokens - 1]
-        blocks = torch.tensor(seq.block_table, dtype=torch.int64)
-        header = torch.tensor([len(tokens), len(blocks), base], dtype=torch.int64)
+        tokens = seq.tokens[plan.start:seq.num_tokens - 1]
+        table = torch.tensor(seq.block_table, dtype=torch.int64)
+        header = torch.tensor([len(tokens), len(table), base, plan.start, plan.first_block], dtype=torch.int64)
+        payload = torch.cat([torch.tensor(tokens, dtype=torch.int64), table])
+        blocks = table[plan.first_block:]
 
         def post() -> Transfer:
-            works = [dist.isend(header, worker, tag=REQUEST_TAG),
-                     dist.isend(torch.cat([torch.tensor(tokens, dtype=torch.int64), blocks]), worker,
-                                tag=REQUEST_TAG + 1)]
-            staging = [torch.empty((len(blocks), *c.shape[1:]), dtype=c.dtype) for c in self.caches]
+            ranks = range(first_rank, first_rank + self.size)
+            works = [dist.isend(header, rank, tag=REQUEST_TAG) for rank in ranks]
+            works += [dist.isend(payload, rank, tag=REQUEST_TAG + 1) for rank in ranks]
+            self.receiver.post(base, first_rank, blocks)
             times = torch.empty(3, dtype=torch.float64)
-            works += [dist.irecv(t, worker, tag=base + i) for i, t in enumerate([*staging, times])]
-            return Transfer(seq, blocks, staging, times, works)
+            works.append(dist.irecv(times, first_rank, tag=base + self._layers))
+            if self.decode is not None:
+                self.decode.kv([POST, base, first_rank, *blocks.tolist()])
+            return Transfer(seq, base, len(blocks), times, works, len(tokens))
 
         return self._guard(post)
 
     def arrived(self, transfer: Transfer) -> bool:
-        """Whether every message of ``transfer`` has gone or come."""
-        return all(work.is_completed() for work in transfer.works)
+        """Whether every message of ``transfer`` to and from rank 0 has gone or come."""
+        return all(work.is_completed() for work in transfer.works) and self.receiver.arrived(transfer.base)
 
     def land(self, transfer: Transfer) -> None:
-        """Wait for ``transfer`` and copy its blocks into rank 0's caches."""
+        """Wait for ``transfer`` and copy its blocks into the decode ranks' caches."""
         self.wait(transfer)
-        for cache, blocks in zip(self.caches, transfer.staging):
-            cache.index_copy_(0, transfer.blocks.to(cache.device), blocks.to(cache.device))
-        self._totals = [self._totals[0] + 1, *(a + float(b) for a, b in zip(self._totals[1:], transfer.times))]
+        self._guard(lambda: self.receiver.land(transfer.base))
+        if self.decode is not None:
+            self.decode.kv([LAND, transfer.base])
+        self._times = [a + float(b) for a, b in zip(self._times, transfer.times)]
+        self._counts = [a + b for a, b in zip(self._counts, (1, transfer.blocks, transfer.tokens))]
+
+    def drop(self, transfer: Transfer) -> None:
+        """Forget ``transfer`` (its sequence ended): its blocks are drained, not copied."""
+        self.receiver.drop(transfer.base)
+        if self.decode is not None:
+            self.decode.kv([DROP, transfer.base])
 
     def wait(self, transfer: Transfer) -> None:
-        """Wait for ``transfer``'s sends and receives (each once: a gloo receive waited
-        for again waits for another message)."""
+        """Wait for ``transfer``'s messages (each once: a gloo receive waited for again
+        waits for another message)."""
         def wait_all() -> None:
             while transfer.works:
                 transfer.works.pop(0).wait()
+            self.receiver.wait(transfer.base)
 
         self._guard(wait_all)
 
     def stats(self) -> PrefillStats:
         """The prefills landed so far."""
-        return PrefillStats(*self._totals)
+        requests, blocks, tokens = self._counts
+        return PrefillStats(requests, *self._times, blocks, tokens)
 
     def _guard(self, fn):
         try:
             return fn()
+        except WorkerError:
+            raise  # the decode ranks' group named the rank already
         except RuntimeError as exc:
             raise failure(self.processes, exc, "prefill") from exc
 
     def close(self) -> None:
-        """Tell the workers to stop, wait for them, and leave the process group (once)."""
+        """Tell the workers to stop; wait for them and leave the process group (once),
+        unless the decode ranks' group does that."""
         if self._closed or not dist.is_initialized():
             return
         self._closed = True
+        alive = all(p.poll() is None for p in self.processes)  # else the survivors are stuck or failing: killed
         try:
-            if all(p.poll() is None for p in self.processes):
-                for worker in range(1, len(self.processes) + 1):
-                    dist.send(torch.tensor([-1, 0, 0], dtype=torch.int64), worker, tag=REQUEST_TAG)
+            if alive:
+                for rank in range(self.size, len(self.processes) + 1):
+                    dist.send(torch.tensor([-1] + [0] * (HEADER - 1)), rank, tag=REQUEST_TAG)
         finally:
-            stop_workers(self.processes, self._scratch)
+            if self.decode is None:
+                stop_workers(self.processes, self._scratch, 10.0 if alive else 0.0)
+
+
+def _check_count(count: int) -> None:
+    if count < 1:
+        raise ValueError(f"disaggregated serving needs at least one prefill worker, got {count}")
 
 
 class DisaggregatedScheduler(Scheduler):
@@ -284,17 +307,18 @@ class DisaggregatedScheduler(Scheduler):
             self.waiting.popleft()
             self.blocks.allocate(seq)
             seq.status = Status.RUNNING
-            if seq.num_tokens == 1:
-                self.running.append(seq)  # nothing to prefill
+            if seq.num_cached == seq.num_tokens - 1:
+                self.running.append(seq)  # nothing to prefill: one token, or all but the last cached
             else:
                 self.prefilling.append(self.workers.dispatch(seq))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         for transfer in [t for t in self.prefilling if t.seq is seq]:
             self.prefilling.remove(transfer)
+            self.workers.drop(transfer)
             self._dropped.append(transfer)
         super().finish(seq, reason)
 
 
 if __name__ == "__main__":
-    run_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), serve_prefill)
+    run_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), serve_disaggregated)

@@ -15,18 +15,22 @@ its stage's ranks. Rank 0 samples.
 directory; under ``torchrun`` every process is started for us, and the ranks other than
 0 call ``serve_rank``. A worker that dies or stops answering makes rank 0's next step
 fail with a message naming the rank (collectives and receives time out after
-``timeout_s``), and the engine fails that step's requests instead of hanging.
+``timeout_s``), and the engine fails that step's requests instead of hanging. Rank 0's
+commands travel as ``rank_commands`` says. With disaggregated prefill workers
+(``runtime/disaggregated.py``) the engine's ranks are the first of the world, on a process
+group of their own, and the prefill workers' ranks follow them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,14 +39,13 @@ from ..backends import kernels_for
 from ..version import __version__
 from .engine import CacheSpec, Engine, load_engine
 from .executor import load_executor
+from .kv_transfer import BlockReceiver
 from .model_runner import INPUTS
 from .pipeline import Layout, PipelineStats, StageRunner
 from .pipeline_files import Stage, read_stage
+from .rank_commands import KV, STATS, STEP, STOP, broadcast_command, cache_layout, gather_busy
 
-STEP, STOP, STATS = 0, -1, -2  # what rank 0 broadcasts: a step, the end, or a request for the stage times
 TIMEOUT_S = 60.0
-COMMAND_TAG = 1 << 28  # rank 0's commands to each worker (the pipeline's messages have small tags)
-IDLE_WAIT = datetime.timedelta(days=365)  # how long a worker waits for rank 0's next command: a server may idle
 
 
 class WorkerError(RuntimeError):
@@ -72,77 +75,38 @@ def _check_group(ranks: int, size: int) -> None:
         raise WorkerError(f"the engine was partitioned for {ranks} tensor-parallel ranks; {size} are running")
 
 
-def broadcast_command(command: int, device: torch.device, inputs: Mapping[str, torch.Tensor] | None = None,
-                      microbatches: int = 1) -> tuple[int, int, dict[str, torch.Tensor] | None]:
-    """From rank 0 to every rank: ``command`` (``STEP``, ``STOP`` or ``STATS``) and, for a
-    step, its micro-batch count and integer inputs (one header of shapes, sent to each
-    rank, which waits for it without a time limit; then one packed int64 tensor,
-    broadcast). Returns what rank 0 sent: (command, micro-batches, inputs or None)."""
-    header = torch.zeros(2 + 2 * len(INPUTS), dtype=torch.int64, device=device)
-    if dist.get_rank() == 0:
-        header[0], header[1] = command, microbatches
-        if command == STEP:
-            shapes = [tuple(inputs[name].shape) + (1,) * (2 - inputs[name].dim()) for name, _ in INPUTS]
-            header[2:] = torch.tensor([d for shape in shapes for d in shape])
-        for work in [dist.isend(header, rank, tag=COMMAND_TAG) for rank in range(1, dist.get_world_size())]:
-            work.wait()
-    else:
-        receive_from_rank0(header, COMMAND_TAG)
-    command, microbatches = int(header[0]), int(header[1])
-    if command != STEP:
-        return command, microbatches, None
-    shapes = header[2:].view(-1, 2).tolist()
-    sizes = [rows * cols for rows, cols in shapes]
-    if dist.get_rank() == 0:
-        packed = torch.cat([inputs[name].to(device).flatten().long() for name, _ in INPUTS])
-    else:
-        packed = torch.empty(sum(sizes), dtype=torch.int64, device=device)
-    dist.broadcast(packed, 0)
-    out, at = {}, 0
-    for (name, dtype), size, (rows, cols) in zip(INPUTS, sizes, shapes):
-        view = packed[at:at + size]
-        out[name] = (view.view(rows, cols) if name == "block_tables" else view).to(dtype)
-        at += size
-    return STEP, microbatches, out
+Groups = tuple[dist.ProcessGroup | None, dict[int, dist.ProcessGroup | None]]
 
 
-def receive_from_rank0(tensor: torch.Tensor, tag: int) -> None:
-    """Receive ``tensor`` from rank 0, however long it takes: a worker waits for the next
-    command while the server idles (a rank 0 that dies closes the connection, which ends
-    the wait with an error)."""
-    dist.irecv(tensor, 0, tag=tag).wait(IDLE_WAIT)
-
-
-def _cache_layout(num_blocks: int, block_size: int, device: torch.device) -> tuple[int, int]:
-    layout = torch.tensor([num_blocks, block_size], dtype=torch.int64, device=device)
-    dist.broadcast(layout, 0)
-    return int(layout[0]), int(layout[1])
-
-
-def _gather_busy(busy_s: float, device: torch.device) -> list[float]:
-    """Every rank's executor seconds, on every rank."""
-    mine = torch.tensor([busy_s], dtype=torch.float64, device=device)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    return [float(p) for p in parts]
-
-
-def _stage_group(layout: Layout, rank: int) -> dist.ProcessGroup | None:
-    """The process group of the tensor-parallel ranks of ``rank``'s stage (None: the whole
-    world). Every rank creates every stage's group, in the same order, as torch.distributed asks."""
-    if layout.pp == 1 or layout.tp == 1:
-        return None
-    groups = [dist.new_group(layout.stage_ranks(stage)) for stage in range(layout.pp)]
-    return groups[layout.stage(rank)]
+def rank_groups(layout: Layout, instances: int = 1) -> Groups:
+    """The process groups of ``instances`` copies of ``layout`` laid end to end (the
+    engine's ranks, then each disaggregated prefill worker's): the first copy's ranks, which
+    rank 0's commands reach (None: the whole world, or rank 0 alone), and for every rank the
+    group of its stage's tensor-parallel ranks, its collectives' (None: the whole world, or
+    no collectives at tp = 1). Every rank creates every group, in this order, as
+    torch.distributed asks."""
+    size = layout.world_size
+    world = size * instances
+    command = None if size in (1, world) else dist.new_group(list(range(size)))
+    stage_groups = {}
+    for copy in range(instances):
+        for stage in range(layout.pp):
+            ranks = dataclasses.replace(layout, base=copy * size).stage_ranks(stage)
+            group = None if layout.tp == 1 or len(ranks) == world else dist.new_group(ranks)
+            stage_groups.update(dict.fromkeys(ranks, group))
+    return command, stage_groups
 
 
 def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int, device: torch.device,
-                 num_blocks: int, block_size: int) -> StageRunner:
-    """Rank ``rank``'s runner: its stage (the whole graph without pipeline parallelism,
-    with the engine's weights; else the stage's files in ``directory``), the backend's
-    kernels and the collectives of its stage's ranks, and caches for its layers."""
+                 num_blocks: int, block_size: int, group: dist.ProcessGroup | None = None, base: int = 0,
+                 wrap: Callable[[Callable], Callable] | None = None) -> StageRunner:
+    """Rank ``rank``'s runner in the copy of the engine's ranks that starts at ``base``:
+    its stage (the whole graph without pipeline parallelism, with the engine's weights;
+    else the stage's files in ``directory``), the backend's kernels (those that write the
+    caches passed through ``wrap``, if given) and the collectives of its stage's ranks (on ``group``: default, the
+    world), and caches for its layers."""
     info = engine.info
-    layout = Layout(info.tp, info.pp)
+    layout = Layout(info.tp, info.pp, base)
     if info.pp == 1:
         stage, weights = Stage(0, True, engine.graph, engine.executor_source), engine.weights(device)
     else:
@@ -152,8 +116,12 @@ def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int,
                            __version__)
         weights = {name: v.tensor().to(device) for name, v in stage.graph.constants.items()
                    if v.uses or v in stage.graph.outputs}
-    kernels = {**kernels_for(info.backend, info.target, info.tuned_on, device, engine.kernel_configs),
-               **collective_kernels(info.tp, _stage_group(layout, rank))}
+    kernels = kernels_for(info.backend, info.target, info.tuned_on, device, engine.kernel_configs)
+    if wrap is not None:  # around the kernels of the ops that write the caches (the stage's last outputs)
+        written = stage.graph.outputs[len(stage.graph.outputs) - len(stage.cache_inputs):]
+        writers = {v.producer.op for v in written if v.producer is not None}
+        kernels = {op: wrap(kernel) if op in writers else kernel for op, kernel in kernels.items()}
+    kernels.update(collective_kernels(info.tp, group))
     step = load_executor(stage.executor_source, f"executor.stage{stage.index}.py", weights, kernels)
     caches = stage.cache_inputs
     spec = CacheSpec(tuple(v.name for v in caches), tuple((v.shape[2], v.shape[3]) for v in caches),
@@ -164,21 +132,27 @@ def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int,
                        (int(logits.shape[-1]), logits.dtype.torch_dtype), device)
 
 
-def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device) -> None:
+def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device, groups: Groups | None = None) -> None:
     """A worker's loop (its process group is initialized): load the rank's weights, take
-    the cache layout from rank 0, and run every step rank 0 broadcasts, until it says stop."""
+    the cache layout from rank 0, and run every step rank 0 broadcasts to the engine's
+    ranks, or receive the KV blocks of disaggregated serving as rank 0 says, until it says
+    stop. ``groups`` are ``rank_groups``' (default: those of the engine's ranks alone)."""
     engine = load_engine(directory, rank=rank)
-    num_blocks, block_size = _cache_layout(0, 0, device)
-    runner = stage_runner(engine, directory, rank, device, num_blocks, block_size)
+    group, stage_groups = groups or rank_groups(Layout(engine.info.tp, engine.info.pp))
+    num_blocks, block_size = cache_layout(0, 0, device)
+    runner = stage_runner(engine, directory, rank, device, num_blocks, block_size, stage_groups[rank])
+    receiver = BlockReceiver(runner.caches)
     with torch.inference_mode():
         while True:
-            command, microbatches, inputs = broadcast_command(STOP, device)
+            command, count, data = broadcast_command(STOP, device, group=group)
             if command == STOP:
                 return
             if command == STATS:
-                _gather_busy(runner.busy_s, device)
+                gather_busy(runner.busy_s, device, group)
+            elif command == KV:
+                receiver.handle(data.tolist(), rank)
             else:
-                runner.run(inputs, microbatches)
+                runner.run(data, count)
 
 
 def _threads_per_rank(world_size: int) -> int:
@@ -222,13 +196,17 @@ def spawn_workers(engine: Engine, world_size: int, module: str,
     return str(directory), processes, scratch
 
 
-def stop_workers(processes: list[subprocess.Popen], scratch: tempfile.TemporaryDirectory | None) -> None:
-    """Wait for the workers to exit (killing those that do not within 10 s), and leave the group."""
+def stop_workers(processes: list[subprocess.Popen], scratch: tempfile.TemporaryDirectory | None,
+                 grace_s: float = 10.0) -> None:
+    """Wait for the workers to exit (killing those that do not within ``grace_s``: 0 when
+    they were not told to stop, as when one has died and the others cannot run a step), and
+    leave the group."""
     for p in processes:
         try:
-            p.wait(timeout=10)
+            p.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
     if processes:
         dist.destroy_process_group()
     if scratch is not None:
@@ -246,40 +224,56 @@ class WorkerGroup:
     """Rank 0's side of a tensor- and/or pipeline-parallel engine: the worker processes of
     the other ranks (when it spawned them), rank 0's stage runner and its caches, and the
     step that broadcasts each step's inputs before running it. A step is cut into
-    ``microbatches`` micro-batches (default: one per stage)."""
+    ``microbatches`` micro-batches (default: one per stage). ``groups`` are
+    ``rank_groups``': the engine's ranks are the world, or a group (ranks 0..) when
+    disaggregated serving adds prefill ranks after them."""
 
     def __init__(self, engine: Engine, directory: str | os.PathLike | None, device: torch.device,
-                 processes: list[subprocess.Popen], num_blocks: int, block_size: int, microbatches: int | None = None,
-                 scratch: tempfile.TemporaryDirectory | None = None):
+                 processes: list[subprocess.Popen], num_blocks: int, block_size: int, groups: Groups,
+                 microbatches: int | None = None, scratch: tempfile.TemporaryDirectory | None = None):
         self.engine = engine
         self.device = device
-        self.processes = processes
+        self.processes = processes  # of ranks 1.., prefill ranks included
+        self.group, stage_groups = groups
         self.layout = Layout(engine.info.tp, engine.info.pp)
         self.microbatches = microbatches or self.layout.pp
         self._scratch = scratch
         self._closed = False
         self._steps, self._wall_s, self._split = 0, 0.0, 0
-        self._guard(lambda: _cache_layout(num_blocks, block_size, device))
-        self.runner = self._guard(lambda: stage_runner(engine, directory, 0, device, num_blocks, block_size))
+        self._guard(lambda: cache_layout(num_blocks, block_size, device))
+        self.runner = self._guard(lambda: stage_runner(engine, directory, 0, device, num_blocks, block_size,
+                                                       stage_groups[0]))
         self.caches = self.runner.caches
 
     @classmethod
     def start(cls, engine: Engine, num_blocks: int, block_size: int, device: torch.device,
-              microbatches: int | None = None, timeout_s: float = TIMEOUT_S) -> WorkerGroup:
+              microbatches: int | None = None, prefill_workers: int = 0,
+              timeout_s: float = TIMEOUT_S) -> WorkerGroup:
         """Spawn the workers of ranks 1.. (CPU, gloo), join them as rank 0, and send them
-        the cache layout. Under torchrun (the process group already initialized, NCCL on
-        GPUs), the other ranks run ``serve_rank`` themselves: nothing is spawned."""
-        world_size = engine.info.tp * engine.info.pp
+        the cache layout; with ``prefill_workers``, as many prefill workers of ``tp x pp``
+        ranks each follow (``runtime/disaggregated.py``). Under torchrun (the process group
+        already initialized, NCCL on GPUs), the other ranks run ``serve_rank`` themselves:
+        nothing is spawned."""
+        info = engine.info
+        layout = Layout(info.tp, info.pp)
+        world_size = layout.world_size
         if dist.is_initialized():
+            if prefill_workers:
+                raise ValueError("disaggregated serving starts its workers itself; under torchrun it is not written")
             if dist.get_world_size() != world_size:
                 raise WorkerError(f"the engine has tp={engine.info.tp} x pp={engine.info.pp} ranks; "
                                   f"{dist.get_world_size()} processes are running")
-            return cls(engine, engine.directory, device, [], num_blocks, block_size, microbatches)
+            return cls(engine, engine.directory, device, [], num_blocks, block_size, rank_groups(layout), microbatches)
         if device.type != "cpu":
             raise ValueError("workers spawned on one host run on the CPU (gloo); on GPUs start one process per "
                              "rank with torchrun (see docs/parallelism.md)")
-        directory, processes, scratch = spawn_workers(engine, world_size, "kiln.runtime.distributed", timeout_s)
-        return cls(engine, directory, device, processes, num_blocks, block_size, microbatches, scratch)
+        module = "kiln.runtime.disaggregated" if prefill_workers else "kiln.runtime.distributed"
+        directory, processes, scratch = spawn_workers(engine, world_size * (1 + prefill_workers), module, timeout_s)
+        try:
+            groups = rank_groups(layout, 1 + prefill_workers)
+        except RuntimeError as exc:
+            raise failure(processes, exc) from exc
+        return cls(engine, directory, device, processes, num_blocks, block_size, groups, microbatches, scratch)
 
     def step(self, **tensors: torch.Tensor) -> list[torch.Tensor]:
         """Broadcast the step's inputs to the workers, then run rank 0's part of it; the
@@ -288,7 +282,7 @@ class WorkerGroup:
 
         def run() -> list[torch.Tensor]:
             start = time.perf_counter()
-            broadcast_command(STEP, self.device, inputs, self.microbatches)
+            broadcast_command(STEP, self.device, inputs, self.microbatches, self.group)
             logits = self.runner.run(inputs, self.microbatches)
             self._wall_s += time.perf_counter() - start
             self._steps += 1
@@ -299,10 +293,15 @@ class WorkerGroup:
 
     def stats(self) -> PipelineStats:
         """The steps' wall time on rank 0 and each stage's executor time so far (see ``PipelineStats``)."""
-        busy = self._guard(lambda: (broadcast_command(STATS, self.device), _gather_busy(self.runner.busy_s,
-                                                                                         self.device))[1])
+        busy = self._guard(lambda: (broadcast_command(STATS, self.device, group=self.group),
+                                    gather_busy(self.runner.busy_s, self.device, self.group))[1])
         stages = tuple(busy[self.layout.rank(stage, 0)] for stage in range(self.layout.pp))
         return PipelineStats(self._steps, self._wall_s, stages, self._split / max(self._steps, 1))
+
+    def kv(self, record: list[int]) -> None:
+        """Tell the other ranks about a request's KV blocks (``kv_transfer.BlockReceiver.handle``)."""
+        payload = torch.tensor(record, dtype=torch.int64)
+        self._guard(lambda: broadcast_command(KV, self.device, group=self.group, payload=payload))
 
     def _guard(self, fn):
         try:
@@ -315,11 +314,12 @@ class WorkerGroup:
         if self._closed or not dist.is_initialized():
             return
         self._closed = True
+        alive = all(p.poll() is None for p in self.processes)  # else the survivors are stuck or failing: killed
         try:
-            if all(p.poll() is None for p in self.processes):
-                broadcast_command(STOP, self.device)
+            if alive:
+                broadcast_command(STOP, self.device, group=self.group)
         finally:
-            stop_workers(self.processes, self._scratch)
+            stop_workers(self.processes, self._scratch, 10.0 if alive else 0.0)
 
 
 if __name__ == "__main__":

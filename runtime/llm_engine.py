@@ -63,6 +63,11 @@ class RuntimeConfig:
                              f"got {self.cuda_graphs!r}")
 
 
+def _stop(groups: list) -> None:
+    for group in groups:
+        group.close()
+
+
 class InFlight(NamedTuple):
     """A step launched on the device: its sequences, those that sample, and the sampling."""
 
@@ -90,17 +95,17 @@ class LLMEngine:
         num_blocks = config.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
                                                            config.memory_fraction, useful, reserve)
         parallel = info.tp * info.pp > 1
-        if parallel and config.prefill_workers:
-            raise ValueError("disaggregated prefill workers serve engines of one rank (tp = pp = 1), not "
-                             f"tp={info.tp} x pp={info.pp}")
         fast = info.backend == "cuda" and self.device.type == "cuda" and not parallel  # kernels that never sync
         sizes = [s for s in info.profiles.cuda_graph_batch_sizes if s <= self.max_num_seqs]
         self.workers = None
+        self._stoppable: list = []  # the worker groups, in the order they stop (prefill workers first)
+        weakref.finalize(self, _stop, self._stoppable)
         if parallel:
             from .distributed import WorkerGroup
 
-            self.workers = WorkerGroup.start(engine, num_blocks, self.block_size, self.device, config.microbatches)
-            weakref.finalize(self, self.workers.close)
+            self.workers = WorkerGroup.start(engine, num_blocks, self.block_size, self.device, config.microbatches,
+                                             config.prefill_workers)
+            self._stoppable.append(self.workers)
         # a parallel engine's caches are its ranks' (rank 0's: its stage's layers, its shard)
         self.caches = self.workers.caches if parallel else spec.allocate(num_blocks, self.block_size, self.device)
         step = self.workers.step if self.workers else engine.step_function(self.device)
@@ -112,16 +117,18 @@ class LLMEngine:
             self.runner.warm_up(self.max_num_tokens, info.max_seq_len)
         if config.cuda_graphs == "all":
             self.runner.capture_all()
-        self.prefill = None  # the prefill workers of disaggregated serving (which turns prefix caching off)
-        self.blocks = BlockManager(num_blocks, self.block_size,
-                                   config.prefix_caching and not spec.linear and not config.prefill_workers)
+        self.prefill = None  # the prefill workers of disaggregated serving
+        self.blocks = BlockManager(num_blocks, self.block_size, config.prefix_caching and not spec.linear)
         self.scheduler = Scheduler(self.blocks, self.max_num_seqs, self.max_num_tokens)
         if config.prefill_workers:
             from .disaggregated import DisaggregatedScheduler, PrefillWorkers
 
-            self.prefill = PrefillWorkers.start(engine, self.caches, num_blocks, self.block_size,
-                                                config.prefill_workers)
-            weakref.finalize(self, self.prefill.close)
+            if parallel:  # the workers' ranks follow the decode ranks, in their process group
+                self.prefill = PrefillWorkers.attach(self.workers, self.block_size, config.prefill_workers)
+            else:
+                self.prefill = PrefillWorkers.start(engine, self.caches, num_blocks, self.block_size,
+                                                    config.prefill_workers)
+            self._stoppable.insert(0, self.prefill)  # before the decode ranks' group, whose close waits for all
             self.scheduler = DisaggregatedScheduler(self.blocks, self.max_num_seqs, self.max_num_tokens, self.prefill)
         self.sequences: dict[str, Sequence] = {}
         self.eos = tuple(info.stop_token_ids)
@@ -132,9 +139,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop the parallel and prefill workers, if any (also done when the engine is collected)."""
-        for workers in (self.workers, self.prefill):
-            if workers is not None:
-                workers.close()
+        _stop(self._stoppable)
 
     # requests -----------------------------------------------------------------------
 

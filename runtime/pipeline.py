@@ -40,23 +40,26 @@ LOGITS_TAG = 7  # a micro-batch's messages are tagged 8 * index + k: k < 7 for b
 
 @dataclass(frozen=True)
 class Layout:
-    """``tp`` tensor-parallel ranks in each of ``pp`` stages: rank ``stage * tp + tp_rank``."""
+    """``tp`` tensor-parallel ranks in each of ``pp`` stages: rank ``base + stage * tp +
+    tp_rank``. ``base`` (the head, which gets the logits) is 0 for the engine's ranks, and
+    the first rank of a disaggregated prefill worker for its ranks."""
 
     tp: int = 1
     pp: int = 1
+    base: int = 0
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
 
     def stage(self, rank: int) -> int:
-        return rank // self.tp
+        return (rank - self.base) // self.tp
 
     def tp_rank(self, rank: int) -> int:
-        return rank % self.tp
+        return (rank - self.base) % self.tp
 
     def rank(self, stage: int, tp_rank: int) -> int:
-        return stage * self.tp + tp_rank
+        return self.base + stage * self.tp + tp_rank
 
     def stage_ranks(self, stage: int) -> list[int]:
         return [self.rank(stage, r) for r in range(self.tp)]
@@ -109,13 +112,14 @@ class StageRunner:
         tp_rank = layout.tp_rank(rank)
         self._previous = layout.rank(stage.index - 1, tp_rank) if stage.index else None
         self._next = None if stage.last else layout.rank(stage.index + 1, tp_rank)
-        self._last_first = layout.rank(layout.pp - 1, 0)  # the rank that sends the logits to rank 0
+        self._last_first = layout.rank(layout.pp - 1, 0)  # the rank that sends the logits to the head
+        self._head = layout.base
 
     def run(self, inputs: Mapping[str, torch.Tensor], microbatches: int) -> torch.Tensor | None:
-        """Run one step's micro-batches through this rank's stage; rank 0 gets the step's
-        logits (other ranks None)."""
+        """Run one step's micro-batches through this rank's stage; the head (rank 0) gets
+        the step's logits (other ranks None)."""
         batches = split_microbatches(inputs, microbatches)
-        receiving = self.rank == 0 and not self.stage.last
+        receiving = self.rank == self._head and not self.stage.last
         incoming = [self._post_logits(i, batch) for i, batch in enumerate(batches)] if receiving else []
         sending, logits = [], []
         for i, batch in enumerate(batches):
@@ -126,13 +130,13 @@ class StageRunner:
             if self._next is not None:
                 sending += [dist.isend(outputs[k].contiguous(), self._next, tag=_tag(i, k))
                             for k in range(self.stage.boundary_out)]
-            elif self.rank == 0:
+            elif self.rank == self._head:
                 logits.append(outputs[0])
             elif self.rank == self._last_first and len(outputs[0]):
-                sending.append(dist.isend(outputs[0].contiguous(), 0, tag=_tag(i, LOGITS_TAG)))
+                sending.append(dist.isend(outputs[0].contiguous(), self._head, tag=_tag(i, LOGITS_TAG)))
         for work in sending:
             work.wait()
-        if self.rank != 0:
+        if self.rank != self._head:
             return None
         for work, _ in filter(None, incoming):
             work.wait()
@@ -143,7 +147,7 @@ class StageRunner:
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     def _post_logits(self, index: int, batch: Mapping[str, torch.Tensor]):
-        """Rank 0's receive of micro-batch ``index``'s logits (None when it has none), posted up front."""
+        """The head's receive of micro-batch ``index``'s logits (None when it has none), posted up front."""
         rows = len(batch["logits_indices"])
         if not rows:
             return None

@@ -419,8 +419,9 @@ def _redundant(b: GraphDraft):
 
 
 def _moe(b: GraphDraft, routed_apart: bool = False):
-    """A routed mixture of experts over [tokens, hidden], whole or as topk + moe_experts;
-    ``routed_apart``: as moe_route + moe_experts, the form an expert-parallel graph has."""
+    """A routed mixture of experts over [tokens, hidden], whole or as topk + moe_experts, its
+    routing weights on the experts' outputs or inputs; ``routed_apart``: as moe_route +
+    moe_experts, the form an expert-parallel graph has."""
     x = b.value(lambda v: v.type.rank == 2 and isinstance(v.shape[-1], int) and v.shape[-1] >= 1)
     if x is None:
         return None
@@ -428,19 +429,21 @@ def _moe(b: GraphDraft, routed_apart: bool = False):
     top_k = b.draw(st.integers(1, experts))
     logits = ops.linear(x, b.constant((experts, hidden)))
     gate_up, down = b.constant((experts, 2 * inter, hidden)), b.constant((experts, hidden, inter))
-    activation = b.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]))
+    experts_attrs = dict(activation=b.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"])),
+                         weigh_inputs=b.draw(st.booleans()))
     if not routed_apart and b.draw(st.booleans()):
         weights, indices = ops.topk(ops.softmax(logits, dim=-1), k=top_k)
-        return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
-    scoring = b.draw(st.sampled_from(["softmax", "sigmoid"]))
+        return ops.moe_experts(x, weights, indices, gate_up, down, **experts_attrs)
+    scoring = b.draw(st.sampled_from(["softmax", "sigmoid", "sparsemixer"]))
     groups = b.draw(st.sampled_from([g for g in (1, 2) if experts % g == 0 and (g == 1 or experts // g >= 2)]))
     bias = b.constant((experts,)) if scoring == "sigmoid" and b.draw(st.booleans()) else None
     routing = dict(top_k=top_k, scoring=scoring, normalize=b.draw(st.booleans()),
-                   scale=b.draw(st.sampled_from([1.0, 2.5])), num_groups=groups, topk_groups=1 if groups == 1 else 2)
+                   scale=b.draw(st.sampled_from([1.0, 2.5])), num_groups=groups, topk_groups=1 if groups == 1 else 2,
+                   jitter_eps=b.draw(st.sampled_from([0.01, 0.3])) if scoring == "sparsemixer" else 0.0)
     if routed_apart:
         weights, indices = ops.moe_route(logits, bias, **routing)
-        return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
-    return ops.moe(x, logits, gate_up, down, bias, **routing, activation=activation)
+        return ops.moe_experts(x, weights, indices, gate_up, down, **experts_attrs)
+    return ops.moe(x, logits, gate_up, down, bias, **routing, **experts_attrs)
 
 
 GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {

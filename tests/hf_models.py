@@ -64,6 +64,27 @@ ARCHITECTURES = {
         num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
         moe_intermediate_size=32, n_shared_experts=1)),
+    # DeepSeek-V2: rotary as complex multiplication; Lite-style (queries without a low-rank projection, yarn
+    # rope, greedy softmax routing) and with q_lora_rank, group-limited greedy routing and a routing scale
+    "deepseek-v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32,
+        n_shared_experts=1, max_position_embeddings=256, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, beta_fast=32,
+            beta_slow=1, mscale=0.707, mscale_all_dim=0.707))),
+    "deepseek-v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_routed_experts=8, n_group=2, topk_group=1, topk_method="group_limited_greedy",
+        num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32, n_shared_experts=1,
+        routed_scaling_factor=2.0)),
+    # PhiMoE: sparsemixer routing over 4 experts, layer norms with biases, biased attention and LM head, and
+    # Phi-3.5-MoE's longrope (short factors and short_mscale within the original context)
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+        max_position_embeddings=32768, rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=8192, short_mscale=1.2,
+            long_mscale=1.5, short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+            long_factor=[1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]))),
     # attention written out by the model: ALiBi (BLOOM, MPT; 6 heads, not a power of two)
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=96, num_attention_heads=6)),
     "mpt": ("MptConfig", "MptForCausalLM", dict(hidden_size=96, num_attention_heads=6, expansion_ratio=2,

@@ -1,11 +1,14 @@
-"""A ``kiln serve`` application run in this process by uvicorn on a thread, on a free
-loopback port, so that tests can reach into its engine (faults, counts) while real HTTP
-clients talk to it."""
+"""``kiln serve`` for tests, on a free loopback port: an application run in this process by
+uvicorn on a thread, so that tests can reach into its engine (faults, counts) while real
+HTTP clients talk to it (``live_server``); or the ``kiln serve`` command in a subprocess
+(``serve_subprocess``)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -45,6 +48,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float = 120) -> str:
+    """The URL of the ``kiln serve`` in ``process`` once /health answers (at most ``timeout_s``)."""
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"kiln serve exited: {process.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"kiln serve did not come up in {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def serve_subprocess(engine_dir, *options: str) -> Iterator[str]:
+    """Run ``kiln serve ENGINE_DIR OPTIONS`` in a subprocess on a free port; its URL once it
+    is healthy. The server is terminated (and waited for) when the block ends."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(engine_dir), *options,
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield wait_until_healthy(process, port)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 @contextlib.contextmanager

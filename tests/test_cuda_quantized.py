@@ -97,13 +97,29 @@ def test_grouped_int8_scales_and_float_zero_points(rows):
     x = torch.randn(rows, k)
     gemv_config = quantized_gemv.QuantGemvConfig(8, 64, 2)
     gemm_config = quantized_gemm.QuantGemmConfig(16, 16, 64)
-    for w, run in ((w8, lambda: quantized_gemv.w8_gemv(x, codes8, scale8, None, gemv_config) if rows == 1 else
-                    quantized_gemm.weight_only_gemm(x, codes8, scale8, None, None, gemm_config)),
-                   (w4, lambda: quantized_gemv.int4_gemv(x, packed4, scale4, zero4, None, gemv_config) if rows == 1
-                    else quantized_gemm.weight_only_gemm(x, packed4, scale4, zero4, None, gemm_config))):
-        assert _relative(run(), x @ w.T) < 1e-5
+    for w, operands in ((w8, (codes8, scale8, None)), (w4, (packed4, scale4, zero4))):
+        got = (quantized_gemv.integer_gemv(x, *operands, None, gemv_config) if rows == 1 else
+               quantized_gemm.weight_only_gemm(x, *operands, None, gemm_config))
+        assert _relative(got, x @ w.T) < 1e-5
     assert torch.equal(quantized_gemm.dequantize(codes8, scale8, None, torch.float32), w8)
     assert _relative(quantized_gemm.dequantize(packed4, scale4, zero4, torch.float32), w4) < 1e-6
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_gemv_reads_every_code_exactly(bits):
+    """Every code value at every position of its int32 word comes out exactly: with unit
+    scales and small integer inputs the GEMV's result is an exact integer sum."""
+    n, k = 8, 64
+    g = torch.Generator().manual_seed(bits)
+    if bits == 8:
+        codes = torch.arange(-128, 128, dtype=torch.int8)[torch.randperm(256, generator=g)].repeat(2).view(n, k)
+        qweight, scales, zeros = codes, torch.ones(n), None
+    else:
+        codes = torch.arange(16, dtype=torch.uint8).repeat(n * k // 16)[torch.randperm(n * k, generator=g)].view(n, k)
+        qweight, scales, zeros = pack_int4_codes(codes), torch.ones(n, 1), torch.zeros(n, 1)
+    x = torch.arange(1, k + 1, dtype=torch.float32)[None, :]
+    got = quantized_gemv.integer_gemv(x, qweight, scales, zeros, None, quantized_gemv.QuantGemvConfig(4, 32, 1))
+    assert torch.equal(got, x @ codes.float().T)
 
 
 @pytest.mark.parametrize("device, dtype, tolerance", GPU_CASES)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_server import _free_port, _wait_until_healthy
+from live_server import serve_subprocess
 
 import kiln
 
@@ -38,32 +38,34 @@ def test_two_ranks_generate_what_one_does_and_a_killed_worker_is_named(tp2_engin
     llm = kiln.LLM(tp2_engine)
     try:
         assert [o.token_ids for o in llm.generate(PROMPTS, params)] == [o.token_ids for o in want]
-        worker = llm.llm_engine.workers.processes[0]
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=10)
-        out = llm.generate(["Hello"], params)[0]
-        assert out.finish_reason == "error" and "rank 1 exited with code -9" in out.error
+        assert_a_killed_worker_is_named(llm, 1, params)
     finally:
         llm.close()
+
+
+def kill_worker(processes, rank: int) -> None:
+    """Kill the worker of ``rank`` (``processes`` are those of ranks 1..) and wait for it to end."""
+    worker = processes[rank - 1]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=10)
+
+
+def assert_a_killed_worker_is_named(llm, rank: int, params) -> None:
+    """Kill ``llm``'s parallel worker of ``rank``: its next request ends with an error naming that rank."""
+    kill_worker(llm.llm_engine.workers.processes, rank)
+    out = llm.generate(["Hello"], params)[0]
+    assert out.finish_reason == "error" and f"rank {rank} exited with code -9" in out.error
 
 
 def serve_and_compare(engine_dir, options, greedy):
     """``kiln serve ENGINE OPTIONS`` answers the openai client with the greedy texts of one rank."""
     params, want = greedy
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(engine_dir), *options, "--port",
-                                str(port), "--num-blocks", "64"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    try:
-        url = _wait_until_healthy(process, port)
+    with serve_subprocess(engine_dir, *options, "--num-blocks", "64") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         for prompt, expected in zip(PROMPTS, want):
             got = client.completions.create(model=engine_dir.name, prompt=prompt, max_tokens=params.max_tokens,
                                             temperature=0)
             assert got.choices[0].text == expected.text
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def test_kiln_serve_over_two_ranks_answers_the_openai_client(tp2_engine, greedy):

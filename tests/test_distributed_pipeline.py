@@ -1,18 +1,18 @@
 """Pipeline parallelism on real processes (gloo on the CPU): an engine of two stages holds
 a graph, an executor and weights per stage; micro-batches give the step's logits;
-``kiln.LLM`` over pp=2 and ``kiln serve`` over tp=2 x pp=2 (four ranks) give the greedy
-tokens of one process; the bubble is reported; a killed stage worker is named. Starting
-processes is slow on two cores (four ranks and a server take most of a minute), so
-these tests are few: ``kiln serve --pp 2`` alone runs the same code as the four ranks."""
+``kiln.LLM`` over pp=2 and over tp=2 x pp=2 (four ranks), and ``kiln serve`` over pp=2 and
+over tp=2 x pp=2, give the greedy tokens of one process; the bubble is reported; a killed
+stage worker is named. Starting processes is slow on two cores (four ranks and a server
+take most of a minute), so these tests are few."""
 
 import dataclasses
 import os
-import signal
 
 import pytest
 import torch
 from hf_models import BUNDLED
-from test_distributed import PROMPTS, greedy, serve_and_compare  # noqa: F401 - greedy is a fixture
+from test_distributed import (PROMPTS, assert_a_killed_worker_is_named, greedy,  # noqa: F401 - greedy is a fixture
+                              serve_and_compare)
 
 import kiln
 from kiln.runtime.batch import SequenceStep, step_inputs
@@ -68,13 +68,24 @@ def test_two_stages_generate_what_one_process_does_and_a_killed_worker_is_named(
         stats = llm.pipeline_stats()
         assert stats.steps >= params.max_tokens and len(stats.stage_busy_s) == 2
         assert all(s > 0 for s in stats.stage_busy_s) and 0 < stats.bubble < 1 and stats.microbatches == 2
-        worker = llm.llm_engine.workers.processes[0]
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=10)
-        out = llm.generate(["Hello"], params)[0]
-        assert out.finish_reason == "error" and "rank 1 exited with code -9" in out.error
+        assert_a_killed_worker_is_named(llm, 1, params)
     finally:
         llm.close()
+
+
+def test_two_by_two_ranks_generate_what_one_process_does_and_a_killed_worker_is_named(bundled_tp2_engine, greedy):
+    params, want = greedy
+    llm = kiln.LLM(with_stages(bundled_tp2_engine, 2))  # saved to a scratch directory for its four ranks
+    try:
+        assert [o.token_ids for o in llm.generate(PROMPTS, params)] == [o.token_ids for o in want]
+        assert len(llm.pipeline_stats().stage_busy_s) == 2
+        assert_a_killed_worker_is_named(llm, 3, params)  # the last stage's second tensor-parallel rank
+    finally:
+        llm.close()
+
+
+def test_kiln_serve_over_two_stages_answers_the_openai_client(pp2_engine, greedy):
+    serve_and_compare(pp2_engine, ["--pp", "2"], greedy)
 
 
 def test_kiln_serve_over_two_by_two_ranks_answers_the_openai_client(bundled_tp2_engine, greedy, tmp_path):

@@ -52,6 +52,8 @@ EXPECTED = {
     **{name: {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 9} for name in ("bloom", "mpt")},
     # (MPT's layer norms have no bias, which the residual + layer norm fusion does not take)
     "falcon": {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 9},  # x @ w.T as linears
+    # sparsemixer routing raised into moe; layer norms with biases; a biased LM head
+    "phimoe": {"rms_norm": 0, "add_rms_norm": 0, "gated_activation": 0, "linear": 7, "moe": 2},
 }
 
 
@@ -63,7 +65,7 @@ NO_HALF_ROTARY = {"cohere", "glm", "gpt2", "opt", "bloom", "mpt"}  # interleaved
 ROTARY_APART = {"gemma3", "olmo2", "qwen3", "gpt-neox", "phi3", "qwen3-moe", "olmoe", "persimmon", "apertus",
                 "falcon"}  # Falcon: heads interleaved as [heads, 3, head_dim], as GPT-NeoX
 ADD_LAYER_NORMS = {"gpt2": 5, "stablelm": 4, "starcoder2": 4, "gpt-neox": 2, "phi": 2, "nemotron": 4,
-                   "persimmon": 4, "opt": 1, "bloom": 4, "falcon": 2}  # parallel blocks: 2
+                   "persimmon": 4, "opt": 1, "bloom": 4, "falcon": 2, "phimoe": 4}  # parallel blocks: 2
 for _name, _expected in EXPECTED.items():
     _fused = _name not in NO_HALF_ROTARY | ROTARY_APART
     EXPECTED[_name] = {"moe": 0, **_expected, "rotary": 4 if _name in ROTARY_APART else 0,
@@ -74,6 +76,10 @@ for _name, _expected in EXPECTED.items():
 # router raised into moe) + a shared expert
 EXPECTED["deepseek-v3"] = {"rms_norm": 5, "add_rms_norm": 4, "gated_activation": 2, "linear": 14, "moe": 1,
                            "rotary": 0, "qkv_rotary": 0, "add_layer_norm": 0, "paged_mla_attention": 2}
+# DeepSeek-V2: the same, its complex rotary raised (q and k of each layer), queries without a low-rank
+# projection in the Lite form (one linear and one norm fewer per layer)
+EXPECTED["deepseek-v2"] = {**EXPECTED["deepseek-v3"], "rotary": 4}
+EXPECTED["deepseek-v2-lite"] = {**EXPECTED["deepseek-v2"], "rms_norm": 3, "linear": 12}
 # Llama 4: complex rotary raised (interleaved) on layer 0's q and k, then L2 q/k norms (apart from the QKV split);
 # layer 0 dense, layer 1 a shared expert (gate/up fused) beside the experts, run on every token by the model,
 # raised into moe (no batched matmul left)

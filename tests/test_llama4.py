@@ -1,8 +1,9 @@
 """Llama 4's pieces: chunked local attention in both attention references and the reference
 backend's paged kernel, complex tensors imported as real pairs, the router's scatter of the
-top-k logits, the raise of a complex product of pairs into interleaved rotary, and the
-backends that refuse chunked attention and input-weighted experts by name. (The whole model
-against transformers is in test_frontend_hf.py and test_paged.py, config "llama4".)"""
+top-k logits, and the backends that refuse chunked attention and input-weighted experts by
+name. (The raise of complex products into interleaved rotary is in test_complex_rotary.py;
+the whole model against transformers in test_frontend_hf.py and test_paged.py, config
+"llama4".)"""
 
 import pytest
 import torch
@@ -13,11 +14,8 @@ from torch.export import Dim
 
 import kiln
 from kiln.backends import BackendSupportError, reference_kernels
-from kiln.frontends import UnsupportedOpsError
 from kiln.ir.opdefs.nn import attention_reference
 from kiln.ir.opdefs.paged import paged_attention_reference
-from kiln.passes import raise_ops
-from kiln.testing import assert_preserves, graph_from_text, random_inputs
 
 
 def _chunk_mask(queries: int, keys: int, chunk: int) -> torch.Tensor:
@@ -76,16 +74,6 @@ def test_complex_tensors_import_as_real_pairs():
     assert torch.allclose(compiled(x), ComplexRotary()(x), atol=1e-6)
 
 
-class ComplexAbs(nn.Module):
-    def forward(self, x):
-        return torch.view_as_complex(x).abs()
-
-
-def test_complex_ops_without_a_mapping_are_named():
-    with pytest.raises(UnsupportedOpsError, match=r"aten.abs.default \(of complex tensors\)"):
-        kiln.compile(ComplexAbs(), example_inputs=[torch.randn(3, 2)])
-
-
 class TopKScores(nn.Module):
     """Llama 4's router: the top-k logits scattered into -inf, then a sigmoid."""
 
@@ -115,38 +103,3 @@ def test_cuda_onnx_and_tensorrt_refuse_chunked_attention_and_input_weighted_expe
     chunked = [n for n in engine.graph.nodes if n.op == "paged_attention"]
     assert [n.attrs["chunk_size"] for n in chunked] == [4, None]  # layer 1 is a NoPE layer of full attention
     assert "chunk_size" in unexportable(chunked[0]) and "chunk_size" in _no_window_or_softcap(chunked[0])
-
-
-COMPLEX_PRODUCT = """\
-graph @g(%x: f32[batch, 3, 8], %angles: f32[batch, 1, 4]) {{
-  %c = cos(%angles) : f32[batch, 1, 4]
-  %s = sin(%angles) : f32[batch, 1, 4]
-  %cu = unsqueeze(%c) {{dim = 3}} : f32[batch, 1, 4, 1]
-  %su = unsqueeze(%s) {{dim = 3}} : f32[batch, 1, 4, 1]
-  %freqs = concat(%cu, %su) {{dim = 3}} : f32[batch, 1, 4, 2]
-  %fr = slice(%freqs) {{dim = 3, end = 1}} : f32[batch, 1, 4, 1]
-  %fi = slice(%freqs) {{dim = 3, start = 1, end = 2}} : f32[batch, 1, 4, 1]
-  %a = reshape(%x) {{shape = [batch, 3, -1, 2]}} : f32[batch, 3, 4, 2]
-  %ar = slice(%a) {{dim = 3, end = 1}} : f32[batch, 3, 4, 1]
-  %ai = slice(%a) {{dim = 3, start = 1, end = 2}} : f32[batch, 3, 4, 1]
-  %0 = mul(%ar, %fr) : f32[batch, 3, 4, 1]
-  %1 = mul(%ai, %fi) : f32[batch, 3, 4, 1]
-  %re = {real} : f32[batch, 3, 4, 1]
-  %2 = mul(%fi, %ar) : f32[batch, 3, 4, 1]
-  %3 = mul(%ai, %fr) : f32[batch, 3, 4, 1]
-  %im = add(%2, %3) : f32[batch, 3, 4, 1]
-  %pairs = concat(%re, %im) {{dim = 3}} : f32[batch, 3, 4, 2]
-  %out = reshape(%pairs) {{shape = [batch, 3, -1]}} : f32[batch, 3, 8]
-  return %out
-}}
-"""
-
-
-@pytest.mark.parametrize("real, raised", [("sub(%0, %1)", 1), ("add(%0, %1)", 0)])  # a rotation; a conjugate's not
-def test_complex_product_of_pairs_is_raised_to_interleaved_rotary(real, raised):
-    graph = graph_from_text(COMPLEX_PRODUCT.format(real=real))
-    for batch in (1, 4):
-        result = assert_preserves(raise_ops, graph, random_inputs(graph, batch))
-    assert result.op_counts().get("rotary", 0) == raised
-    if raised:
-        assert result.op_counts().get("mul", 0) == 0 and result.outputs[0].producer.attrs["interleaved"]

@@ -1,7 +1,7 @@
 """Multi-head latent attention (DeepSeek-V3): the raise rule, the paged op over a cache of
 latents (the registry's reference and the reference backend's absorbed kernel), serving
 through ``kiln.LLM`` (prefill, chunked prefill, decode, prefix reuse), the cache's size,
-and the backends that refuse it."""
+and the backends that refuse it (the CUDA backend's kernels: ``tests/test_cuda_mla.py``)."""
 
 import pytest
 import torch
@@ -10,7 +10,6 @@ from hf_models import VOCAB, random_model, write_checkpoint
 import kiln
 from kiln.backends.mla import paged_mla_attention
 from kiln.backends.onnx import UnsupportedOpsError
-from kiln.backends.support import BackendSupportError
 from kiln.ir import Graph, TensorType, ops, sym
 from kiln.ir.opdefs.mla import mla_attention_reference, paged_mla_attention_reference
 from kiln.passes import MLA_RULES, rewrite
@@ -94,15 +93,28 @@ def test_paged_kernels_match_attention_over_the_whole_sequence(block_size):
         torch.testing.assert_close(caches["kernel"], caches["reference"], equal_nan=True)
 
 
-@pytest.fixture(scope="module")
-def deepseek(tmp_path_factory):
-    model = random_model("deepseek-v3")
-    path = write_checkpoint(model, tmp_path_factory.mktemp("deepseek-v3"))
+def _compiled(name, tmp_path_factory):
+    model = random_model(name)
+    path = write_checkpoint(model, tmp_path_factory.mktemp(name))
     return model, path, kiln.compile(path, dtype="float32", max_seq_len=64)
 
 
-def test_the_cache_holds_latents_only(deepseek):
-    model, _, engine = deepseek
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    return _compiled("deepseek-v3", tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["deepseek-v3", "deepseek-v2-lite"])
+def latent(request, tmp_path_factory):
+    """DeepSeek-V3, and DeepSeek-V2 (its rotary written as complex multiplication, its
+    queries without a low-rank projection)."""
+    if request.param == "deepseek-v3":
+        return request.getfixturevalue("deepseek")
+    return _compiled(request.param, tmp_path_factory)
+
+
+def test_the_cache_holds_latents_only(latent):
+    model, _, engine = latent
     config = model.config
     assert engine.cache_spec.names == ("latent_cache_0", "latent_cache_1")
     per_token = engine.cache_spec.bytes_per_token()
@@ -111,8 +123,8 @@ def test_the_cache_holds_latents_only(deepseek):
     assert config.num_hidden_layers * heads_kv * 4 == 4 * per_token  # what per-head keys and values would take
 
 
-def test_llm_serves_chunked_prefill_decode_and_prefix_reuse(deepseek):
-    model, _, engine = deepseek
+def test_llm_serves_chunked_prefill_decode_and_prefix_reuse(latent):
+    model, _, engine = latent
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (13, 6)]
     with torch.no_grad():
@@ -127,12 +139,11 @@ def test_llm_serves_chunked_prefill_decode_and_prefix_reuse(deepseek):
 
 
 def test_backends_without_latent_attention_refuse_it(deepseek, tmp_path):
+    """ONNX and TensorRT refuse it, and an E4M3 latent cache is refused; the CUDA backend
+    serves it (``tests/test_cuda_mla.py``)."""
     from kiln.backends.tensorrt.table import NOT_LOWERED
 
     _, path, engine = deepseek
-    with pytest.raises(BackendSupportError, match=r"cuda backend refuses\n  - paged_mla_attention "
-                                                  r"\(at model.layers.0.self_attn\): multi-head latent attention"):
-        kiln.compile(path, target="cuda", dtype="float32", max_seq_len=64)
     with pytest.raises(UnsupportedOpsError, match="paged_mla_attention"):
         engine.export_onnx(tmp_path / "step.onnx")
     assert "multi-head latent attention" in NOT_LOWERED["paged_mla_attention"]

@@ -121,6 +121,11 @@ ROUTERS = {
         %s = sum(%v) {dims = [-1], keepdim = true} : f32[t, 1]
         %u = div(%v, %s) : f32[t, 2]
         %w = cast(%u) {dtype = bf16} : bf16[t, 2]"""),
+    "softmax_topk_scaled": ("", """
+        %scale = constant [2.5] : f32[]
+        %p = softmax(%logits) {dim = -1} : f32[t, 4]
+        %v, %i = topk(%p) {k = 2} : f32[t, 2], i64[t, 2]
+        %w = mul(%v, %scale) : f32[t, 2]"""),
     "softmax_topk_cast_weights": ("bf16", """
         %l = cast(%logits) {dtype = f32} : f32[t, 4]
         %p = softmax(%l) {dim = -1} : f32[t, 4]
@@ -149,8 +154,9 @@ def test_each_router_form_is_raised_into_moe(form):
         result = assert_preserves(lambda g: rewrite(g, MOE_RULES), graph, random_inputs(graph, tokens),
                                   atol=tolerance, rtol=tolerance)
     assert result.op_counts() == ({"moe": 1, "cast": 1} if dtype else {"moe": 1})  # the logits' cast stays
-    assert result.nodes[-1].attrs.get("normalize", False) == (not form.startswith("softmax_topk_cast")
-                                                              and form != "softmax_topk")
+    attrs = result.nodes[-1].attrs
+    assert attrs.get("normalize", False) == form.startswith(("softmax_topk_normalized", "topk_softmax"))
+    assert attrs.get("scale", 1.0) == (2.5 if "scaled" in form else 1.0)
 
 
 def test_routing_along_another_dim_is_left_alone():

@@ -3,50 +3,19 @@ chat, streaming, errors, metrics, cancellation on disconnect, and a bounded load
 
 import asyncio
 import re
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
-
-API_KEY = "test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from live_server import API_KEY, serve_subprocess
 
 
 @pytest.fixture(scope="module")
 def server(saved_engine):
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kiln.cli", "serve", str(saved_engine), "--port", str(port), "--api-key", API_KEY,
-         "--model-name", "tiny", "--num-blocks", "512"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    yield _wait_until_healthy(process, port)
-    process.terminate()
-    process.wait(timeout=30)
-
-
-def _wait_until_healthy(process: subprocess.Popen, port: int) -> str:
-    """The URL of the ``kiln serve`` in ``process`` once /health answers (at most 120 s)."""
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"kiln serve exited: {process.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("kiln serve did not come up in 120 s")
+    with serve_subprocess(saved_engine, "--api-key", API_KEY, "--model-name", "tiny", "--num-blocks", "512") as url:
+        yield url
 
 
 @pytest.fixture

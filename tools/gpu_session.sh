@@ -41,6 +41,15 @@ for part in "$@"; do
            done;;
     quant-kv) python3 bench/quantization.py --schemes ${QUANT_SCHEMES:-fp8} --kv-cache-dtype fp8 ${QUANT_ARGS:-} \
                --out "$OUT/quant-kv.json" 2>&1 | grep -E '"pass": 2|Error' | cut -c1-400;;
+    load) [ -d /tmp/l8 ] || python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path
+from import_llama8b import write_checkpoint; write_checkpoint(Path('/tmp/l8'), 32, 4096, 14336, 2048)"  # the bundled tokenizer's vocabulary
+          [ -d /tmp/l8.kiln ] || python3 -m kiln.cli build /tmp/l8 --target cuda --max-batch-size 256 --max-seq-len 4096 \
+             -o /tmp/l8.kiln 2>&1 | tail -2
+          python3 bench/load/run.py /tmp/l8.kiln ${LOAD_ARGS:---users 256 --requests 3000 --run-time 150} --max-num-seqs 256 \
+             --max-queued 512 --long-prompt-tokens 1500 --json "$OUT/load.json" 2>&1 | tail -30;;
+    moe-layers) python3 bench/moe_layers.py ${MOE_ARGS:-} --out "$OUT/moe-layers.json" 2>&1 \
+               | grep -E '"comparison"|"build"|Error' | cut -c1-600;;
+    mla-kernels) python3 bench/mla_kernels.py --out "$OUT/mla-kernels.json" 2>&1 | cut -c1-600;;
     kernels) python3 bench/quantized_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | cut -c1-600;;
     *) echo "unknown part $part";;
   esac

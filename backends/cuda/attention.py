@@ -229,7 +229,7 @@ def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context
 @triton.jit(do_not_specialize=["num_splits", "num_heads", "stride_ps", "stride_ph", "stride_pk"])
 def _merge_kernel(part_out, part_lse, out, query_start, num_splits, num_heads,
                   stride_ps, stride_ph, stride_pk, stride_ot, stride_oh,
-                  D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     token = tl.load(query_start + seq)
@@ -240,7 +240,7 @@ def _merge_kernel(part_out, part_lse, out, query_start, num_splits, num_heads,
     top = tl.max(lse, 0)
     weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
     weight = weight / tl.maximum(tl.sum(weight, 0), 1e-30)
-    d = tl.arange(0, D_PAD)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # one program per BLOCK_D features
     rows = seq.to(tl.int64) * stride_ps + head * stride_ph + splits * stride_pk
     parts = tl.load(part_out + rows[:, None] + d[None, :], mask=in_range[:, None] & (d < D)[None, :], other=0.0)
     result = tl.sum(parts * weight[:, None], 0)
@@ -384,7 +384,7 @@ def _decode(args, out, strides, extras, common, config: AttentionConfig, heads: 
                                                  *part_strides, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                                                  num_stages=cfg.num_stages, DIRECT=False, **common)
     _merge_kernel[(num_seqs, heads)](part_out, part_lse, out, args[6], splits, heads, *part_strides,
-                                     out.stride(0), out.stride(1), D=head_dim, D_PAD=common["D_PAD"],
+                                     out.stride(0), out.stride(1), D=head_dim, BLOCK_D=common["D_PAD"],
                                      SPLITS_PAD=_pow2(splits))
 
 

@@ -1,5 +1,5 @@
-"""The CUDA backend's kernel table: Triton kernels for the fused ops, paged attention and
-mixtures of experts,
+"""The CUDA backend's kernel table: Triton kernels for the fused ops, paged attention,
+multi-head latent attention and mixtures of experts,
 cuBLAS GEMMs (``torch.nn.functional.linear``; a Triton GEMV for the one-row shapes where
 tuning measured it faster), the quantized linear layers (``quantized.py``) and torch's own CUDA kernels
 for the remaining ops (views, casts, gathers), each called as the executor calls a
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..reference import Kernel, reference_kernels
-from . import activations, attention, gemv, int8_mm, moe, norms, quantized, rotary
+from . import activations, attention, gemv, int8_mm, mla_attention, moe, norms, quantized, rotary
 from .configs import config_from_dict
 
 # op -> (launcher, what its stored configuration becomes: a dataclass, a function of the
@@ -26,6 +26,7 @@ LAUNCHERS: dict[str, tuple[Callable[..., Any], type | Callable[[Mapping], Any] |
     "gated_activation": (activations.gated_activation, activations.GatedConfig),
     "qkv_rotary": (rotary.qkv_rotary, rotary.RotaryConfig),
     "paged_attention": (attention.paged_attention, attention.AttentionConfig),
+    "paged_mla_attention": (mla_attention.paged_mla_attention, mla_attention.MlaConfig),
     "linear": (gemv.linear, None),  # weight shape -> GEMV parameters, where the GEMV beat cuBLAS
     "moe": (moe.moe, moe.MoeConfig),
     "moe_experts": (moe.moe_experts, moe.MoeConfig),

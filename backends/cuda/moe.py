@@ -139,10 +139,10 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, g
 
 def moe(x: torch.Tensor, router_logits: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         correction_bias: torch.Tensor | None, *, top_k: int, scoring: str, normalize: bool, scale: float,
-        num_groups: int, topk_groups: int, activation: str, weigh_inputs: bool = False,
+        num_groups: int, topk_groups: int, activation: str, jitter_eps: float = 0.0, weigh_inputs: bool = False,
         config: MoeConfig | None = None) -> torch.Tensor:
     """The registry's ``moe``: its routing (torch ops), then ``moe_experts``."""
     weights, indices = route(router_logits, correction_bias, top_k, scoring, normalize, scale, num_groups,
-                             topk_groups)
+                             topk_groups, jitter_eps)
     return moe_experts(x, weights, indices, gate_up, down, activation=activation, weigh_inputs=weigh_inputs,
                        config=config)

@@ -12,8 +12,8 @@ Launch parameters come per weight shape from build-time tuning (``tuning.py``): 
 engine stores ``shape_key(n, k)`` -> the fields of a ``QuantLinearConfig``, which
 ``per_shape`` turns into the ``config`` the launchers take once, when the kernel table is
 made (a decode step's launches must cost the host nothing more); shapes not tuned take
-the defaults. INT4 groups that are not a power of two (a hidden size of 576
-takes groups of 96) go through the dequantized weight at every row count.
+the defaults. Shapes that the GEMV does not fit (``integer_gemv_fits``: a hidden size of 576
+takes INT4 groups of 96) go through the dequantized weight at every row count.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ...ir import REGISTRY
 from .configs import config_from_dict, shape_key
 from .fp8 import scaled_mm
 from .quantized_gemm import QuantGemmConfig, dequantize, weight_only_gemm
-from .quantized_gemv import QuantGemvConfig, int4_gemv, is_power_of_two, w8_gemv
+from .quantized_gemv import QuantGemvConfig, fp8_gemv, integer_gemv, integer_gemv_fits
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,12 @@ def _weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     rows, k = x2.shape
     n = qweight.shape[0]
     chosen = linear_config(config, n, k)
-    grouped_gemv_ok = scales.dim() == 1 or is_power_of_two(k // scales.shape[1])
+    kernels_fit = integer_gemv_fits(k, 0 if scales.dim() == 1 else k // scales.shape[1])
     if rows == 0:
         out = x2.new_empty((0, n))
-    elif rows == 1 and grouped_gemv_ok:
-        out = (int4_gemv(x2, qweight, scales, zeros, bias, chosen.gemv) if zeros is not None and
-               qweight.dtype == torch.uint8 else w8_gemv(x2, qweight, scales, bias, chosen.gemv))
-    elif rows < chosen.dequantize_from and grouped_gemv_ok:
+    elif rows == 1 and kernels_fit:
+        out = integer_gemv(x2, qweight, scales, zeros, bias, chosen.gemv)
+    elif rows < chosen.dequantize_from and kernels_fit:
         out = weight_only_gemm(x2, qweight, scales, zeros, bias, chosen.gemm)
     else:
         out = F.linear(x2, dequantize(qweight, scales, zeros, x2.dtype), bias)
@@ -101,8 +100,7 @@ def linear_fp8(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tenso
     x2 = _rows(x)
     n, k = qweight.shape
     if x2.shape[0] == 1:
-        out = w8_gemv(x2, qweight, weight_scale, bias, linear_config(config, n, k).gemv, fp8_input=True,
-                      input_scale=input_scale)
+        out = fp8_gemv(x2, qweight, weight_scale, input_scale, bias, linear_config(config, n, k).gemv)
     else:
         out = scaled_mm(x2, qweight, weight_scale, input_scale, bias)
     return out.view(*x.shape[:-1], n)

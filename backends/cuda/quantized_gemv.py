@@ -4,22 +4,28 @@ weight's stored bits once.
 A program takes ``block_n`` weight rows and walks the input dimension in tiles,
 converting the codes to float32 in registers:
 
-- 8-bit codes (``linear_int8``'s INT8, ``linear_fp8``'s E4M3): products accumulate per
-  element and reduce once; a per-channel scale multiplies the row's sum, grouped scales
-  (``group`` inputs each) multiply each group's partial sum. For ``linear_fp8`` the input
-  row is first rounded into E4M3 with its own scale (or the static one) exactly as the
-  op's reference does, so the GEMV computes the op, not a weight-only approximation.
-- 4-bit codes (``linear_int4``): a tile holds ``groups_per_tile`` whole groups; each
-  group's dot product of codes and input is taken unscaled as the tile is read, then
-  ``scale * (dot - zero * sum(x over the group))`` is added, so the per-element work is a
-  nibble extraction and one multiply-add. (Accumulating scaled products per element and
-  reducing once at the end, as the 8-bit GEMV does, was measured slower at every
-  Llama-3.1-8B shape on the H100.)
+- Integer codes (``linear_int8``, ``linear_int4``, ``integer_gemv``) are read as int32
+  words (four INT8 or eight 4-bit codes), and the input a word's codes take as one
+  vector, split into columns in registers. Products accumulate per word; a per-channel
+  scale multiplies the row's sum once, while with grouped scales (``group`` inputs each,
+  a tile holding whole groups) each group's unscaled dot product is taken as the tile is
+  read and ``scale * (dot - zero * sum(x over the group))`` is added. (Accumulating
+  scaled products per element instead was measured slower at every Llama-3.1-8B shape on
+  the H100.)
+- E4M3 codes (``linear_fp8``, ``fp8_gemv``): the input row is first rounded into E4M3 with
+  its own scale (or the static one) as the op's reference does, so the GEMV computes the
+  op, not a weight-only approximation (multiplying by the scale's reciprocal: a code can
+  differ from the reference's division only where the quotient lies within a float32
+  rounding of an E4M3 rounding boundary); the hardware converts the codes.
 
 Integer codes become floats without the int-to-float unit, which converts 16 values a
-clock per multiprocessor on Hopper and capped the INT4 GEMV near 1.5 TB/s: a code below
-2^23 OR-ed into the bits of 2^23 is the float 2^23 + code, and one subtraction leaves the
-code (``integer_floats``).
+clock per multiprocessor on Hopper and capped the INT4 GEMV near 1.5 TB/s: a 4-bit code
+moved to bits 16-19 and OR-ed into the bits of 128.0 is the float 128 + code, an 8-bit
+one moved to bits 15-22 of 256.0 (its sign bit flipped) is 384 + code, and the constant
+is taken away once a group, with the zero point (``_word_code_floats``): a code costs a
+shift, a logic op and its multiply-add. The products stay exact in float32 (a bfloat16
+input has 8 significant bits, the code plus constant 9). The multi-row GEMM converts its
+codes with ``integer_floats``, an addition into 2^23's bits and a subtraction.
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ def gemv_candidates(bits: int) -> list[QuantGemvConfig]:
     """The configurations build-time tuning times for codes of ``bits`` bits."""
     if bits == 8:
         return [QuantGemvConfig(block_n, block_k, 1, warps) for block_n, block_k in
-                ((4, 1024), (8, 512), (8, 1024), (16, 512), (16, 256), (32, 256)) for warps in (4, 8)]
+                ((4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 512), (16, 256), (32, 256))
+                for warps in (4, 8)]
     return [QuantGemvConfig(block_n, 0, groups, warps) for block_n, groups in
-            ((4, 8), (8, 4), (8, 8), (16, 2), (16, 4), (32, 1), (32, 2)) for warps in (4, 8)]
+            ((4, 8), (4, 16), (8, 4), (8, 8), (8, 16), (16, 2), (16, 4), (16, 8), (32, 1), (32, 2))
+            for warps in (4, 8)]
 
 
 _TWO_23 = tl.constexpr(8388608.0)  # 2^23: its float32 bits are 0x4B000000, with room for the code below them
@@ -64,117 +72,172 @@ def integer_floats(codes, offset: tl.constexpr):
 
 
 @triton.jit
-def _w8_gemv_kernel(x, q, scale, input_scale, bias, out, n, k, stride_q, stride_s,
-                    FP8_CODES: tl.constexpr, FP8_INPUT: tl.constexpr, STATIC_INPUT: tl.constexpr, GROUP: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _word_code_floats(words, i: tl.constexpr, BITS: tl.constexpr):
+    """Code ``i`` of each int32 word of ``32 // BITS`` codes as an exact float32 with
+    ``_code_base(BITS)`` added: a 4-bit code moved to bits 16-19 of 128.0's bits is
+    128 + code; an 8-bit one moved to bits 15-22 of 256.0's, its sign bit flipped, is
+    384 + code. One shift and one logic op a value."""
+    if BITS == 4:
+        AT: tl.constexpr = 16
+        BITS_OF_BASE: tl.constexpr = 0x43000000  # 128.0
+    else:
+        AT: tl.constexpr = 15
+        BITS_OF_BASE: tl.constexpr = 0x43800000 | 0x400000  # 256.0, and the flip of the code's sign bit
+    SHIFT: tl.constexpr = AT - BITS * i
+    if SHIFT > 0:
+        moved = words << SHIFT
+    elif SHIFT < 0:
+        moved = words >> -SHIFT
+    else:
+        moved = words
+    return ((moved & (((1 << BITS) - 1) << AT)) ^ BITS_OF_BASE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_dots(packed, x_words, BITS: tl.constexpr, TILE: tl.constexpr):
+    """Per word, the dot product of its codes (each with ``_word_code_floats``'s constant
+    added) and their inputs, ``x_words`` ``[TILE, 32 // BITS]``: the input columns are split
+    apart in registers, so the input is read with one vector load a word."""
+    if BITS == 4:
+        c0, c1 = tl.split(tl.reshape(x_words, [TILE, 2, 2, 2]))
+        b00, b01 = tl.split(c0)
+        b10, b11 = tl.split(c1)
+        x0, x4 = tl.split(b00)
+        x2, x6 = tl.split(b01)
+        x1, x5 = tl.split(b10)
+        x3, x7 = tl.split(b11)
+        dots = _word_code_floats(packed, 0, 4) * x0[None, :]
+        dots += _word_code_floats(packed, 1, 4) * x1[None, :]
+        dots += _word_code_floats(packed, 2, 4) * x2[None, :]
+        dots += _word_code_floats(packed, 3, 4) * x3[None, :]
+        dots += _word_code_floats(packed, 4, 4) * x4[None, :]
+        dots += _word_code_floats(packed, 5, 4) * x5[None, :]
+        dots += _word_code_floats(packed, 6, 4) * x6[None, :]
+        dots += _word_code_floats(packed, 7, 4) * x7[None, :]
+    else:
+        c0, c1 = tl.split(tl.reshape(x_words, [TILE, 2, 2]))
+        x0, x2 = tl.split(c0)
+        x1, x3 = tl.split(c1)
+        dots = _word_code_floats(packed, 0, 8) * x0[None, :]
+        dots += _word_code_floats(packed, 1, 8) * x1[None, :]
+        dots += _word_code_floats(packed, 2, 8) * x2[None, :]
+        dots += _word_code_floats(packed, 3, 8) * x3[None, :]
+    return dots
+
+
+@triton.jit
+def _integer_gemv_kernel(x, q, scales, zeros, bias, out, n, words, stride_q, stride_s, BITS: tl.constexpr,
+                         GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, TILE: tl.constexpr):
+    PER_WORD: tl.constexpr = 32 // BITS  # code i of word w is input element PER_WORD * w + i
+    BASE: tl.constexpr = 128.0 if BITS == 4 else 384.0  # what _word_code_floats adds to each code
+    GROUP_WORDS: tl.constexpr = TILE if GROUP == 0 else GROUP // PER_WORD
+    GROUPS_PER_TILE: tl.constexpr = TILE // GROUP_WORDS
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
-    x_scale = 1.0
-    if FP8_INPUT:
-        if STATIC_INPUT:
-            x_scale = tl.load(input_scale).to(tl.float32)
-        else:
-            amax = tl.zeros([BLOCK_K], tl.float32)
-            for start in range(0, k, BLOCK_K):
-                cols = start + tl.arange(0, BLOCK_K)
-                amax = tl.maximum(amax, tl.abs(tl.load(x + cols, mask=cols < k, other=0.0).to(tl.float32)))
-            x_scale = tl.maximum(tl.max(amax, 0) / E4M3_MAX, MIN_SCALE)
-    if GROUP == 0:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP], tl.float32)
-    for start in range(0, k, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        col_ok = cols < k
-        xv = tl.load(x + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if FP8_INPUT:
-            xv = tl.clamp(xv / x_scale, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv).to(tl.float32)
-        codes = tl.load(q + rows.to(tl.int64)[:, None] * stride_q + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if FP8_CODES:
-            weights = codes.to(tl.float32)
-        else:
-            weights = integer_floats(codes.to(tl.int32), 128)
-        products = weights * xv[None, :]
+    per_word = tl.zeros([BLOCK_N, TILE], tl.float32)  # per-channel scales: sums per word, reduced once
+    x_per_word = tl.zeros([TILE], tl.float32)
+    per_group = tl.zeros([BLOCK_N, GROUPS_PER_TILE], tl.float32)  # grouped scales: scaled sums per group
+    for start in range(0, words, TILE):
+        at = start + tl.arange(0, TILE)
+        word_ok = at < words
+        packed = tl.load(q + rows.to(tl.int64)[:, None] * stride_q + at[None, :],
+                         mask=row_ok[:, None] & word_ok[None, :], other=0)
+        x_words = tl.load(x + PER_WORD * at[:, None] + tl.arange(0, PER_WORD)[None, :], mask=word_ok[:, None],
+                          other=0.0).to(tl.float32)
+        dots = _word_dots(packed, x_words, BITS, TILE)
+        x_sums = tl.sum(x_words, 1)
         if GROUP == 0:
-            acc += products
+            per_word += dots
+            x_per_word += x_sums
         else:
-            groups = start // GROUP + tl.arange(0, BLOCK_K // GROUP)
-            s = tl.load(scale + rows.to(tl.int64)[:, None] * stride_s + groups[None, :],
-                        mask=row_ok[:, None] & (groups < k // GROUP)[None, :], other=0.0)
-            acc += tl.sum(tl.reshape(products, [BLOCK_N, BLOCK_K // GROUP, GROUP]), 2) * s
-    y = tl.sum(acc, 1)
+            group_dots = tl.sum(tl.reshape(dots, [BLOCK_N, GROUPS_PER_TILE, GROUP_WORDS]), 2)
+            group_x = tl.sum(tl.reshape(x_sums, [GROUPS_PER_TILE, GROUP_WORDS]), 1)
+            groups = start // GROUP_WORDS + tl.arange(0, GROUPS_PER_TILE)
+            at_group = rows.to(tl.int64)[:, None] * stride_s + groups[None, :]
+            ok = row_ok[:, None] & (groups < words // GROUP_WORDS)[None, :]
+            offset = tl.full([BLOCK_N, GROUPS_PER_TILE], BASE, tl.float32)
+            if HAS_ZEROS:
+                offset += tl.load(zeros + at_group, mask=ok, other=0).to(tl.float32)
+            s = tl.load(scales + at_group, mask=ok, other=0.0).to(tl.float32)
+            per_group += s * (group_dots - offset * group_x[None, :])
     if GROUP == 0:
-        y *= tl.load(scale + rows, mask=row_ok, other=0.0)
-    if FP8_INPUT:
-        y *= x_scale
+        y = (tl.sum(per_word, 1) - BASE * tl.sum(x_per_word, 0)) * tl.load(scales + rows, mask=row_ok, other=0.0)
+    else:
+        y = tl.sum(per_group, 1)
     if HAS_BIAS:
         y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
-def _int4_gemv_kernel(x, q, scales, zeros, bias, out, n, half_k, stride_q, stride_s, HAS_BIAS: tl.constexpr,
-                               BLOCK_N: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_TILE: tl.constexpr):
-    HALF: tl.constexpr = GROUP // 2  # bytes a group
-    TILE: tl.constexpr = GROUPS_PER_TILE * HALF
+def _fp8_gemv_kernel(x, q, scale, input_scale, bias, out, n, k, stride_q, STATIC_INPUT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
-    acc = tl.zeros([BLOCK_N, GROUPS_PER_TILE], tl.float32)
-    for start in range(0, half_k, TILE):
-        pairs = start + tl.arange(0, TILE)  # byte j holds input elements 2j (low nibble) and 2j+1
-        pair_ok = pairs < half_k
-        x_even = tl.load(x + 2 * pairs, mask=pair_ok, other=0.0).to(tl.float32)
-        x_odd = tl.load(x + 2 * pairs + 1, mask=pair_ok, other=0.0).to(tl.float32)
-        codes = tl.load(q + rows.to(tl.int64)[:, None] * stride_q + pairs[None, :],
-                        mask=row_ok[:, None] & pair_ok[None, :], other=0).to(tl.int32)
-        products = integer_floats(codes & 0xF, 0) * x_even[None, :] + integer_floats(codes >> 4, 0) * x_odd[None, :]
-        dots = tl.sum(tl.reshape(products, [BLOCK_N, GROUPS_PER_TILE, HALF]), 2)
-        x_sums = tl.sum(tl.reshape(x_even + x_odd, [GROUPS_PER_TILE, HALF]), 1)
-        groups = start // HALF + tl.arange(0, GROUPS_PER_TILE)
-        at = rows.to(tl.int64)[:, None] * stride_s + groups[None, :]
-        ok = row_ok[:, None] & (groups < half_k // HALF)[None, :]
-        s = tl.load(scales + at, mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(zeros + at, mask=ok, other=0).to(tl.float32)
-        acc += s * (dots - z * x_sums[None, :])
-    y = tl.sum(acc, 1)
+    if STATIC_INPUT:
+        x_scale = tl.load(input_scale).to(tl.float32)
+    else:
+        amax = tl.zeros([BLOCK_K], tl.float32)
+        for start in range(0, k, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            amax = tl.maximum(amax, tl.abs(tl.load(x + cols, mask=cols < k, other=0.0).to(tl.float32)))
+        x_scale = tl.maximum(tl.max(amax, 0) / E4M3_MAX, MIN_SCALE)
+    x_inverse = 1.0 / x_scale  # a multiply an element instead of a division, which takes a dozen issue slots
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for start in range(0, k, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        col_ok = cols < k
+        xv = tl.load(x + cols, mask=col_ok, other=0.0).to(tl.float32)
+        xv = tl.clamp(xv * x_inverse, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv).to(tl.float32)
+        codes = tl.load(q + rows.to(tl.int64)[:, None] * stride_q + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += codes.to(tl.float32) * xv[None, :]
+    y = tl.sum(acc, 1) * tl.load(scale + rows, mask=row_ok, other=0.0) * x_scale
     if HAS_BIAS:
         y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(out + rows, y.to(out.dtype.element_ty), mask=row_ok)
 
 
-def is_power_of_two(value: int) -> bool:
-    """Whether ``value`` is a positive power of two (the GEMVs' group sizes must be)."""
-    return value > 0 and value & (value - 1) == 0
+def integer_gemv_fits(k: int, group: int) -> bool:
+    """Whether ``integer_gemv`` takes ``k`` inputs with groups of ``group`` (0: per-channel
+    scales): whole int32 words of codes, each within one group, so groups are a power of
+    two of at least 8."""
+    return k % 8 == 0 and (group == 0 or group >= 8 and group & (group - 1) == 0)
 
 
-def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-            config: QuantGemvConfig, *, fp8_input: bool = False, input_scale: torch.Tensor | None = None
-            ) -> torch.Tensor:
-    """``x @ (codes * scale).T + bias`` for one row of ``x`` and 8-bit codes (INT8 or
-    E4M3), ``scale`` per output channel ``[n]`` or per group ``[n, groups]``; with
-    ``fp8_input`` the row is first rounded into E4M3 by its own (or the static) scale."""
-    n, k = qweight.shape
-    group = 0 if scale.dim() == 1 else k // scale.shape[1]
-    block_k = config.block_k if group == 0 else max(config.block_k, group)
+def integer_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, config: QuantGemvConfig) -> torch.Tensor:
+    """``x @ ((codes - zeros) * scales).T + bias`` for one row of ``x``: INT8 codes
+    (``qweight`` int8 ``[n, k]``, no zero points) or packed 4-bit codes (uint8
+    ``[n, k / 2]``, float zero points), with ``scales`` per output channel ``[n]`` or per
+    group ``[n, groups]``, where ``integer_gemv_fits``."""
+    bits = 4 if qweight.dtype == torch.uint8 else 8
+    n = qweight.shape[0]
+    k = qweight.shape[1] * 8 // bits
+    group = 0 if scales.dim() == 1 else k // scales.shape[1]
+    if bits == 8:
+        tile = max(config.block_k, group) // 4
+    else:
+        tile = config.groups_per_tile * group // 8
+    words = qweight.view(torch.int32)  # 32 // bits codes a word, read with one load
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _w8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, qweight, scale, input_scale if input_scale is not None else scale, bias if bias is not None else scale,
-        out, n, k, qweight.stride(0), scale.stride(0), FP8_CODES=qweight.dtype == torch.float8_e4m3fn,
-        FP8_INPUT=fp8_input, STATIC_INPUT=input_scale is not None, GROUP=group, HAS_BIAS=bias is not None,
-        BLOCK_N=config.block_n, BLOCK_K=block_k, num_warps=config.num_warps)
+    _integer_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x, words, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out, n,
+        words.shape[1], words.stride(0), scales.stride(0), BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None,
+        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, TILE=tile, num_warps=config.num_warps)
     return out
 
 
-def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              bias: torch.Tensor | None, config: QuantGemvConfig) -> torch.Tensor:
-    """``x @ ((codes - zeros) * scales).T + bias`` for one row of ``x`` and packed 4-bit
-    codes in groups of a power-of-two size."""
-    n, half_k = qweight.shape
-    group = 2 * half_k // scales.shape[1]
+def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None,
+             bias: torch.Tensor | None, config: QuantGemvConfig) -> torch.Tensor:
+    """``linear_fp8`` for one row of ``x``: the row rounded into E4M3 by its own (or the
+    static) scale exactly as the op's reference does, then ``x @ (codes * scale).T + bias``
+    over E4M3 codes with a scale per output channel."""
+    n, k = qweight.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _int4_gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, qweight, scales, zeros, bias if bias is not None else scales, out, n, half_k, qweight.stride(0),
-        scales.stride(0), HAS_BIAS=bias is not None, BLOCK_N=config.block_n, GROUP=group,
-        GROUPS_PER_TILE=config.groups_per_tile, num_warps=config.num_warps)
+    _fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x, qweight, scale, input_scale if input_scale is not None else scale, bias if bias is not None else scale,
+        out, n, k, qweight.stride(0), STATIC_INPUT=input_scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
     return out

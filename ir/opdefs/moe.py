@@ -6,11 +6,16 @@ hidden]`` (gate rows first, then up rows) and ``down [experts, hidden, inter]``.
 goes through its ``top_k`` experts' gated MLP, and the results are summed with the routing
 weights (in float32, then cast to the input's dtype).
 
-``moe`` routes too. ``scoring="softmax"`` (Mixtral, Qwen-MoE, OLMoE, GraniteMoE) takes the
-top-k of the softmax over all experts, renormalized when ``normalize``; GraniteMoE's softmax
-over the top-k logits is the same thing. ``scoring="sigmoid"`` (DeepSeek-V3) chooses by
+``moe`` routes too. ``scoring="softmax"`` (Mixtral, Qwen-MoE, OLMoE, GraniteMoE, DeepSeek-V2)
+takes the top-k of the softmax over all experts, renormalized when ``normalize``;
+GraniteMoE's softmax over the top-k logits is the same thing. With ``num_groups > 1``
+(DeepSeek-V2's group-limited greedy) a group scores its best expert, and the experts outside
+the ``topk_groups`` best groups score 0. ``scoring="sigmoid"`` (DeepSeek-V3) chooses by
 sigmoid scores plus ``correction_bias``, among the ``topk_groups`` best of ``num_groups``
 expert groups (a group scores the sum of its two best), and weighs by the unbiased scores.
+``scoring="sparsemixer"`` (PhiMoE, at inference) chooses the best remaining expert
+``top_k`` times; each choice weighs the softmax, at its expert, of the remaining logits
+that are within ``2 * jitter_eps`` of the best (relative to ``max(|logit|, best)``).
 Every routing weight is then multiplied by ``scale``. ``scoring="sigmoid"`` without a
 correction bias or groups (Llama 4) chooses by the logits: the same choice as by their
 sigmoids, without the ties of saturated ones. With ``weigh_inputs`` (Llama 4) each expert
@@ -94,20 +99,25 @@ def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, indices: torch
 
 
 def route(logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, scoring: str, normalize: bool,
-          scale: float, num_groups: int, topk_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+          scale: float, num_groups: int, topk_groups: int,
+          jitter_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing weights (float32) and expert indices [tokens, top_k] from router logits."""
     logits = logits.float()
-    if scoring == "softmax":
-        weights, indices = torch.topk(torch.softmax(logits, -1), top_k, dim=-1)
+    if scoring == "sparsemixer":
+        weights, indices = _sparsemixer(logits, top_k, jitter_eps)
+    elif scoring == "softmax":
+        scores = torch.softmax(logits, -1)
+        if num_groups > 1:
+            best = scores.view(scores.shape[0], num_groups, -1).amax(-1)
+            scores = _keep_groups(scores, best, topk_groups, 0.0)
+        weights, indices = torch.topk(scores, top_k, dim=-1)
     else:
         scores = torch.sigmoid(logits)
         choice = scores + correction_bias.float() if correction_bias is not None else \
             scores if num_groups > 1 else logits
         if num_groups > 1:
-            grouped = choice.view(choice.shape[0], num_groups, -1)
-            best = torch.topk(grouped.topk(2, dim=-1).values.sum(-1), topk_groups, dim=-1).indices
-            kept = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)
-            choice = grouped.masked_fill(~kept[..., None], float("-inf")).view_as(choice)
+            best_two = choice.view(choice.shape[0], num_groups, -1).topk(2, dim=-1).values.sum(-1)
+            choice = _keep_groups(choice, best_two, topk_groups, float("-inf"))
         indices = torch.topk(choice, top_k, dim=-1).indices
         weights = scores.gather(1, indices)
     if normalize:
@@ -115,9 +125,31 @@ def route(logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int
     return weights * scale, indices
 
 
+def _keep_groups(scores: torch.Tensor, group_scores: torch.Tensor, topk_groups: int, fill: float) -> torch.Tensor:
+    """``scores [tokens, experts]`` with ``fill`` outside the ``topk_groups`` best groups."""
+    best = torch.topk(group_scores, topk_groups, dim=-1).indices
+    kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    grouped = scores.view(scores.shape[0], group_scores.shape[1], -1)
+    return grouped.masked_fill(~kept[..., None], fill).view_as(scores)
+
+
+def _sparsemixer(logits: torch.Tensor, top_k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's sparsemixer in inference mode: ``top_k`` rounds, each taking the best
+    expert not chosen yet, weighed by its softmax over the remaining logits close to it."""
+    weights, indices, remaining = [], [], logits
+    for _ in range(top_k):
+        best, index = remaining.max(-1, keepdim=True)
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * eps
+        weights.append(torch.softmax(remaining.masked_fill(far, float("-inf")), -1).gather(-1, index))
+        indices.append(index)
+        remaining = remaining.scatter(-1, index, float("-inf"))
+    return torch.cat(weights, -1), torch.cat(indices, -1)
+
+
 def _moe(x: TensorType, router_logits: TensorType, gate_up: TensorType, down: TensorType,
          correction_bias: TensorType | None, top_k: int, scoring: str, normalize: bool, scale: float,
-         num_groups: int, topk_groups: int, activation: str, weigh_inputs: bool = False) -> TensorType:
+         num_groups: int, topk_groups: int, activation: str, jitter_eps: float = 0.0,
+         weigh_inputs: bool = False) -> TensorType:
     _experts_shapes(x, gate_up, down)
     experts = gate_up.shape[0]
     if not router_logits.dtype.is_float or router_logits.rank != 2 \
@@ -139,14 +171,15 @@ def _check_routing(experts, correction_bias: TensorType | None, top_k: int, num_
 
 
 def _moe_reference(x, router_logits, gate_up, down, correction_bias, top_k, scoring, normalize, scale, num_groups,
-                   topk_groups, activation, weigh_inputs=False):
+                   topk_groups, activation, jitter_eps=0.0, weigh_inputs=False):
     weights, indices = route(router_logits, correction_bias, top_k, scoring, normalize, scale, num_groups,
-                             topk_groups)
+                             topk_groups, jitter_eps)
     return moe_experts_reference(x, weights, indices, gate_up, down, activation, weigh_inputs)
 
 
 def _moe_route(router_logits: TensorType, correction_bias: TensorType | None, top_k: int, scoring: str,
-               normalize: bool, scale: float, num_groups: int, topk_groups: int) -> tuple[TensorType, TensorType]:
+               normalize: bool, scale: float, num_groups: int, topk_groups: int,
+               jitter_eps: float = 0.0) -> tuple[TensorType, TensorType]:
     if not router_logits.dtype.is_float or router_logits.rank != 2:
         raise ShapeError(f"router logits {router_logits} are not float [tokens, experts]")
     tokens, experts = router_logits.shape
@@ -154,9 +187,10 @@ def _moe_route(router_logits: TensorType, correction_bias: TensorType | None, to
     return TensorType(dtypes.float32, (tokens, top_k)), TensorType(dtypes.int64, (tokens, top_k))
 
 
-_ROUTING = {"top_k": Attr("int"), "scoring": Attr("str", "softmax", choices=("softmax", "sigmoid")),
+SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+_ROUTING = {"top_k": Attr("int"), "scoring": Attr("str", "softmax", choices=SCORINGS),
             "normalize": Attr("bool", False), "scale": Attr("float", 1.0), "num_groups": Attr("int", 1),
-            "topk_groups": Attr("int", 1)}
+            "topk_groups": Attr("int", 1), "jitter_eps": Attr("float", 0.0)}
 _EXPERTS = {"activation": Attr("str", "silu", choices=ACTIVATIONS), "weigh_inputs": Attr("bool", False)}
 
 OPS = [
@@ -168,12 +202,10 @@ OPS = [
               "weights and int64 indices [tokens, top_k], stacked gate_up [experts, 2 inter, hidden] and "
               "down [experts, hidden, inter]; with weigh_inputs, each expert's input is weighed instead"),
     OpDef("moe", ("x", "router_logits", "gate_up", "down", "correction_bias?"), _moe, _moe_reference,
-          attrs={"top_k": Attr("int"), "scoring": Attr("str", "softmax", choices=("softmax", "sigmoid")),
-                 "normalize": Attr("bool", False), "scale": Attr("float", 1.0), "num_groups": Attr("int", 1),
-                 "topk_groups": Attr("int", 1), **_EXPERTS},
+          attrs={**_ROUTING, **_EXPERTS},
           doc="a routed mixture-of-experts MLP: router_logits [tokens, experts] choose each token's top_k "
-              "experts and their weights (softmax, or DeepSeek's grouped, bias-corrected sigmoid, or Llama 4's "
-              "sigmoid), then moe_experts"),
+              "experts and their weights (softmax, grouped or not; DeepSeek-V3's grouped, bias-corrected "
+              "sigmoid; Llama 4's sigmoid; PhiMoE's sparsemixer), then moe_experts"),
     OpDef("moe_route", ("router_logits", "correction_bias?"), _moe_route, route, attrs=_ROUTING, results=2,
           doc="moe's routing alone: float32 weights and int64 expert indices [tokens, top_k] from router_logits "
               "(the expert-parallel form of moe routes on every rank, then runs the rank's own experts)"),

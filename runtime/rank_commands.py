@@ -1,0 +1,93 @@
+"""Rank 0's commands to the other ranks of a parallel engine, and the values they share.
+
+Between steps a worker waits for rank 0's next command without a time limit: a
+point-to-point receive (a server may idle for hours; a rank 0 that dies closes the
+connection, which ends the wait with an error). A command is a header of fixed size
+(``broadcast_command``): ``STEP`` (then the step's integer inputs, packed into one tensor
+and broadcast), ``STOP``, ``STATS`` (every rank's executor seconds, ``gather_busy``) or
+``KV`` (then a payload: what a decode rank of disaggregated serving does with a request's
+KV blocks, ``kv_transfer.BlockReceiver.handle``). Commands reach the ranks of one process
+group, ranks 0.. of its size: the world, or the decode ranks when prefill ranks follow.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from .model_runner import INPUTS
+
+STEP, STOP, STATS, KV = 0, -1, -2, -3  # what rank 0 broadcasts: a step, the end, the stage times, or KV blocks
+COMMAND_TAG = 1 << 28  # rank 0's commands to each worker (the pipeline's messages have small tags)
+IDLE_WAIT = datetime.timedelta(days=365)  # how long a worker waits for rank 0's next command: a server may idle
+
+
+def broadcast_command(command: int, device: torch.device, inputs: Mapping[str, torch.Tensor] | None = None,
+                      microbatches: int = 1, group: dist.ProcessGroup | None = None,
+                      payload: torch.Tensor | None = None) -> tuple[int, int, object]:
+    """From rank 0 to every rank of ``group`` (the ranks 0.. of its size; default: the
+    world): ``command`` (``STEP``, ``STOP``, ``STATS`` or ``KV``) and, for a step, its
+    micro-batch count and integer inputs (one header of shapes, sent to each rank, which
+    waits for it without a time limit; then one packed int64 tensor, broadcast); for ``KV``,
+    an int64 ``payload`` sent after the header (a ``kv_transfer.BlockReceiver`` record).
+    Returns what rank 0 sent: (command, micro-batches or the payload's length, the inputs,
+    the payload or None)."""
+    header = torch.zeros(2 + 2 * len(INPUTS), dtype=torch.int64, device=device)
+    if dist.get_rank() == 0:
+        header[0], header[1] = command, microbatches if payload is None else len(payload)
+        if command == STEP:
+            shapes = [tuple(inputs[name].shape) + (1,) * (2 - inputs[name].dim()) for name, _ in INPUTS]
+            header[2:] = torch.tensor([d for shape in shapes for d in shape])
+        ranks = range(1, dist.get_world_size(group))
+        works = [dist.isend(header, rank, tag=COMMAND_TAG) for rank in ranks]
+        works += [dist.isend(payload, rank, tag=COMMAND_TAG + 1) for rank in ranks if payload is not None]
+        for work in works:
+            work.wait()
+    else:
+        receive_from_rank0(header, COMMAND_TAG)
+    command, count = int(header[0]), int(header[1])
+    if command == KV:
+        if dist.get_rank() != 0:
+            payload = torch.empty(count, dtype=torch.int64)
+            dist.recv(payload, 0, tag=COMMAND_TAG + 1)
+        return command, count, payload
+    if command != STEP:
+        return command, count, None
+    shapes = header[2:].view(-1, 2).tolist()
+    sizes = [rows * cols for rows, cols in shapes]
+    if dist.get_rank() == 0:
+        packed = torch.cat([inputs[name].to(device).flatten().long() for name, _ in INPUTS])
+    else:
+        packed = torch.empty(sum(sizes), dtype=torch.int64, device=device)
+    dist.broadcast(packed, 0, group=group)
+    out, at = {}, 0
+    for (name, dtype), size, (rows, cols) in zip(INPUTS, sizes, shapes):
+        view = packed[at:at + size]
+        out[name] = (view.view(rows, cols) if name == "block_tables" else view).to(dtype)
+        at += size
+    return STEP, count, out
+
+
+def receive_from_rank0(tensor: torch.Tensor, tag: int) -> None:
+    """Receive ``tensor`` from rank 0, however long it takes: a worker waits for the next
+    command while the server idles (a rank 0 that dies closes the connection, which ends
+    the wait with an error)."""
+    dist.irecv(tensor, 0, tag=tag).wait(IDLE_WAIT)
+
+
+def cache_layout(num_blocks: int, block_size: int, device: torch.device) -> tuple[int, int]:
+    """Rank 0's cache layout (blocks, block size), on every rank of the world."""
+    layout = torch.tensor([num_blocks, block_size], dtype=torch.int64, device=device)
+    dist.broadcast(layout, 0)
+    return int(layout[0]), int(layout[1])
+
+
+def gather_busy(busy_s: float, device: torch.device, group: dist.ProcessGroup | None = None) -> list[float]:
+    """Every rank's executor seconds (of ``group``: default, the world), on every rank."""
+    mine = torch.tensor([busy_s], dtype=torch.float64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return [float(p) for p in parts]
