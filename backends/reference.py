@@ -27,10 +27,12 @@ Kernel = Callable[..., Any]
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, query_start: torch.Tensor,
                     context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float | None,
-                    sliding_window: int | None, softcap: float | None, alibi_bias_max: float | None = None):
+                    sliding_window: int | None, softcap: float | None, alibi_bias_max: float | None = None,
+                    chunk_size: int | None = None):
     """Write k and v at ``slot_mapping`` (in place; saturated to E4M3 in an FP8 cache), then
     run causal attention of every sequence's queries over its whole context, all
-    sequences in one batched call (ALiBi's biases, where asked, join the mask)."""
+    sequences in one batched call (ALiBi's biases, where asked, join the mask; so does the
+    chunk of positions each query may see, where ``chunk_size`` is set)."""
     block_size = k_cache.shape[1]
     for cache, new in ((k_cache, k), (v_cache, v)):
         rows, fresh = cache.view(-1, *cache.shape[2:]), to_cache(new, cache.dtype)
@@ -53,6 +55,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     allowed = (keys_at <= query_pos[..., None]) & (keys_at < lengths[:, None, None])
     if sliding_window is not None:
         allowed &= query_pos[..., None] - keys_at < sliding_window
+    if chunk_size is not None:
+        allowed &= query_pos[..., None] // chunk_size == keys_at // chunk_size
     mask = allowed[:, None]
     if alibi_bias_max is not None:
         distance = (keys_at - query_pos[..., None]).float()[:, None]  # [seqs, 1, max_q, max_ctx]

@@ -17,6 +17,7 @@ import torch
 
 from ..ir import DType, Graph, Value, dtypes, ops
 from ..ir.shapes import broadcast_shapes
+from .scatter import SCATTER_CONVERTERS
 
 Converter = Callable[..., Any]
 
@@ -103,9 +104,9 @@ def _sdpa(cx: Conversion, q: Value, k: Value, v: Value, attn_mask: Value | None 
 
 
 def _kiln_attention(cx: Conversion, q: Value, k: Value, v: Value, scale: float, causal: bool,
-                    sliding_window: int, softcap: float) -> Value:
+                    sliding_window: int, softcap: float, chunk_size: int) -> Value:
     return ops.attention(q, k, v, scale=scale, causal=causal, sliding_window=sliding_window or None,
-                         softcap=softcap or None)
+                         softcap=softcap or None, chunk_size=chunk_size or None)
 
 
 def _layer_norm(cx: Conversion, x: Value, shape: Sequence[int], weight: Value | None = None,
@@ -350,6 +351,12 @@ def _conv(spatial: int) -> Converter:
     return convert
 
 
+def _bitwise_not(cx: Conversion, x: Value) -> Value:
+    if x.dtype != dtypes.bool_:
+        raise NotImplementedError("bitwise_not of integers")
+    return ops.logical_not(x)
+
+
 CONVERTERS: dict[str, Converter] = {
     **{f"aten.{name}.Tensor": _arithmetic(name) for name in ("add", "sub", "mul", "div", "maximum", "minimum")},
     **{f"aten.{name}.Scalar": _arithmetic(name) for name in ("add", "sub", "mul", "div")},
@@ -362,7 +369,7 @@ CONVERTERS: dict[str, Converter] = {
     "aten.__or__.Tensor": lambda cx, x, y: ops.logical_or(x, y),
     **{f"aten.{name}.default": _unary(name) for name in
        ("neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "sin", "cos", "tanh", "erf", "sigmoid",
-        "relu", "silu", "expm1")},
+        "relu", "silu", "expm1", "log1p", "floor")},
     "aten.softplus.default": lambda cx, x, beta=1.0, threshold=20.0: ops.softplus(x, beta=beta, threshold=threshold),
     "aten.min.other": lambda cx, x, y: ops.minimum(*cx.promote(x, y)),
     "aten.max.other": lambda cx, x, y: ops.maximum(*cx.promote(x, y)),
@@ -450,6 +457,9 @@ CONVERTERS: dict[str, Converter] = {
     "aten.new_ones.default": lambda cx, x, size, **kwargs: ops.full(graph=cx.graph, shape=tuple(size), value=1.0,
                                                                     dtype=cx.result_dtype),
     "aten.numpy_T.default": lambda cx, x: ops.permute(x, dims=tuple(reversed(range(x.type.rank)))),
+    # routers: DeepSeek-V3's mask of the chosen groups, Llama 4's scores of the chosen experts
+    "aten.bitwise_not.default": _bitwise_not,
+    **SCATTER_CONVERTERS,
 }
 
 # Nodes that only assert facts torch already checked while tracing.
@@ -457,42 +467,3 @@ IGNORED = {
     "aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_constrain_range_for_size.default",
     "aten._assert_async.msg", "aten.sym_constrain_range.default",
 }
-
-
-# -- DeepSeek-V3's grouped router: a mask of the chosen groups ---------------------------
-
-def _like(value: float) -> Converter:
-    return lambda cx, x, **kwargs: ops.full(graph=cx.graph, shape=tuple(x.shape), value=value,
-                                            dtype=cx.result_dtype)
-
-
-def _scatter_value(cx: Conversion, x: Value, dim: int, index: Value, value: Any) -> Value:
-    """``x`` with ``value`` written where ``index`` points along ``dim``: the index compared
-    with every position along ``dim`` (one-hot), any hit among its entries selects ``value``."""
-    from ..ir.shapes import dims_equal
-
-    rank = x.type.rank
-    dim %= rank
-    if rank != index.type.rank or any(i != dim and not dims_equal(a, b)
-                                      for i, (a, b) in enumerate(zip(x.shape, index.shape))):
-        raise NotImplementedError("scatter whose index differs from the tensor beyond the scattered dim")
-    size = x.shape[dim]
-    positions = ops.reshape(ops.arange(graph=cx.graph, end=size, dtype=index.dtype),
-                            shape=(*[1] * (dim + 1), size, *[1] * (rank - dim - 1)))
-    hits = ops.cast(ops.eq(ops.unsqueeze(index, dim=dim + 1), positions), dtype=dtypes.float32)
-    chosen = ops.cast(ops.max(hits, dims=(dim,), keepdim=False), dtype=dtypes.bool_)
-    return ops.where(chosen, cx.value(value, x.dtype), x)
-
-
-def _bitwise_not(cx: Conversion, x: Value) -> Value:
-    if x.dtype != dtypes.bool_:
-        raise NotImplementedError("bitwise_not of integers")
-    return ops.logical_not(x)
-
-
-CONVERTERS.update({
-    "aten.zeros_like.default": _like(0.0),
-    "aten.ones_like.default": _like(1.0),
-    "aten.scatter.value": _scatter_value,
-    "aten.bitwise_not.default": _bitwise_not,
-})

@@ -1,5 +1,6 @@
-"""Complex tensors as real pairs: how the ATen ops that DeepSeek-V2's rotary embedding
-leaves on complex tensors (``polar``, ``view_as_complex``, complex ``mul``,
+"""Complex tensors as real pairs: how the ATen ops that DeepSeek-V2's and Llama 4's rotary
+embeddings leave on complex tensors (``polar``, ``complex``, ``view_as_complex``, complex
+``mul`` and ``add``, the shape ops ``unsqueeze``, ``slice``, ``view``, ``transpose``,
 ``view_as_real``) become kiln ops.
 
 kiln's IR has no complex dtype. A complex tensor of shape ``S`` is held as a real tensor
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from ..ir import DType, Value, dtypes, ops
+from ..ir.opdefs.shape import END
 from .aten import Conversion
 
 _REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
@@ -69,6 +71,11 @@ def _polar(cx: Conversion, magnitude: Value, angle: Value) -> Value:
     return _pairs(ops.mul(magnitude, ops.cos(angle)), ops.mul(magnitude, ops.sin(angle)))
 
 
+def _complex(cx: Conversion, real: Value, imag: Value) -> Value:
+    """``torch.complex(real, imag)``."""
+    return _pairs(cx.value(real), cx.value(imag))
+
+
 def _mul(cx: Conversion, a: Any, b: Any) -> Value:
     """``(ar + i ai)(br + i bi)``; a real factor (a tensor or a number) scales both parts."""
     if isinstance(a, Complex) and isinstance(b, Complex):
@@ -82,8 +89,28 @@ def _mul(cx: Conversion, a: Any, b: Any) -> Value:
     return ops.mul(z.pairs, cx.value(r))
 
 
+def _add(cx: Conversion, a: Any, b: Any, alpha: float = 1) -> Value:
+    if not (isinstance(a, Complex) and isinstance(b, Complex)) or alpha != 1:
+        raise NotImplementedError("a sum of a complex tensor with anything but another complex tensor")
+    return ops.add(a.pairs, b.pairs)
+
+
 def _unsqueeze(cx: Conversion, z: Complex, dim: int) -> Value:
     return ops.unsqueeze(z.pairs, dim=dim % (z.rank + 1))
+
+
+def _slice(cx: Conversion, z: Complex, dim: int = 0, start: int | None = None, end: int | None = None,
+           step: int = 1) -> Value:
+    return ops.slice(z.pairs, dim=dim % z.rank, start=start or 0, end=END if end is None else end, step=step)
+
+
+def _reshape(cx: Conversion, z: Complex, shape: Any) -> Value:
+    """``view``, ``reshape`` (the pair dim stays last, so any ``-1`` still means the same)."""
+    return ops.reshape(z.pairs, shape=(*shape, 2))
+
+
+def _transpose(cx: Conversion, z: Complex, dim0: int, dim1: int) -> Value:
+    return ops.transpose(z.pairs, dim0=dim0 % z.rank, dim1=dim1 % z.rank)
 
 
 def _same(cx: Conversion, z: Any, *args: Any, **kwargs: Any) -> Value:
@@ -103,9 +130,15 @@ COMPLEX_CONVERTERS: dict[str, Callable[..., Any]] = {
     "aten.polar.default": _polar,
     "aten.view_as_complex.default": _view_as_complex,
     "aten.view_as_real.default": lambda cx, z: z.pairs,
+    "aten.complex.default": _complex,
     "aten.mul.Tensor": _mul,
     "aten.mul.Scalar": _mul,
+    "aten.add.Tensor": _add,
     "aten.unsqueeze.default": _unsqueeze,
+    "aten.slice.Tensor": _slice,
+    "aten.view.default": _reshape,
+    "aten.reshape.default": _reshape,
+    "aten.transpose.int": _transpose,
     **{f"aten.{name}": _same for name in ("to.dtype", "to.device", "to.dtype_layout", "_to_copy.default",
                                           "clone.default", "alias.default", "contiguous.default",
                                           "detach.default")},

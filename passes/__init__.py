@@ -17,6 +17,7 @@ from .complex_rotary import COMPLEX_ROTARY_RULES
 from .mla import MLA_RULES
 from .moe import MOE_RULES
 from .moe_grouped import GROUPED_MOE_RULES
+from .moe_dense import DENSE_MOE_RULES
 from .moe_sparsemixer import SPARSEMIXER_RULES
 from .written_attention import raise_written_attention
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
@@ -35,7 +36,7 @@ fold = Pass("fold_constants", fold_constants, "ops over constants become (lazy) 
 cse = Pass("cse", eliminate_common_subexpressions, "merge identical nodes and small constants")
 dce = Pass("dce", eliminate_dead_code, "drop unused nodes and constants")
 _raise_rules = rewrite_pass("raise", RAISE_RULES + COMPLEX_ROTARY_RULES + MOE_RULES + GROUPED_MOE_RULES
-                           + SPARSEMIXER_RULES + MLA_RULES)
+                            + DENSE_MOE_RULES + SPARSEMIXER_RULES + MLA_RULES)
 raise_ops = Pass("raise", lambda graph: raise_written_attention(graph) + _raise_rules.run(graph),
                  "recognize written-out attention (causal masks, ALiBi), rms_norm, rotary, mixture-of-experts "
                  "routing and latent attention among primitives")
@@ -133,5 +134,5 @@ __all__ = [
     "page_attention", "specialize", "paged_attention", "pipeline", "pipeline_manager", "rewrite", "rewrite_pass",
     "select_logits", "trace", "PartitionError", "partition", "partition_tensor_parallel", "run_pipeline",
     "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks", "split_pipeline", "MLA_RULES",
-    "GROUPED_MOE_RULES", "raise_written_attention", "COMPLEX_ROTARY_RULES", "SPARSEMIXER_RULES",
+    "GROUPED_MOE_RULES", "raise_written_attention", "COMPLEX_ROTARY_RULES", "DENSE_MOE_RULES", "SPARSEMIXER_RULES",
 ]

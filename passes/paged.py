@@ -116,7 +116,7 @@ def page_attention(graph: Graph) -> int:
                 q, k, v, k_cache, v_cache, *(meta[n] for n in ATTENTION_METADATA),
                 scale=attrs["scale"] if attrs["scale"] is not None else node.inputs[0].shape[3] ** -0.5,
                 sliding_window=attrs["sliding_window"], softcap=attrs["softcap"],
-                alibi_bias_max=attrs["alibi_bias_max"])
+                alibi_bias_max=attrs["alibi_bias_max"], chunk_size=attrs["chunk_size"])
             caches += [k_cache, v_cache]
             layers += 1
             results = [_heads_first(out)]

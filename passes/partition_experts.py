@@ -10,7 +10,8 @@ stacked ``gate_up`` and ``down`` split along the experts), and:
   as primitive ops, as DeepSeek-V3's) takes the routing as it is;
 - the rank's own experts run on the (token, choice) pairs routed to them: expert ids are
   made local by subtracting the rank's first expert, and a choice of another rank's expert
-  gets weight 0 (it adds nothing; its id is clamped into range);
+  gets weight 0 (it adds nothing, also where the weight scales the expert's input: a gated
+  MLP without biases maps 0 to 0; its id is clamped into range);
 - each rank's result is a partial sum over its experts, reduced once (``all_reduce``)
   where a replicated value is needed, as a row-parallel linear's is.
 
@@ -26,6 +27,8 @@ import torch
 
 from ..ir import Node, Value
 from .sharding import PARTIAL, REPLICATED, Partitioner, Split
+
+EXPERT_ATTRS = ("activation", "weigh_inputs")  # the experts' attributes, not the routing's
 
 
 def _local_choices(p: Partitioner, weights: Value, indices: Value, experts: int) -> tuple[Value, Value]:
@@ -53,7 +56,7 @@ def _local_experts(p: Partitioner, node: Node, x: Value, weights: Value, indices
     weights, indices = _local_choices(p, weights, indices, gate_up.shape[0])
     split = Split(0, p.ranks)
     out = p.call("moe_experts", [p.operand(x, REPLICATED), weights, indices, p.operand(gate_up, split),
-                                 p.operand(down, split)], {"activation": node.attrs["activation"]}, node.location)
+                                 p.operand(down, split)], {k: node.attrs[k] for k in EXPERT_ATTRS}, node.location)
     return [(out.result, PARTIAL)]
 
 
@@ -70,7 +73,7 @@ def moe(p: Partitioner, node: Node):
     x, logits, gate_up, down, *bias = node.inputs
     if not _splits_experts(p, gate_up, down):
         return None
-    attrs = {k: v for k, v in node.attrs.items() if k != "activation"}
+    attrs = {k: v for k, v in node.attrs.items() if k not in EXPERT_ATTRS}
     route = p.call("moe_route", [p.operand(logits, REPLICATED), *(p.operand(b, REPLICATED) for b in bias)], attrs,
                    node.location)
     weights, indices = route.results

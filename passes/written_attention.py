@@ -177,7 +177,7 @@ def _masked(node) -> _Attention | None:
     """An ``attention`` op with a positional mask operand (an SDPA call with the mask a model
     built): the mask may be an attribute instead."""
     mask = node.inputs[3] if len(node.inputs) > 3 else None
-    if mask is None or node.attrs["sliding_window"] is not None or node.attrs["alibi_bias_max"] is not None:
+    if mask is None or any(node.attrs[a] is not None for a in ("sliding_window", "alibi_bias_max", "chunk_size")):
         return None
     if not _positional(mask, {}):
         return None

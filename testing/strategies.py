@@ -397,7 +397,7 @@ def _math(b: GraphDraft):
     x = b.value()
     positive = ops.abs(x) + 0.5
     name = b.draw(st.sampled_from(["exp", "log", "sqrt", "rsqrt", "reciprocal", "pow", "clamp",
-                                   "argmax", "gather", "logical_and", "expm1", "softplus"]))
+                                   "argmax", "gather", "logical_and", "expm1", "softplus", "log1p", "floor"]))
     if name in ("exp", "expm1"):
         return ops.call(name, -positive)
     if name == "softplus":
@@ -414,7 +414,10 @@ def _math(b: GraphDraft):
         return ops.gather(x, index, dim=-1) - x
     if name == "logical_and":
         return ops.where(ops.logical_and(ops.gt(x, 0.0), ops.lt(x, 1.0)), x, -x)
-    return ops.call(name, positive) if name in ("log", "sqrt", "rsqrt", "reciprocal") else None
+    if name == "floor" and x.type.rank:  # of exact values: floor would magnify a pass's rounding
+        steps = ops.cast(ops.arange(graph=b.graph, end=x.shape[-1]), dtype=x.dtype)
+        return x * ops.floor(steps * 0.25)
+    return ops.call(name, positive) if name in ("log", "sqrt", "rsqrt", "reciprocal", "log1p") else None
 
 
 def _redundant(b: GraphDraft):
@@ -433,8 +436,9 @@ def _redundant(b: GraphDraft):
 
 
 def _moe(b: GraphDraft, routed_apart: bool = False):
-    """A routed mixture of experts over [tokens, hidden], whole or as topk + moe_experts;
-    ``routed_apart``: as moe_route + moe_experts, the form an expert-parallel graph has."""
+    """A routed mixture of experts over [tokens, hidden], whole or as topk + moe_experts, its
+    routing weights on the experts' outputs or inputs; ``routed_apart``: as moe_route +
+    moe_experts, the form an expert-parallel graph has."""
     x = b.value(lambda v: v.type.rank == 2 and isinstance(v.shape[-1], int) and v.shape[-1] >= 1)
     if x is None:
         return None
@@ -442,10 +446,11 @@ def _moe(b: GraphDraft, routed_apart: bool = False):
     top_k = b.draw(st.integers(1, experts))
     logits = ops.linear(x, b.constant((experts, hidden)))
     gate_up, down = b.constant((experts, 2 * inter, hidden)), b.constant((experts, hidden, inter))
-    activation = b.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]))
+    experts_attrs = dict(activation=b.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"])),
+                         weigh_inputs=b.draw(st.booleans()))
     if not routed_apart and b.draw(st.booleans()):
         weights, indices = ops.topk(ops.softmax(logits, dim=-1), k=top_k)
-        return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
+        return ops.moe_experts(x, weights, indices, gate_up, down, **experts_attrs)
     scoring = b.draw(st.sampled_from(["softmax", "sigmoid", "sparsemixer"]))
     groups = b.draw(st.sampled_from([g for g in (1, 2) if experts % g == 0 and (g == 1 or experts // g >= 2)]))
     bias = b.constant((experts,)) if scoring == "sigmoid" and b.draw(st.booleans()) else None
@@ -454,8 +459,8 @@ def _moe(b: GraphDraft, routed_apart: bool = False):
                    jitter_eps=b.draw(st.sampled_from([0.01, 0.3])) if scoring == "sparsemixer" else 0.0)
     if routed_apart:
         weights, indices = ops.moe_route(logits, bias, **routing)
-        return ops.moe_experts(x, weights, indices, gate_up, down, activation=activation)
-    return ops.moe(x, logits, gate_up, down, bias, **routing, activation=activation)
+        return ops.moe_experts(x, weights, indices, gate_up, down, **experts_attrs)
+    return ops.moe(x, logits, gate_up, down, bias, **routing, **experts_attrs)
 
 
 GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {

@@ -89,6 +89,12 @@ ARCHITECTURES = {
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=96, num_attention_heads=6)),
     "mpt": ("MptConfig", "MptForCausalLM", dict(hidden_size=96, num_attention_heads=6, expansion_ratio=2,
                                                 max_seq_len=128)),
+    # Llama 4: layer 0 rotates (complex rotary), L2-normalizes q and k and attends within chunks of 4 positions,
+    # with a dense MLP; layer 1 has no rotary (NoPE) but attention temperature tuning (floor_scale 4), and 4 experts,
+    # 1 per token, weighed by sigmoid scores on their inputs, beside a shared expert
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        head_dim=16, intermediate_size_mlp=96, num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+        no_rope_layers=[1, 0], attention_chunk_size=4, floor_scale=4, attn_scale=0.1)),
     # Falcon's causal mask, written out with its packed-sequence check (diff, cumsum, index); multi-head
     # (multi-query heads index with constants that an export on the meta device loses)
     "falcon": ("FalconConfig", "FalconForCausalLM", dict(multi_query=False)),

@@ -1,7 +1,7 @@
 """Complex tensors imported as real pairs (``frontends/complex.py``), and rotary embedding
-written as complex multiplication (DeepSeek-V2's) raised into kiln's interleaved ``rotary``
-(``passes/complex_rotary.py``). DeepSeek-V2's logits and greedy tokens against transformers
-are in test_frontend_hf.py, with every architecture's."""
+written as complex multiplication (DeepSeek-V2's, Llama 4's) raised into kiln's interleaved
+``rotary`` (``passes/complex_rotary.py``). DeepSeek-V2's and Llama 4's logits and greedy tokens
+against transformers are in test_frontend_hf.py, with every architecture's."""
 
 import pytest
 import torch
@@ -10,7 +10,8 @@ from torch.export import Dim
 
 from kiln.frontends import UnsupportedOpsError, import_program
 from kiln.ir import interpret
-from kiln.passes import COMPLEX_ROTARY_RULES, pipeline_manager, rewrite
+from kiln.passes import COMPLEX_ROTARY_RULES, pipeline_manager, raise_ops, rewrite
+from kiln.testing import assert_preserves, graph_from_text, random_inputs
 
 
 class ComplexRotary(nn.Module):
@@ -68,29 +69,37 @@ def test_complex_rotation_is_raised_into_interleaved_rotary():
         torch.testing.assert_close(interpret(graph, [x, positions])[0], module(x, positions), atol=1e-6, rtol=1e-6)
 
 
-def test_a_product_with_a_table_broadcast_over_the_pairs_is_left_alone():
-    """One angle for every pair ([..., 1]) is a rotation too, but not rotary's table layout."""
-    from kiln.testing import graph_from_text
+PRODUCT_OF_PAIRS = """
+    graph @g(%x: f32[t, 4, 2], %c: f32[t, {n}], %s: f32[t, {n}]) {{
+      %a = slice(%x) {{dim = 2, end = 1}} : f32[t, 4, 1]
+      %re = squeeze(%a) {{dim = 2}} : f32[t, 4]
+      %b = slice(%x) {{dim = 2, start = 1, end = 2}} : f32[t, 4, 1]
+      %im = squeeze(%b) {{dim = 2}} : f32[t, 4]
+      %rc = mul(%re, %c) : f32[t, 4]
+      %is = mul(%im, %s) : f32[t, 4]
+      %r = {real}(%rc, %is) : f32[t, 4]
+      %rs = mul(%re, %s) : f32[t, 4]
+      %ic = mul(%im, %c) : f32[t, 4]
+      %i = add(%rs, %ic) : f32[t, 4]
+      %ur = unsqueeze(%r) {{dim = 2}} : f32[t, 4, 1]
+      %ui = unsqueeze(%i) {{dim = 2}} : f32[t, 4, 1]
+      %out = concat(%ur, %ui) {{dim = 2}} : f32[t, 4, 2]
+      return %out
+    }}
+    """
 
-    graph = graph_from_text("""
-        graph @g(%x: f32[t, 4, 2], %c: f32[t, 1], %s: f32[t, 1]) {
-          %a = slice(%x) {dim = 2, end = 1} : f32[t, 4, 1]
-          %re = squeeze(%a) {dim = 2} : f32[t, 4]
-          %b = slice(%x) {dim = 2, start = 1, end = 2} : f32[t, 4, 1]
-          %im = squeeze(%b) {dim = 2} : f32[t, 4]
-          %rc = mul(%re, %c) : f32[t, 4]
-          %is = mul(%im, %s) : f32[t, 4]
-          %r = sub(%rc, %is) : f32[t, 4]
-          %rs = mul(%re, %s) : f32[t, 4]
-          %ic = mul(%im, %c) : f32[t, 4]
-          %i = add(%rs, %ic) : f32[t, 4]
-          %ur = unsqueeze(%r) {dim = 2} : f32[t, 4, 1]
-          %ui = unsqueeze(%i) {dim = 2} : f32[t, 4, 1]
-          %out = concat(%ur, %ui) {dim = 2} : f32[t, 4, 2]
-          return %out
-        }
-        """)
-    assert sum(rewrite(graph, COMPLEX_ROTARY_RULES).values()) == 0
+
+@pytest.mark.parametrize("table, real, raised", [
+    (4, "sub", 1),  # a rotation by one angle per pair: rotary's tables
+    (4, "add", 0),  # (re c + im s, ...): the product with the conjugate's transpose, not a rotation
+    (1, "sub", 0),  # one angle for every pair ([..., 1]): a rotation too, but not rotary's table layout
+])
+def test_only_a_rotation_with_an_angle_per_pair_is_raised(table, real, raised):
+    graph = graph_from_text(PRODUCT_OF_PAIRS.format(n=table, real=real))
+    assert sum(rewrite(graph.clone(), COMPLEX_ROTARY_RULES).values()) == raised
+    for batch in (1, 3):
+        result = assert_preserves(raise_ops, graph, random_inputs(graph, batch))
+    assert result.op_counts().get("rotary", 0) == raised
 
 
 def test_a_complex_op_without_a_mapping_is_named():

@@ -64,7 +64,7 @@ def _step_feed(graph, ids):
     return {**step_inputs([SequenceStep(ids, 0, list(range(blocks)))], 4, all_logits=True), **caches}
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe", "llama4"])
 def test_moe_architectures_split_their_experts_over_2_and_4_ranks(name):
     model = random_model(name)
     imported = import_model(model)

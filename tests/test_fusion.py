@@ -80,6 +80,11 @@ EXPECTED["deepseek-v3"] = {"rms_norm": 5, "add_rms_norm": 4, "gated_activation":
 # projection in the Lite form (one linear and one norm fewer per layer)
 EXPECTED["deepseek-v2"] = {**EXPECTED["deepseek-v3"], "rotary": 4}
 EXPECTED["deepseek-v2-lite"] = {**EXPECTED["deepseek-v2"], "rms_norm": 3, "linear": 12}
+# Llama 4: complex rotary raised (interleaved) on layer 0's q and k, then L2 q/k norms (apart from the QKV split);
+# layer 0 dense, layer 1 a shared expert (gate/up fused) beside the experts, run on every token by the model,
+# raised into moe (no batched matmul left)
+EXPECTED["llama4"] = {"rms_norm": 3, "add_rms_norm": 4, "gated_activation": 2, "linear": 10, "moe": 1, "rotary": 2,
+                      "qkv_rotary": 0, "add_layer_norm": 0, "matmul": 0}
 
 
 def test_every_architecture_has_expectations():

@@ -231,3 +231,60 @@ def test_deepseek_v3_router_is_raised_into_one_moe(norm, scale):
     with torch.no_grad():
         want = model(input_ids=ids, use_cache=False).logits
     assert (interpret(graph, [ids])[0] - want).abs().max().item() <= 1e-4
+
+
+def _llama4_moe(top_k: int):
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    config = transformers.Llama4TextConfig(hidden_size=16, intermediate_size=24, num_local_experts=5,
+                                           num_experts_per_tok=top_k)
+    torch.manual_seed(3)
+    moe = Llama4TextMoe(config).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return moe
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_llama4_routing_and_experts_weigh_the_inputs(top_k):
+    """Llama 4 scales each expert's input by the sigmoid of its logit (the experts not chosen
+    get zeros, which they map to zeros): ``route(scoring="sigmoid")`` and ``weigh_inputs``,
+    with the experts' weights transposed to kiln's layout."""
+    moe = _llama4_moe(top_k)
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        want = moe(x)[0] - moe.shared_expert(x)
+        weights, indices = route(moe.router(x)[1], None, top_k, "sigmoid", False, 1.0, 1, 1)
+        gate_up, down = moe.experts.gate_up_proj.transpose(1, 2), moe.experts.down_proj.transpose(1, 2)
+        got = moe_experts_reference(x, weights, indices, gate_up, down, "silu", weigh_inputs=True)
+        on_outputs = moe_experts_reference(x, weights, indices, gate_up, down, "silu")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(on_outputs, want, atol=1e-2)
+
+
+class _Llama4Moe(torch.nn.Module):
+    def __init__(self, top_k: int):
+        super().__init__()
+        self.moe = _llama4_moe(top_k)
+
+    def forward(self, x):
+        return self.moe(x)[0]
+
+
+@pytest.mark.parametrize("top_k, dtype, tolerance", [(1, torch.float32, 1e-6), (2, torch.float32, 1e-6),
+                                                     (1, torch.bfloat16, 2e-2)])
+def test_llama4_router_and_dense_experts_are_raised_into_one_moe(top_k, dtype, tolerance):
+    """The router's scatter of the top-k logits into -inf, its sigmoids (in float32 and cast
+    back, in bf16), and every expert run on every token (repeated, weighed, two batched
+    matmuls, summed) become one ``moe {scoring = sigmoid, weigh_inputs = true}`` over the
+    transposed weights."""
+    from kiln.passes import DENSE_MOE_RULES, pipeline_manager
+
+    x = torch.randn(2, 6, 16, dtype=dtype)
+    graph = kiln.compile(_Llama4Moe(top_k).to(dtype), example_inputs=[x]).graph
+    pipeline_manager("cleanup").run(graph)
+    result = assert_preserves(lambda g: rewrite(g, DENSE_MOE_RULES), graph, [x], rtol=tolerance, atol=tolerance)
+    counts = result.op_counts()
+    assert counts["moe"] == 1 and "matmul" not in counts and "topk" not in counts
+    (node,) = [n for n in result.nodes if n.op == "moe"]
+    assert (node.attrs["top_k"], node.attrs["scoring"], node.attrs["weigh_inputs"]) == (top_k, "sigmoid", True)

@@ -102,3 +102,14 @@ def test_random_graphs_run_in_onnxruntime_as_in_the_interpreter(case):
     for got, want in zip(outputs, expected):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def test_log1p_and_floor_run_in_onnxruntime_as_torch():
+    """log1p keeps its precision near 0 (Goldberg's formula), where log(1 + x) loses it."""
+    g = Graph("g")
+    x = g.add_input("x", TensorType("f32", (6,)))
+    g.set_outputs([g.call("log1p", [x]).result, g.call("floor", [x]).result])
+    values = torch.tensor([1e-9, -3e-8, 2.5e-4, 0.75, 12.0, -0.5])
+    log1p, floor = OnnxSession(export_onnx(g))(x=values)
+    torch.testing.assert_close(log1p, torch.log1p(values), rtol=1e-6, atol=0)
+    assert torch.equal(floor, torch.floor(values))

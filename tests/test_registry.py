@@ -23,7 +23,7 @@ def test_core_op_set_is_complete():
         "full", "arange", "all_reduce", "all_gather", "expm1", "softplus", "topk", "moe_experts", "moe",
         "linear_int8", "linear_int4", "linear_fp8", "linear_w8a8", "rms_norm_quant", "add_rms_norm_quant",
         "scaled_linear", "conv",
-        "mla_attention", "paged_mla_attention", "moe_route",
+        "mla_attention", "paged_mla_attention", "moe_route", "log1p", "floor",
     }
     assert set(REGISTRY.names()) == expected
     assert all(op.doc for op in REGISTRY), [op.name for op in REGISTRY if not op.doc]

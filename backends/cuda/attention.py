@@ -323,13 +323,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, query_start: torch.Tensor,
                     context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float | None = None,
                     sliding_window: int | None = None, softcap: float | None = None,
-                    alibi_bias_max: float | None = None, config: AttentionConfig | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    alibi_bias_max: float | None = None, chunk_size: int | None = None,
+                    config: AttentionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``paged_attention`` op: write the step's keys and values into the caches (in
     place) and attend; returns the output [num_tokens, heads, head_dim] and the caches.
-    ALiBi biases are not implemented (``backends/support.py`` refuses such graphs at build)."""
-    if alibi_bias_max is not None:
-        raise NotImplementedError("the Triton paged attention has no ALiBi biases")
+    ALiBi biases and chunked local attention are not implemented (``backends/support.py``
+    refuses such graphs at build)."""
+    if alibi_bias_max is not None or chunk_size is not None:
+        raise NotImplementedError("the Triton paged attention has no ALiBi biases and no chunked local attention")
     config = config or AttentionConfig()
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]

@@ -111,8 +111,12 @@ def _down_kernel(h_ptr, w_ptr, rows_ptr, experts_ptr, routing_ptr, out_ptr, hidd
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
-                down: torch.Tensor, *, activation: str, config: MoeConfig | None = None) -> torch.Tensor:
-    """The registry's ``moe_experts`` as two grouped GEMMs over pairs sorted by expert."""
+                down: torch.Tensor, *, activation: str, weigh_inputs: bool = False,
+                config: MoeConfig | None = None) -> torch.Tensor:
+    """The registry's ``moe_experts`` as two grouped GEMMs over pairs sorted by expert (the
+    weights on the outputs: ``backends/support.py`` refuses ``weigh_inputs`` at build)."""
+    if weigh_inputs:
+        raise NotImplementedError("the Triton experts weigh their outputs, not their inputs (Llama 4)")
     config = config or MoeConfig()
     tokens, top_k = indices.shape
     experts, hidden, inter = down.shape
@@ -135,9 +139,10 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, g
 
 def moe(x: torch.Tensor, router_logits: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         correction_bias: torch.Tensor | None, *, top_k: int, scoring: str, normalize: bool, scale: float,
-        num_groups: int, topk_groups: int, activation: str, jitter_eps: float = 0.0,
+        num_groups: int, topk_groups: int, activation: str, jitter_eps: float = 0.0, weigh_inputs: bool = False,
         config: MoeConfig | None = None) -> torch.Tensor:
     """The registry's ``moe``: its routing (torch ops), then ``moe_experts``."""
     weights, indices = route(router_logits, correction_bias, top_k, scoring, normalize, scale, num_groups,
                              topk_groups, jitter_eps)
-    return moe_experts(x, weights, indices, gate_up, down, activation=activation, config=config)
+    return moe_experts(x, weights, indices, gate_up, down, activation=activation, weigh_inputs=weigh_inputs,
+                       config=config)

@@ -5,7 +5,8 @@ The masks are built explicitly as booleans, so that their meaning is kiln's what
 ONNX runtime's causal alignment: a causal query attends to keys up to its own position,
 counted so that the last query sits at the last key, and a sliding window keeps the last
 ``sliding_window`` of those. Soft-capping is the op's ``softcap`` (applied before masking).
-ALiBi (``alibi_bias_max``) is refused before export (``table.unexportable``).
+ALiBi (``alibi_bias_max``) and chunked local attention (``chunk_size``) are refused before
+export (``table.unexportable``).
 
 ``paged_attention`` writes the step's keys and values into the caches at ``slot_mapping``
 (``ScatterND``), then makes each new token its own attention batch row: its query
@@ -56,7 +57,7 @@ def _range(ob: OnnxBuilder, length: Any) -> Any:
 
 def attention(ob: OnnxBuilder, node: Node, q: Any, k: Any, v: Any, mask: Any, scale: float | None, causal: bool,
               sliding_window: int | None, softcap: float | None,
-              alibi_bias_max: None = None) -> Any:
+              alibi_bias_max: None = None, chunk_size: None = None) -> Any:
     """[batch, heads, seq, dim] attention, grouped-query heads."""
     if causal or sliding_window is not None:
         queries = ob.op("Shape", [q], start=-2, end=-1)
@@ -78,7 +79,7 @@ def attention(ob: OnnxBuilder, node: Node, q: Any, k: Any, v: Any, mask: Any, sc
 def paged_attention(ob: OnnxBuilder, node: Node, q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any,
                     slot_mapping: Any, query_start: Any, context_lens: Any, block_tables: Any,
                     scale: float | None, sliding_window: int | None, softcap: float | None,
-                    alibi_bias_max: None = None) -> tuple:
+                    alibi_bias_max: None = None, chunk_size: None = None) -> tuple:
     tokens, heads, head_dim = node.inputs[0].shape
     kv_heads = node.inputs[1].shape[1]
     index = ob.op("Unsqueeze", [slot_mapping, ob.ints([1])])

@@ -35,6 +35,15 @@ def expm1(ob: OnnxBuilder, node: Node, x: Any) -> Any:
     return ob.op("Sub", [ob.op("Exp", [x]), ob.scalar(1.0, node.inputs[0].dtype)])
 
 
+def log1p(ob: OnnxBuilder, node: Node, x: Any) -> Any:
+    """log(1 + x) without losing small x: ``log(u) * x / (u - 1)`` for ``u = 1 + x``, and x
+    itself where ``u`` rounds to 1 (Goldberg's formula)."""
+    one = ob.scalar(1.0, node.inputs[0].dtype)
+    u = ob.op("Add", [x, one])
+    exact = ob.op("Div", [ob.op("Mul", [ob.op("Log", [u]), x]), ob.op("Sub", [u, one])])
+    return ob.op("Where", [ob.op("Equal", [u, one]), x, exact])
+
+
 def softplus(ob: OnnxBuilder, node: Node, x: Any, beta: float, threshold: float) -> Any:
     """log(1 + exp(beta x)) / beta, and x itself where beta x > threshold (as torch)."""
     dtype = node.inputs[0].dtype

@@ -16,14 +16,15 @@ _SAME = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "
          "ge": "GreaterOrEqual", "logical_and": "And", "logical_or": "Or", "logical_not": "Not", "neg": "Neg",
          "abs": "Abs", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "reciprocal": "Reciprocal", "sin": "Sin",
          "cos": "Cos", "tanh": "Tanh", "erf": "Erf", "sigmoid": "Sigmoid", "relu": "Relu", "where": "Where",
-         "matmul": "MatMul"}
+         "matmul": "MatMul", "floor": "Floor"}
 _REDUCE = {"sum": "ReduceSum", "mean": "ReduceMean", "max": "ReduceMax", "min": "ReduceMin"}
 
 EXPORTS: dict[str, Callable[..., Any]] = {
     **{op: O.same(onnx_op) for op, onnx_op in _SAME.items()},
     **{op: O.reduce(onnx_op) for op, onnx_op in _REDUCE.items()},
     "ne": O.negated("Equal"),
-    "rsqrt": O.rsqrt, "expm1": O.expm1, "softplus": O.softplus, "silu": O.silu, "gelu": O.gelu, "clamp": O.clamp, "cast": O.cast,
+    "rsqrt": O.rsqrt, "expm1": O.expm1, "log1p": O.log1p, "softplus": O.softplus, "silu": O.silu, "gelu": O.gelu,
+    "clamp": O.clamp, "cast": O.cast,
     "reshape": O.view, "squeeze": O.view, "unsqueeze": O.view, "transpose": O.transpose, "permute": O.permute,
     "expand": O.expand, "slice": O.slice_, "concat": O.concat, "split": O.split,
     "linear": O.linear, "conv": O.conv, "embedding": O.embedding, "index_select": O.index_select, "gather": O.gather,
@@ -44,4 +45,6 @@ def unexportable(node: Node) -> str | None:
         return f"op {node.op} has no ONNX form"
     if node.attrs.get("alibi_bias_max") is not None:
         return f"{node.op} with ALiBi biases (alibi_bias_max) has no ONNX form yet"
+    if node.attrs.get("chunk_size") is not None:
+        return f"{node.op} with chunked local attention (chunk_size) has no ONNX form yet"
     return None

@@ -39,6 +39,16 @@ def rsqrt(nb: NetworkBuilder, node: Node, x: Any) -> Any:
     return nb.unary("RECIP", nb.unary("SQRT", x))
 
 
+def log1p(nb: NetworkBuilder, node: Node, x: Any) -> Any:
+    """log(1 + x) without losing small x: ``log(u) * x / (u - 1)`` for ``u = 1 + x``, and x
+    itself where ``u`` rounds to 1 (Goldberg's formula)."""
+    u = nb.elementwise("SUM", x, nb.scalar(1.0, x))
+    step = nb.elementwise("SUB", u, nb.scalar(1.0, x))
+    exact = nb.elementwise("DIV", nb.elementwise("PROD", nb.unary("LOG", u), x), step)
+    rounded = nb.elementwise("EQUAL", u, nb.scalar(1.0, x))
+    return nb.out(nb.network.add_select(rounded, x, exact))
+
+
 def silu(nb: NetworkBuilder, node: Node, x: Any) -> Any:
     return nb.elementwise("PROD", x, nb.activation("SIGMOID", x))
 

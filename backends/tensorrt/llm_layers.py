@@ -1,7 +1,7 @@
 """Attention as TensorRT's native attention layer (``add_attention_v2``), for the plain
 ``attention`` op and for ``paged_attention`` over the linear per-slot KV cache that the
-``tensorrt`` pipeline's graph declares. ALiBi (``alibi_bias_max``) is refused before
-lowering (``table.unlowerable``).
+``tensorrt`` pipeline's graph declares. ALiBi (``alibi_bias_max``) and chunked local
+attention (``chunk_size``) are refused before lowering (``table.unlowerable``).
 
 TensorRT-RTX 1.7 builds its attention layer only for padded ``[batch, heads, seq, dim]``
 inputs here (the packed, ``cu_seqlens`` form has no kernel for a build without a GPU and
@@ -36,7 +36,7 @@ def _attend(nb: NetworkBuilder, q: Any, k: Any, v: Any, causal: bool, key_length
 
 def attention(nb: NetworkBuilder, node: Node, q: Any, k: Any, v: Any, mask: Any, scale: float | None,
               causal: bool, sliding_window: int | None, softcap: float | None,
-              alibi_bias_max: None = None) -> Any:
+              alibi_bias_max: None = None, chunk_size: None = None) -> Any:
     """[batch, heads, seq, dim] attention, grouped-query heads, causal aligned to the last query."""
     q = scale_query(nb, q, scale, node.inputs[0].shape[-1])
     return _attend(nb, q, k, v, causal, mask=None if mask is None else nb.with_rank(mask, 4))
@@ -59,7 +59,7 @@ def _per_token(nb: NetworkBuilder, cache: Any, slot_of_token: Any) -> Any:
 def paged_attention(nb: NetworkBuilder, node: Node, q: Any, k: Any, v: Any, k_cache: Any, v_cache: Any,
                     slot_mapping: Any, query_start: Any, context_lens: Any, block_tables: Any,
                     scale: float | None, sliding_window: int | None, softcap: float | None,
-                    alibi_bias_max: None = None) -> tuple:
+                    alibi_bias_max: None = None, chunk_size: None = None) -> tuple:
     q_type, k_type, cache_type = node.inputs[0], node.inputs[1], node.inputs[3]
     tokens, heads, head_dim = q_type.shape
     k_cache = _write_cache(nb, k_cache, k, slot_mapping, cache_type.shape, k_type.shape)

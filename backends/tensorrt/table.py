@@ -33,6 +33,8 @@ def _no_window_or_softcap(node: Node) -> str | None:
     asked = [name for name in ("sliding_window", "softcap") if node.attrs.get(name) is not None]
     if node.attrs.get("alibi_bias_max") is not None:
         asked.append("ALiBi biases (alibi_bias_max)")
+    if node.attrs.get("chunk_size") is not None:
+        asked.append("chunked local attention (chunk_size)")
     if node.op == "attention" and node.attrs["causal"] and len(node.inputs) > 3 and node.inputs[3] is not None:
         asked.append("causal mask together with a mask operand")
     return f"TensorRT's attention layer has no {' or '.join(asked)}" if asked else None
@@ -43,7 +45,7 @@ _BINARY = {"add": "SUM", "sub": "SUB", "mul": "PROD", "div": "DIV", "pow": "POW"
            "logical_or": "OR"}
 _NEGATED = {"ne": "EQUAL", "le": "GREATER", "ge": "LESS"}
 _UNARY = {"neg": "NEG", "abs": "ABS", "exp": "EXP", "log": "LOG", "sqrt": "SQRT", "reciprocal": "RECIP",
-          "sin": "SIN", "cos": "COS", "erf": "ERF", "logical_not": "NOT"}
+          "sin": "SIN", "cos": "COS", "erf": "ERF", "logical_not": "NOT", "floor": "FLOOR"}
 _ACTIVATIONS = {"tanh": "TANH", "sigmoid": "SIGMOID", "relu": "RELU"}
 _REDUCE = {"sum": "SUM", "mean": "AVG", "max": "MAX", "min": "MIN"}
 
@@ -54,6 +56,7 @@ LOWERINGS: dict[str, OpLowering] = {
     **{op: OpLowering(L.activation(t), f"activation {t}") for op, t in _ACTIVATIONS.items()},
     **{op: OpLowering(L.reduce(t), f"reduce {t}") for op, t in _REDUCE.items()},
     "rsqrt": OpLowering(L.rsqrt, "unary SQRT, RECIP"),
+    "log1p": OpLowering(L.log1p, "elementwise, unary LOG, select"),
     "silu": OpLowering(L.silu, "activation SIGMOID, elementwise PROD"),
     "gelu": OpLowering(L.gelu, "activation GELU_ERF or GELU_TANH"),
     "clamp": OpLowering(L.clamp, "elementwise MAX, MIN"),

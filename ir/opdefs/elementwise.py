@@ -130,6 +130,8 @@ OPS = [
           attrs={"approximate": Attr("str", "none", choices=("none", "tanh"))},
           doc="GELU, exact (erf) or its tanh approximation"),
     _unary("expm1", torch.expm1, doc="exp(x) - 1, exact near 0"),
+    _unary("log1p", torch.log1p, doc="log(1 + x), exact near 0"),
+    _unary("floor", torch.floor, doc="the largest integer not above x (as a float)"),
     OpDef("softplus", ("x",), lambda x, beta, threshold: float_unary(x),
           lambda x, beta, threshold: F.softplus(x, beta, threshold),
           attrs={"beta": Attr("float", 1.0), "threshold": Attr("float", 20.0)},

@@ -16,8 +16,12 @@ expert groups (a group scores the sum of its two best), and weighs by the unbias
 ``scoring="sparsemixer"`` (PhiMoE, at inference) chooses the best remaining expert
 ``top_k`` times; each choice weighs the softmax, at its expert, of the remaining logits
 that are within ``2 * jitter_eps`` of the best (relative to ``max(|logit|, best)``).
-Every routing weight is then multiplied by ``scale``. Shared experts and dense layers are
-not part of the op: they stay ordinary MLPs, which the dense fusions already handle.
+Every routing weight is then multiplied by ``scale``. ``scoring="sigmoid"`` without a
+correction bias or groups (Llama 4) chooses by the logits: the same choice as by their
+sigmoids, without the ties of saturated ones. With ``weigh_inputs`` (Llama 4) each expert
+takes the token scaled by its routing weight and its output is summed unweighted, instead
+of weighing the output. Shared experts and dense layers are not part of the op: they stay
+ordinary MLPs, which the dense fusions already handle.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def _experts_shapes(x: TensorType, gate_up: TensorType, down: TensorType) -> Non
 
 
 def _moe_experts(x: TensorType, weights: TensorType, indices: TensorType, gate_up: TensorType,
-                 down: TensorType, activation: str) -> TensorType:
+                 down: TensorType, activation: str, weigh_inputs: bool = False) -> TensorType:
     _experts_shapes(x, gate_up, down)
     routing = weights.rank == 2 and dims_equal(weights.shape[0], x.shape[0]) \
         and weights.equivalent(indices.with_dtype(weights.dtype))
@@ -69,15 +73,18 @@ def _moe_experts(x: TensorType, weights: TensorType, indices: TensorType, gate_u
 
 
 def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
-                          down: torch.Tensor, activation: str) -> torch.Tensor:
-    """Each token through its experts' gated MLPs, summed with its routing weights: the
-    (token, choice) pairs are sorted by expert and each expert runs once on its rows (the
-    counts are read back to the host: an oracle, not a kernel; see backends/cuda/moe.py)."""
+                          down: torch.Tensor, activation: str, weigh_inputs: bool = False) -> torch.Tensor:
+    """Each token through its experts' gated MLPs, summed with its routing weights (applied
+    to each expert's input instead where ``weigh_inputs``): the (token, choice) pairs are
+    sorted by expert and each expert runs once on its rows (the counts are read back to the
+    host: an oracle, not a kernel; see backends/cuda/moe.py)."""
     tokens, top_k = indices.shape
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
     rows = x[order // top_k]
+    if weigh_inputs:
+        rows = rows * weights.reshape(-1)[order, None].to(x.dtype)
     out = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
     start = 0
     for expert, count in enumerate(counts):
@@ -87,7 +94,7 @@ def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, indices: torch
             out[start:start + count] = (hidden @ down[expert].T).float()
             start += count
     weighted = torch.empty_like(out)
-    weighted[order] = out * weights.reshape(-1)[order, None].float()
+    weighted[order] = out if weigh_inputs else out * weights.reshape(-1)[order, None].float()
     return weighted.view(tokens, top_k, -1).sum(1).to(x.dtype)
 
 
@@ -106,7 +113,8 @@ def route(logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int
         weights, indices = torch.topk(scores, top_k, dim=-1)
     else:
         scores = torch.sigmoid(logits)
-        choice = scores if correction_bias is None else scores + correction_bias.float()
+        choice = scores + correction_bias.float() if correction_bias is not None else \
+            scores if num_groups > 1 else logits
         if num_groups > 1:
             best_two = choice.view(choice.shape[0], num_groups, -1).topk(2, dim=-1).values.sum(-1)
             choice = _keep_groups(choice, best_two, topk_groups, float("-inf"))
@@ -140,7 +148,8 @@ def _sparsemixer(logits: torch.Tensor, top_k: int, eps: float) -> tuple[torch.Te
 
 def _moe(x: TensorType, router_logits: TensorType, gate_up: TensorType, down: TensorType,
          correction_bias: TensorType | None, top_k: int, scoring: str, normalize: bool, scale: float,
-         num_groups: int, topk_groups: int, activation: str, jitter_eps: float = 0.0) -> TensorType:
+         num_groups: int, topk_groups: int, activation: str, jitter_eps: float = 0.0,
+         weigh_inputs: bool = False) -> TensorType:
     _experts_shapes(x, gate_up, down)
     experts = gate_up.shape[0]
     if not router_logits.dtype.is_float or router_logits.rank != 2 \
@@ -162,10 +171,10 @@ def _check_routing(experts, correction_bias: TensorType | None, top_k: int, num_
 
 
 def _moe_reference(x, router_logits, gate_up, down, correction_bias, top_k, scoring, normalize, scale, num_groups,
-                   topk_groups, activation, jitter_eps=0.0):
+                   topk_groups, activation, jitter_eps=0.0, weigh_inputs=False):
     weights, indices = route(router_logits, correction_bias, top_k, scoring, normalize, scale, num_groups,
                              topk_groups, jitter_eps)
-    return moe_experts_reference(x, weights, indices, gate_up, down, activation)
+    return moe_experts_reference(x, weights, indices, gate_up, down, activation, weigh_inputs)
 
 
 def _moe_route(router_logits: TensorType, correction_bias: TensorType | None, top_k: int, scoring: str,
@@ -182,21 +191,21 @@ SCORINGS = ("softmax", "sigmoid", "sparsemixer")
 _ROUTING = {"top_k": Attr("int"), "scoring": Attr("str", "softmax", choices=SCORINGS),
             "normalize": Attr("bool", False), "scale": Attr("float", 1.0), "num_groups": Attr("int", 1),
             "topk_groups": Attr("int", 1), "jitter_eps": Attr("float", 0.0)}
-_ACTIVATION = {"activation": Attr("str", "silu", choices=ACTIVATIONS)}
+_EXPERTS = {"activation": Attr("str", "silu", choices=ACTIVATIONS), "weigh_inputs": Attr("bool", False)}
 
 OPS = [
     OpDef("topk", ("x",), _topk, _topk_reference, attrs={"k": Attr("int"), "dim": Attr("int", -1)}, results=2,
           doc="the k largest values along dim, in descending order, and their int64 indices"),
     OpDef("moe_experts", ("x", "weights", "indices", "gate_up", "down"), _moe_experts, moe_experts_reference,
-          attrs=_ACTIVATION,
+          attrs=_EXPERTS,
           doc="sum over each token's chosen experts of weight * down(act(gate) * up), for x [tokens, hidden], "
               "weights and int64 indices [tokens, top_k], stacked gate_up [experts, 2 inter, hidden] and "
-              "down [experts, hidden, inter]"),
+              "down [experts, hidden, inter]; with weigh_inputs, each expert's input is weighed instead"),
     OpDef("moe", ("x", "router_logits", "gate_up", "down", "correction_bias?"), _moe, _moe_reference,
-          attrs={**_ROUTING, **_ACTIVATION},
+          attrs={**_ROUTING, **_EXPERTS},
           doc="a routed mixture-of-experts MLP: router_logits [tokens, experts] choose each token's top_k "
               "experts and their weights (softmax, grouped or not; DeepSeek-V3's grouped, bias-corrected "
-              "sigmoid; PhiMoE's sparsemixer), then moe_experts"),
+              "sigmoid; Llama 4's sigmoid; PhiMoE's sparsemixer), then moe_experts"),
     OpDef("moe_route", ("router_logits", "correction_bias?"), _moe_route, route, attrs=_ROUTING, results=2,
           doc="moe's routing alone: float32 weights and int64 expert indices [tokens, top_k] from router_logits "
               "(the expert-parallel form of moe routes on every rank, then runs the rank's own experts)"),

@@ -100,7 +100,8 @@ def alibi_bias(heads: int, query_pos: torch.Tensor, key_pos: torch.Tensor, bias_
 
 def _attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType | None,
                scale: float | None, causal: bool, sliding_window: int | None,
-               softcap: float | None, alibi_bias_max: float | None = None) -> TensorType:
+               softcap: float | None, alibi_bias_max: float | None = None,
+               chunk_size: int | None = None) -> TensorType:
     _float_like(q, k, v)
     if q.rank != 4 or k.rank != 4 or v.rank != 4:
         raise ShapeError(f"attention takes [batch, heads, seq, head_dim]; got {q}, {k}, {v}")
@@ -124,14 +125,23 @@ def _attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType | N
         raise ShapeError(f"softcap must be positive, got {softcap}")
     if alibi_bias_max is not None and alibi_bias_max <= 0:
         raise ShapeError(f"alibi_bias_max must be positive, got {alibi_bias_max}")
+    check_chunk_size(chunk_size)
     return q.with_shape((b, hq, sq, v.shape[3]))
 
 
-def attention_reference(q, k, v, mask, scale, causal, sliding_window, softcap, alibi_bias_max=None):
+def check_chunk_size(chunk_size: int | None) -> None:
+    """A chunk size, where set, is positive."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ShapeError(f"chunk_size must be positive, got {chunk_size}")
+
+
+def attention_reference(q, k, v, mask, scale, causal, sliding_window, softcap, alibi_bias_max=None, chunk_size=None):
     """Exact attention in float32. Causal masks align to the last query (lower right),
     so that a query block of length 1 attends to the whole cache; rows with every key
     masked produce zeros. With ``alibi_bias_max``, ALiBi's bias (``alibi_bias``) is added
-    to the scaled (and soft-capped) scores."""
+    to the scaled (and soft-capped) scores. With ``chunk_size`` (Llama 4's chunked local
+    attention), a query sees only the keys of its own chunk of positions:
+    ``key // chunk_size == query // chunk_size``."""
     if q.shape[2] == 0 or k.shape[2] == 0:
         return q.new_zeros((*q.shape[:3], v.shape[3]))
     groups = q.shape[1] // k.shape[1]
@@ -151,6 +161,8 @@ def attention_reference(q, k, v, mask, scale, causal, sliding_window, softcap, a
         allowed &= key_pos <= query_pos
     if sliding_window is not None:
         allowed &= query_pos - key_pos < sliding_window
+    if chunk_size is not None:
+        allowed &= query_pos // chunk_size == key_pos // chunk_size
     scores = scores.masked_fill(~allowed, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
@@ -171,8 +183,10 @@ OPS = [
     OpDef("attention", ("q", "k", "v", "mask?"), _attention, attention_reference,
           attrs={"scale": Attr("float", optional=True), "causal": Attr("bool", False),
                  "sliding_window": Attr("int", optional=True),
-                 "softcap": Attr("float", optional=True), "alibi_bias_max": Attr("float", optional=True)},
+                 "softcap": Attr("float", optional=True), "alibi_bias_max": Attr("float", optional=True),
+                 "chunk_size": Attr("int", optional=True)},
           doc="softmax(q k^T * scale) v with grouped-query heads, causal and sliding-window "
               "masks, logit soft-capping, ALiBi's linear biases (slopes from the head count and "
-              "alibi_bias_max, as BLOOM and MPT compute them) and an optional bool or additive mask"),
+              "alibi_bias_max, as BLOOM and MPT compute them), chunked local attention (a query sees the "
+              "keys of its own chunk_size positions) and an optional bool or additive mask"),
 ]

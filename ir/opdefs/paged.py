@@ -7,7 +7,8 @@ new keys and values are written at ``slot_mapping`` (block * block_size + offset
 each sequence's queries attend causally to its whole context: the last query of a
 sequence sits at position ``context_lens[s] - 1``. One op thus serves prefill, chunked
 prefill and decode of a mixed batch (with ALiBi's biases where ``alibi_bias_max`` is set,
-from each query's and key's position in its sequence). It returns the output and the updated caches; the
+from each query's and key's position in its sequence; only the keys of the query's own chunk
+of positions where ``chunk_size`` is set). It returns the output and the updated caches; the
 reference copies the caches, the fast kernels of later backends update them in place.
 
 The caches hold the keys' and values' dtype, or E4M3 (``kv_cache_dtype="fp8"``): keys and
@@ -22,12 +23,12 @@ import torch
 from .. import dtypes
 from ..registry import Attr, OpDef
 from ..shapes import ShapeError, dims_equal, normalize_dim, shapes_equal
-from .nn import attention_reference
+from .nn import attention_reference, check_chunk_size
 from .quantized import quantize_fp8
 
 
 def _paged_attention(q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables,
-                     scale, sliding_window, softcap, alibi_bias_max=None):
+                     scale, sliding_window, softcap, alibi_bias_max=None, chunk_size=None):
     if q.rank != 3 or k.rank != 3 or v.rank != 3:
         raise ShapeError(f"q, k, v must be [num_tokens, heads, head_dim], got {q}, {k}, {v}")
     tokens, heads, head_dim = q.shape
@@ -44,6 +45,7 @@ def _paged_attention(q, k, v, k_cache, v_cache, slot_mapping, query_start, conte
                              f"or {dtypes.float8_e4m3fn}")
     if alibi_bias_max is not None and alibi_bias_max <= 0:
         raise ShapeError(f"alibi_bias_max must be positive, got {alibi_bias_max}")
+    check_chunk_size(chunk_size)
     if not shapes_equal(k_cache.shape[:2], v_cache.shape[:2]):
         raise ShapeError(f"key cache {k_cache} and value cache {v_cache} differ in blocks")
     if q.dtype != k.dtype or q.dtype != v.dtype or not q.dtype.is_float:
@@ -69,7 +71,7 @@ def to_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
 
 
 def paged_attention_reference(q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables,
-                              scale, sliding_window, softcap, alibi_bias_max=None):
+                              scale, sliding_window, softcap, alibi_bias_max=None, chunk_size=None):
     """Write the new keys and values, then run exact attention sequence by sequence."""
     block_size = k_cache.shape[1]
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
@@ -85,7 +87,7 @@ def paged_attention_reference(q, k, v, k_cache, v_cache, slot_mapping, query_sta
         values = v_cache[blocks].flatten(0, 1)[:length].to(q.dtype)
         out[start:end] = attention_reference(
             q[start:end].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-            None, scale, True, sliding_window, softcap, alibi_bias_max)[0].transpose(0, 1)
+            None, scale, True, sliding_window, softcap, alibi_bias_max, chunk_size)[0].transpose(0, 1)
     return out, k_cache, v_cache
 
 
@@ -94,7 +96,8 @@ OPS = [
           ("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "query_start", "context_lens", "block_tables"),
           _paged_attention, paged_attention_reference,
           attrs={"scale": Attr("float", optional=True), "sliding_window": Attr("int", optional=True),
-                 "softcap": Attr("float", optional=True), "alibi_bias_max": Attr("float", optional=True)},
+                 "softcap": Attr("float", optional=True), "alibi_bias_max": Attr("float", optional=True),
+                 "chunk_size": Attr("int", optional=True)},
           results=3,
           doc="causal attention of a flattened mixed batch over a paged KV cache; returns the output "
               "[num_tokens, heads, head_dim] and the updated key and value caches"),
