@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ...ir.opdefs.quantized import FP8_MAX, INT8_MAX
-from .norms import NormConfig, as_rows, default_norm_config
+from .norms import NormConfig, as_rows, default_norm_config, rows_with_residual
 
 MIN_SCALE = tl.constexpr(1e-12)  # the reference's scale for an all-zero token
 _ROUNDING = tl.constexpr(12582912.0)  # 1.5 * 2^23: adding and taking it away rounds to the nearest even integer
@@ -28,16 +28,8 @@ CODE_MAX = {torch.float8_e4m3fn: FP8_MAX, torch.int8: INT8_MAX}
 def _norm_quant_kernel(x_ptr, res_ptr, w_ptr, codes_ptr, scales_ptr, sum_ptr, rows, n, x_stride, res_stride, eps,
                        HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, INT8: tl.constexpr,
                        CODE_MAX: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
-    col = tl.arange(0, BLOCK)[None, :]
-    row_ok = row < rows
-    mask = row_ok & (col < n)
-    row = row.to(tl.int64)
-    x = tl.load(x_ptr + row * x_stride + col, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        residual = tl.load(res_ptr + row * res_stride + col, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
-        tl.store(sum_ptr + row * n + col, x, mask=mask)
+    x, row, col, mask = rows_with_residual(x_ptr, res_ptr, sum_ptr, rows, n, x_stride, res_stride, HAS_RESIDUAL,
+                                           BLOCK_ROWS, BLOCK)
     h = x.to(tl.float32)
     h = (h * tl.rsqrt(tl.sum(h * h, axis=1, keep_dims=True) / n + eps)).to(x.dtype).to(tl.float32)
     if HAS_WEIGHT:
@@ -49,7 +41,7 @@ def _norm_quant_kernel(x_ptr, res_ptr, w_ptr, codes_ptr, scales_ptr, sum_ptr, ro
     else:
         codes = v.to(tl.float8e4nv)
     tl.store(codes_ptr + row * n + col, codes, mask=mask)
-    tl.store(scales_ptr + row, scale, mask=row_ok)
+    tl.store(scales_ptr + row, scale, mask=row < rows)
 
 
 def _normalize_quantize(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float,

@@ -39,20 +39,30 @@ def default_norm_config(rows: int, hidden: int) -> NormConfig:
     return NormConfig(num_warps=min(max(block_rows * block // 512, 1), 16), block_rows=block_rows)
 
 
-@triton.jit(do_not_specialize=["rows"])  # one compilation for every row count
-def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, rows, n, x_stride, res_stride, eps,
-                 HAS_RESIDUAL: tl.constexpr, LAYER_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def rows_with_residual(x_ptr, res_ptr, sum_ptr, rows, n, x_stride, res_stride, HAS_RESIDUAL: tl.constexpr,
+                       BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """A program's ``BLOCK_ROWS`` rows of x, each whole (with the residual added and the sum
+    stored where ``HAS_RESIDUAL``; the sum is rounded to x's dtype, and that rounded sum is
+    what is normalized, as in torch): (x, int64 row offsets, columns, mask)."""
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
     col = tl.arange(0, BLOCK)[None, :]
     mask = (row < rows) & (col < n)
     row = row.to(tl.int64)
     x = tl.load(x_ptr + row * x_stride + col, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        # The sum is rounded to x's dtype, and that rounded sum is normalized, as in torch.
         residual = tl.load(res_ptr + row * res_stride + col, mask=mask, other=0.0)
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
         tl.store(sum_ptr + row * n + col, x, mask=mask)
+    return x, row, col, mask
+
+
+@triton.jit(do_not_specialize=["rows"])  # one compilation for every row count
+def _norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr, rows, n, x_stride, res_stride, eps,
+                 HAS_RESIDUAL: tl.constexpr, LAYER_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    x, row, col, mask = rows_with_residual(x_ptr, res_ptr, sum_ptr, rows, n, x_stride, res_stride, HAS_RESIDUAL,
+                                           BLOCK_ROWS, BLOCK)
     h = x.to(tl.float32)
     if LAYER_NORM:
         h = tl.where(mask, h - tl.sum(h, axis=1, keep_dims=True) / n, 0.0)
