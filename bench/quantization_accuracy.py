@@ -134,7 +134,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "split": args.split, "window": args.window,
                                                "count": args.count, "calibration_count": args.calibration_count,
-                                               "skip": list(args.skip), "alpha": args.alpha, "rows": rows}, indent=2) + "\n")
+                                               "skip": list(args.skip), "alpha": args.alpha, "rows": rows},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
 - ``kv_cache``: the pass that gives the paged step graph E4M3 key and value caches.
 
 The quantized ops themselves, with their reference implementations, are declared in
-``ir/opdefs/quantized.py`` and ``ir/opdefs/quantized_activations.py``. Like every pass module, this imports only ``ir`` and ``passes``.
+``ir/opdefs/quantized.py`` and ``ir/opdefs/quantized_activations.py``. Like every pass
+module, this imports only ``ir`` and ``passes``.
 """
 
 from .activation_fusion import ACTIVATION_QUANT_RULES
@@ -22,5 +23,5 @@ from .fusion import QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES
 from .kv_cache import fp8_kv_cache
 from .stage import lm_heads, quantize_linears, quantize_pass
 
-__all__ = ["ACTIVATION_QUANT_RULES", "CALIBRATED", "QUANTIZED_FUSION_RULES", "QUANTIZED_SELECTION_RULES", "QuantConfig", "SCHEMES",
-           "calibrate_fp8_inputs", "default_corpus", "fp8_kv_cache", "lm_heads", "quantize_linears", "quantize_pass"]
+__all__ = ["ACTIVATION_QUANT_RULES", "CALIBRATED", "QUANTIZED_FUSION_RULES", "QUANTIZED_SELECTION_RULES", "QuantConfig",
+           "SCHEMES", "calibrate_fp8_inputs", "default_corpus", "fp8_kv_cache", "lm_heads", "quantize_linears", "quantize_pass"]
