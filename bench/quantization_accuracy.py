@@ -5,6 +5,7 @@ most likely next token is the unquantized model's), plus the largest logit diffe
     python bench/quantization_accuracy.py                        # the bundled model
     python bench/quantization_accuracy.py --model DIR --json out.json
     python bench/quantization_accuracy.py --variants int4_gptq int4_awq --calibration-count 8
+    python bench/quantization_accuracy.py --model DIR --variants "fp8 (static)" --skip "model.layers.29.*"
 
 Text: the Python documentation topics the bundled model was not trained on
 (``tools/train_tiny_model.py``'s split), cut into windows of ``--window`` tokens; with
@@ -17,6 +18,7 @@ out (``kiln.passes.quantization.default_corpus``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -37,6 +39,7 @@ VARIANTS = {  # name -> compile options
     "int4 (g128, sym)": dict(quantization=QuantConfig("int4", symmetric=True)),
     "int4 (g64, asym)": dict(quantization=QuantConfig("int4", group_size=64)),
     "fp8": dict(quantization="fp8"),
+    "fp8 (static)": dict(quantization=QuantConfig("fp8", activations="static")),
     "fp8 + fp8 KV cache": dict(quantization="fp8", kv_cache_dtype="fp8"),
     "fp8 KV cache only": dict(kv_cache_dtype="fp8"),
     "int4_gptq (g128, asym)": dict(quantization="int4_gptq"),
@@ -69,6 +72,22 @@ def perplexity(logits: torch.Tensor, windows: torch.Tensor) -> float:
     return math.exp(loss.item())
 
 
+def _selected(name: str, wanted: list[str]) -> bool:
+    """Whether ``name`` is one of ``wanted``, or starts with one that is no variant's whole name."""
+    return name in wanted or any(name.startswith(w) and w not in VARIANTS for w in wanted)
+
+
+def _with_options(variant: dict, skip, alpha: float | None) -> dict:
+    """``variant``'s compile options with the layers to ``skip`` and SmoothQuant's ``alpha``."""
+    if variant.get("quantization") is None:
+        return variant
+    config = QuantConfig.of(variant["quantization"])
+    options = {"skip": (*config.skip, *skip)}
+    if alpha is not None and config.scheme == "w8a8_sq":
+        options["alpha"] = alpha
+    return {**variant, "quantization": dataclasses.replace(config, **options)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(Path(kiln.__file__).parent / "models"))
@@ -77,9 +96,12 @@ def main() -> None:
     parser.add_argument("--split", choices=("held-out", "train"), default="held-out")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--variants", nargs="+", metavar="PREFIX", default=None,
-                        help="only the variants whose name starts with one of these (default: all)")
+                        help="only these variants, or those whose name starts with one of these (default: all)")
     parser.add_argument("--calibration-count", type=int, default=16,
                         help="documentation topics the calibrated schemes calibrate on")
+    parser.add_argument("--skip", nargs="+", metavar="GLOB", default=(),
+                        help="layers every quantized variant keeps in high precision (QuantConfig.skip)")
+    parser.add_argument("--alpha", type=float, default=None, help="SmoothQuant's migration strength for w8a8_sq")
     args = parser.parse_args()
     options = dict(max_batch_size=4, max_seq_len=args.window + 1, max_num_tokens=4 * args.window)
     base = kiln.compile(args.model, **options)
@@ -89,11 +111,12 @@ def main() -> None:
              "max_logit_error": 0.0}]
     calibration = default_corpus(args.calibration_count)
     for name, variant in VARIANTS.items():
-        if args.variants and not name.startswith(tuple(args.variants)):
+        if args.variants and not _selected(name, args.variants):
             continue
         start = time.perf_counter()
+        variant = _with_options(variant, args.skip, args.alpha)
         quantization = variant.get("quantization")
-        calibrated = quantization is not None and QuantConfig.of(quantization).calibrated
+        calibrated = quantization is not None and quantization.calibrated
         engine = kiln.compile(args.model, **options, **variant, **({"calibration": calibration} if calibrated else {}))
         logits = evaluate(engine, windows)
         rows.append({"variant": name, "perplexity": perplexity(logits, windows),
@@ -111,7 +134,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "split": args.split, "window": args.window,
                                                "count": args.count, "calibration_count": args.calibration_count,
-                                               "rows": rows}, indent=2) + "\n")
+                                               "skip": list(args.skip), "alpha": args.alpha, "rows": rows},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":

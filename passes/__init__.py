@@ -27,8 +27,8 @@ from .partition_rules import SELECTION_THROUGH_COLLECTIVES
 from .partition_simulator import simulate_ranks
 from .pattern import AttrVar, Match, Pattern, is_splat, trace
 from .rewriter import RewriteLimitError, Rewrites, Rule, rewrite
-from .quantization import (ACTIVATION_QUANT_RULES, QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES, QuantConfig, fp8_kv_cache,
-                           quantize_pass)
+from .quantization import (ACTIVATION_QUANT_RULES, QUANTIZED_FUSION_RULES, QUANTIZED_SELECTION_RULES, QuantConfig,
+                           fp8_kv_cache, quantize_pass)
 
 canonicalize = rewrite_pass("canonicalize", CANONICAL_RULES,
                             "algebraic identities, data-movement chains and cast chains")

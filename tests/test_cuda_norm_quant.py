@@ -73,7 +73,7 @@ def test_fp8_norm_quant_scales_and_sums(device, dtype, tolerance):
 
 
 def test_norm_quant_refuses_other_code_dtypes_and_takes_empty_inputs():
-    x, residual, weight = _operands(3, 64, torch.float32, "cpu")
+    x, _, weight = _operands(3, 64, torch.float32, "cpu")
     with pytest.raises(ValueError, match="E4M3 or INT8"):
         norm_quant.rms_norm_quant(x, weight, eps=1e-6, qdtype=dtypes.float16)
     codes, scales = norm_quant.rms_norm_quant(x[:0], weight, eps=1e-6, qdtype=dtypes.int8)

@@ -115,7 +115,7 @@ NOT_LOWERED = {
     "linear_w8a8": "quantized linears are not lowered to TensorRT yet (add_dynamic_quantize_v2 and dequantize layers)",
     "rms_norm_quant": "quantized activations are not lowered to TensorRT yet (add_dynamic_quantize_v2)",
     "add_rms_norm_quant": "quantized activations are not lowered to TensorRT yet (add_dynamic_quantize_v2)",
-    "scaled_linear": "quantized linears are not lowered to TensorRT yet (add_dynamic_quantize_v2 and dequantize layers)",
+    "scaled_linear": "quantized linears are not lowered to TensorRT yet (dequantize layers)",
 }
 
 

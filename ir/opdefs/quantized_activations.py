@@ -28,7 +28,7 @@ from ..shapes import ShapeError, dims_equal, shapes_equal
 from ..types import TensorType
 from .fused import _add_rms_norm, _add_rms_norm_reference
 from .nn import rms_norm_reference
-from .quantized import (fp8_token_scales, int8_token_scales, quantize_fp8, quantize_int8_tokens, scaled_product)
+from .quantized import fp8_token_scales, int8_token_scales, quantize_fp8, quantize_int8_tokens, scaled_product
 
 # activation code dtype -> (the per-token scales of a float tensor, the codes for given scales)
 TOKEN_QUANTIZERS = {
