@@ -204,7 +204,7 @@ CONVERTERS: dict[str, Converter] = {
     **{name: unary(op) for name, op in (("Neg", "neg"), ("Abs", "abs"), ("Exp", "exp"), ("Log", "log"),
                                          ("Sqrt", "sqrt"), ("Reciprocal", "reciprocal"), ("Sin", "sin"),
                                          ("Cos", "cos"), ("Tanh", "tanh"), ("Erf", "erf"), ("Sigmoid", "sigmoid"),
-                                         ("Relu", "relu"))},
+                                         ("Relu", "relu"), ("Floor", "floor"))},
     **SHAPE_CONVERTERS,
     "Gelu": _gelu, "ArgMax": _argmax, "MatMul": _matmul, "Gemm": _gemm, "Conv": _conv,
     "ReduceSum": _reduce("sum"), "ReduceMean": _reduce("mean"), "ReduceMax": _reduce("max"),
