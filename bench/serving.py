@@ -203,7 +203,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="the JSON file of results (rewritten per record)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--model", default=None, help="a checkpoint directory (default: the 8B shape, random)")
-    parser.add_argument("--target", default="cuda", help="kiln's target: cuda (this GPU), h100 or h200 (cpu runs everything on the CPU)")
+    parser.add_argument("--target", default="cuda",
+                        help="kiln's target: cuda (this GPU), h100 or h200 (cpu runs everything on the CPU)")
     parser.add_argument("--dtype", default="bfloat16", help="the checkpoint's dtype for kiln and transformers")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
