@@ -190,9 +190,8 @@ def _ir(args: argparse.Namespace) -> int:
     graph, tokenizer = _load_graph(args.source)
     if args.after and not args.pipeline:
         raise ValueError("--after needs --pipeline")
-    if args.quantization and not args.pipeline:
-        raise ValueError("--quantization needs --pipeline")
-    if args.pipeline:
+    pipeline = args.pipeline or ("reference" if args.quantization else None)  # a quantized graph is a pipeline's
+    if pipeline:
         dumps: list[str] = []
         quantization = _quantization(args)
         calibration = ()
@@ -200,7 +199,7 @@ def _ir(args: argparse.Namespace) -> int:
             from .api import calibration_batches
 
             calibration = calibration_batches(tokenizer, _calibration_texts(args), 512)
-        manager = pipeline_manager(args.pipeline, quantization, args.kv_cache_dtype, calibration, debug=True,
+        manager = pipeline_manager(pipeline, quantization, args.kv_cache_dtype, calibration, debug=True,
                                    dump_after=args.after or (),
                                    dump=lambda name, g: dumps.append(_render(g, args.format, f"after {name}")))
         records = manager.run(graph)
@@ -318,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "optionally after a pipeline")
     ir.add_argument("source", help="a .kiln text file, - for standard input, a Hugging Face checkpoint directory "
                     "or a .gguf file")
-    ir.add_argument("--pipeline", choices=sorted(PIPELINES), help="run this pipeline first")
+    ir.add_argument("--pipeline", choices=sorted(PIPELINES),
+                    help="run this pipeline first (with --quantization: reference unless named)")
     ir.add_argument("--after", action="append", choices=sorted({*PASSES, "quantize", "fp8_kv_cache"}), metavar="PASS",
                     help="print the graph after this pass of the pipeline (repeatable)")
     ir.add_argument("--format", choices=("text", "dot"), default="text")

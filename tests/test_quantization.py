@@ -244,6 +244,9 @@ def test_cli_shows_the_quantized_graph_and_builds_quantized_engines(tmp_path, ca
                  "--quantize-skip", "*.down_proj"]) == 0
     dump = capsys.readouterr().out
     assert dump.count("= linear_fp8(") == 6 * 4 and dump.count("= linear(") == 4 + 1  # down_proj, LM head
+    assert main(["ir", str(BUNDLED), "--quantization", "fp8"]) == 0  # the reference pipeline's step graph
+    step = capsys.readouterr().out
+    assert "= add_rms_norm_quant(" in step and "= scaled_linear(" in step and "= paged_attention(" in step
     assert main(["build", str(BUNDLED), "-o", str(tmp_path / "e"), "--max-seq-len", "64", "--max-batch-size", "2",
                  "--quantization", "int4", "--group-size", "64", "--symmetric"]) == 0
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
