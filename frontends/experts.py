@@ -50,7 +50,7 @@ def _transformers_experts(module: nn.Module, hidden_states: torch.Tensor, top_k_
     unsupported = [what for what, present in (
         ("biases", module.has_bias), ("transposed weights", module.is_transposed),
         ("interleaved gate/up rows", not module.is_concatenated), ("no gate", not module.has_gate),
-        ("a norm after each expert", module.has_post_expert_norm),
+        ("a norm after each expert", getattr(module, "has_post_expert_norm", False)),  # newer transformers only
         ("a custom gate", type(module)._apply_gate is not _default_apply_gate)) if present]
     if unsupported:
         raise FrontendError(f"{type(module).__name__}: experts with {', '.join(unsupported)} are not supported yet")

@@ -37,10 +37,10 @@ for part in "$@"; do
     reference-shapes) python3 bench/reference_shapes.py 2>&1 | tail -12;;
     quant) for scheme in ${QUANT_SCHEMES:-none int8 int4 fp8}; do  # a process each: one engine's GPU memory at a time
              python3 bench/quantization.py --schemes $scheme ${QUANT_ARGS:-} --out "$OUT/quant-$scheme.json" 2>&1 \
-               | grep -E '"pass": 2|Error' | cut -c1-400
+               | grep -E '"pass": 2|Error|error:' | cut -c1-400
            done;;
     quant-kv) python3 bench/quantization.py --schemes ${QUANT_SCHEMES:-fp8} --kv-cache-dtype fp8 ${QUANT_ARGS:-} \
-               --out "$OUT/quant-kv.json" 2>&1 | grep -E '"pass": 2|Error' | cut -c1-400;;
+               --out "$OUT/quant-kv.json" 2>&1 | grep -E '"pass": 2|Error|error:' | cut -c1-400;;
     load) [ -d /tmp/l8 ] || python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path
 from import_llama8b import write_checkpoint; write_checkpoint(Path('/tmp/l8'), 32, 4096, 14336, 2048)"  # the bundled tokenizer's vocabulary
           [ -d /tmp/l8.kiln ] || python3 -m kiln.cli build /tmp/l8 --target cuda --max-batch-size 256 --max-seq-len 4096 \
