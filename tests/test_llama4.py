@@ -96,10 +96,12 @@ def test_router_scatter_of_the_top_logits():
 def test_cuda_target_serves_llama4_with_transformers_greedy_tokens(tmp_path):
     """The CUDA target builds Llama 4 (chunked attention of 4 positions, experts that weigh
     their inputs) and its Triton kernels (Triton's interpreter on a CPU) serve two prompts
-    that cross chunks and blocks, then decode: each step's logits within 1e-5 of
-    transformers' over the whole sequence so far, and the same greedy tokens."""
+    that cross chunks and blocks, then decode: each step's logits within 1e-5 (on a CPU) of
+    transformers' over the whole sequence so far, and the same greedy tokens wherever
+    transformers' best two logits are not within twice that of each other."""
     cuda_kernels = pytest.importorskip("kiln.backends.cuda.kernels").cuda_kernels
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    tolerance = 1e-5 if device == "cpu" else 1e-2  # a GPU's float32 tl.dot rounds its operands to TF32
     model = random_model("llama4")
     checkpoint = write_checkpoint(model, tmp_path)
     untuned = pytest.warns(UserWarning, match="not tuned") if device == "cpu" else contextlib.nullcontext()
@@ -118,9 +120,11 @@ def test_cuda_target_serves_llama4_with_transformers_greedy_tokens(tmp_path):
         with torch.no_grad():
             got = step(**{k: v.to(device) for k, v in step_inputs(state, 4).items()}, **caches)[0]
             want = torch.cat([model(torch.tensor([ids], device=device)).logits[:, -1] for ids in sequences])
-        assert (got - want).abs().max() < 1e-5
-        tokens = got.argmax(-1).tolist()
-        assert tokens == want.argmax(-1).tolist()
+        assert (got - want).abs().max() < tolerance
+        best, second = want.topk(2).values.unbind(-1)
+        chosen = want.argmax(-1)
+        assert (got.argmax(-1) == chosen)[best - second > 2 * tolerance].all()
+        tokens = chosen.tolist()
         state = [SequenceStep([t], len(ids), s.blocks) for s, t, ids in zip(state, tokens, sequences)]
         sequences = [ids + [t] for ids, t in zip(sequences, tokens)]
 
