@@ -5,10 +5,10 @@ of its own for through torch, which is right for views and gathers but not for a
 attention whose reference reads sizes back to the host (no CUDA graph could capture it).
 Such ops are refused here by name (none is now: multi-head latent attention, the last,
 has its kernels in ``cuda/mla_attention.py``); so are attributes that ask a kernel for
-something it does not implement (the CUDA attention kernels have no ALiBi biases and no
-chunked local attention; the CUDA experts do not weigh their inputs). Each refusal names
-the op, where it occurs and the reason, so that ``kiln.compile(target="h100")`` fails at
-build rather than at the first step. (TensorRT and ONNX refuse what their lowering
+something it does not implement (the CUDA attention kernels have no ALiBi biases; Llama 4's
+chunked attention and input-weighed experts have theirs). Each refusal names the op, where
+it occurs and the reason, so that ``kiln.compile(target="h100")`` fails at build rather
+than at the first step. (TensorRT and ONNX refuse what their lowering
 tables lack in the same spirit: ``backends/tensorrt/table.py``, ``backends/onnx/table.py``.)
 """
 
@@ -21,10 +21,7 @@ REFUSED_OPS: dict[str, dict[str, str]] = {}
 
 # backend -> op -> attribute -> the feature a set value (not None, not False) asks for, as users know it
 REFUSED_ATTRIBUTES: dict[str, dict[str, dict[str, str]]] = {
-    "cuda": {"paged_attention": {"alibi_bias_max": "ALiBi attention biases have no CUDA kernel yet",
-                                 "chunk_size": "chunked local attention (Llama 4) has no CUDA kernel yet"},
-             **{op: {"weigh_inputs": "experts that weigh their inputs (Llama 4) have no CUDA kernel yet"}
-                for op in ("moe", "moe_experts")}},
+    "cuda": {"paged_attention": {"alibi_bias_max": "ALiBi attention biases have no CUDA kernel yet"}},
 }
 
 

@@ -1,6 +1,7 @@
 """The Triton paged attention against the registry's reference op: decode (split-KV),
 prefill, chunked prefill with a cached prefix and mixed steps, GQA, sliding window,
-softcap, blocks out of order, padded sequences; the cache writes fused into the kernel."""
+softcap, chunked local attention (Llama 4), blocks out of order, padded sequences; the
+cache writes fused into the kernel."""
 
 import pytest
 import torch
@@ -45,9 +46,10 @@ def make_step(query_lens, cached_lens, heads, kv_heads, head_dim, block_size, dt
 
 
 def check(query_lens, cached_lens, heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32,
-          device="cpu", scale=None, sliding_window=None, softcap=None, config=None, tolerance=2e-3):
+          device="cpu", scale=None, sliding_window=None, softcap=None, chunk_size=None, config=None,
+          tolerance=2e-3):
     args = make_step(query_lens, cached_lens, heads, kv_heads, head_dim, block_size, dtype, device)
-    attrs = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
+    attrs = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size)
     want, want_k, want_v = REGISTRY["paged_attention"].reference(*(a.cpu().float() for a in args[:5]),
                                                                  *(a.cpu() for a in args[5:]), **attrs)
     k_cache, v_cache = args[3], args[4]
@@ -79,6 +81,40 @@ def test_sliding_window_and_softcap(case):
     check(*CPU_CASES[case], sliding_window=8, softcap=5.0, scale=0.3)
 
 
+@pytest.mark.parametrize("chunk_size", [5, 16, 24])
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_chunked_local_attention(case, chunk_size):
+    """Chunks that cut through the cache's blocks and the kernels' tiles (5, 24) or align
+    with the blocks (16); contexts shorter than a chunk and spanning several; decode,
+    prefill, prefill over a cached prefix and mixed steps."""
+    check(*CPU_CASES[case], chunk_size=chunk_size)
+
+
+def test_chunked_local_attention_with_splits_window_and_small_tiles():
+    small = attention.AttentionConfig(decode=attention.DecodeConfig(block_n=16, num_splits=3),
+                                      prefill=attention.PrefillConfig(block_q=4, block_n=16))
+    check([1, 1, 1], [70, 3, 40], chunk_size=20, config=small)  # the splits share the chunk's keys
+    check([1, 9, 1, 5], [30, 40, 64, 11], chunk_size=12, sliding_window=7, softcap=5.0, config=small)
+
+
+@pytest.mark.parametrize("query_lens, cached_lens", [([1, 1], [70, 37]), ([9, 1, 20], [33, 50, 0])])
+def test_chunked_attention_reads_no_key_before_its_chunk(query_lens, cached_lens):
+    """The cached keys and values before each sequence's first chunk are made NaN after the
+    reference ran: a kernel that read one (even masked) would give NaN."""
+    config = attention.AttentionConfig(decode=attention.DecodeConfig(block_n=16, num_splits=2),
+                                       prefill=attention.PrefillConfig(block_q=4, block_n=16))
+    args = make_step(query_lens, cached_lens, 4, 2, 32, 16, torch.float32, "cpu")
+    want = REGISTRY["paged_attention"].reference(*args, scale=None, sliding_window=None, softcap=None,
+                                                 chunk_size=16)[0]
+    tables = args[8]
+    for table, cached in zip(tables.tolist(), cached_lens):
+        for block in table[:cached // 16]:  # blocks wholly before the chunk of the sequence's first query
+            args[3][block] = float("nan")
+            args[4][block] = float("nan")
+    out = attention.paged_attention(*args, chunk_size=16, config=config)[0]
+    assert (out - want).norm() / want.norm() < 2e-3
+
+
 def test_decode_splits_long_contexts():
     small = attention.AttentionConfig(decode=attention.DecodeConfig(block_n=16, num_splits=3))
     check([1, 1], [70, 3], config=small)
@@ -105,6 +141,18 @@ def test_real_shapes_in_bfloat16(case):
               "prefill": ([2048], [0]), "chunked": ([512, 300], [1024, 77]),
               "mixed": ([1] * 30 + [700, 1], [int(x) for x in torch.randint(1, 900, (30,))] + [0, 4000])}[case]
     check(*shapes, heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, device="cuda", tolerance=2e-2)
+
+
+@GPU
+@pytest.mark.parametrize("case", ["decode", "chunked", "mixed"])
+def test_llama4_chunked_attention_in_bfloat16(case):
+    """Llama 4 Scout's attention (40 query heads, 8 KV heads of 128; chunks of 8192 positions)
+    at contexts on both sides of a chunk boundary."""
+    shapes = {"decode": ([1] * 16, [int(x) for x in torch.randint(8000, 20000, (16,))]),
+              "chunked": ([512, 300], [8000, 16300]),
+              "mixed": ([1] * 30 + [700, 1], [int(x) for x in torch.randint(1, 9000, (30,))] + [7900, 12000])}[case]
+    check(*shapes, heads=40, kv_heads=8, head_dim=128, dtype=torch.bfloat16, device="cuda", chunk_size=8192,
+          tolerance=2e-2)
 
 
 @GPU

@@ -1,6 +1,7 @@
 """The cuda backend's fused mixture of experts against the registry's reference ops:
 float32 and float16 on the CPU (Triton's interpreter) at small shapes, bfloat16 on a GPU at
-Mixtral's and Qwen3-MoE's shapes; the alignment of pairs to blocks; capture in a CUDA graph."""
+Mixtral's, Qwen3-MoE's and Llama 4 Scout's shapes; Llama 4's experts that weigh their inputs; the
+alignment of pairs to blocks; capture in a CUDA graph."""
 
 import pytest
 import torch
@@ -46,6 +47,27 @@ def test_moe_matches_the_reference(device, dtype, shape, activation="silu"):
     torch.testing.assert_close(got, want, **TOLERANCE[dtype])
 
 
+LLAMA4_CASES = [
+    *(("cpu", torch.float32, shape) for shape in [(1, 16, 16, 4, 1), (9, 24, 40, 4, 1), (33, 32, 16, 8, 2)]),
+    ("cpu", torch.float16, (7, 24, 40, 4, 1)),
+    *(gpu("cuda", torch.bfloat16, (tokens, 5120, 8192, 16, 1)) for tokens in (1, 64, 512)),  # Llama 4 Scout
+]
+
+
+@pytest.mark.parametrize("device, dtype, shape", LLAMA4_CASES)
+def test_llama4_experts_weigh_their_inputs(device, dtype, shape):
+    """Llama 4's routed MLP: sigmoid scores of the chosen logits scale each expert's input."""
+    tokens, hidden, inter, experts, top_k = shape
+    x, logits, gate_up, down = _problem(tokens, hidden, inter, experts, top_k, dtype, device, seed=4)
+    attrs = dict(top_k=top_k, scoring="sigmoid", normalize=False, scale=1.0, num_groups=1, topk_groups=1,
+                 activation="silu", weigh_inputs=True)
+    got = moe(x, logits, gate_up, down, None, **attrs)
+    want = REGISTRY["moe"].reference(x, logits, gate_up, down, None, **attrs)
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+    unweighed = REGISTRY["moe"].reference(x, logits, gate_up, down, None, **{**attrs, "weigh_inputs": False})
+    assert not torch.allclose(got.float(), unweighed.float(), **TOLERANCE[dtype])
+
+
 def test_grouped_sigmoid_routing_gelu_and_small_blocks():
     x, logits, gate_up, down = _problem(9, 16, 16, 8, 3, torch.float32, "cpu", seed=1)
     bias = torch.randn(8, generator=torch.Generator().manual_seed(2))
@@ -60,9 +82,11 @@ def test_experts_take_given_routing():
     x, _, gate_up, down = _problem(6, 16, 24, 5, 2, torch.float32, "cpu", seed=3)
     weights = torch.rand(6, 2)
     indices = torch.tensor([[0, 4], [4, 0], [2, 2], [1, 3], [3, 1], [4, 2]])
-    got = moe_experts(x, weights, indices, gate_up, down, activation="gelu")
-    want = REGISTRY["moe_experts"].reference(x, weights, indices, gate_up, down, activation="gelu")
-    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+    for weigh_inputs in (False, True):
+        got = moe_experts(x, weights, indices, gate_up, down, activation="gelu", weigh_inputs=weigh_inputs)
+        want = REGISTRY["moe_experts"].reference(x, weights, indices, gate_up, down, activation="gelu",
+                                                 weigh_inputs=weigh_inputs)
+        torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
 
 
 def test_align_gives_each_block_one_expert():

@@ -1,9 +1,12 @@
 """Llama 4's pieces: chunked local attention in both attention references and the reference
 backend's paged kernel, complex tensors imported as real pairs, the router's scatter of the
-top-k logits, and the backends that refuse chunked attention and input-weighted experts by
+top-k logits, the CUDA target's Triton kernels serving the model (under Triton's interpreter
+on a CPU) with transformers' greedy tokens, and the backends that refuse chunked attention by
 name. (The raise of complex products into interleaved rotary is in test_complex_rotary.py;
 the whole model against transformers in test_frontend_hf.py and test_paged.py, config
 "llama4".)"""
+
+import contextlib
 
 import pytest
 import torch
@@ -13,9 +16,11 @@ from torch import nn
 from torch.export import Dim
 
 import kiln
-from kiln.backends import BackendSupportError, reference_kernels
+from kiln.backends import reference_kernels
 from kiln.ir.opdefs.nn import attention_reference
 from kiln.ir.opdefs.paged import paged_attention_reference
+from kiln.runtime.batch import SequenceStep, step_inputs
+from kiln.runtime.executor import load_executor
 
 
 def _chunk_mask(queries: int, keys: int, chunk: int) -> torch.Tensor:
@@ -88,17 +93,47 @@ def test_router_scatter_of_the_top_logits():
     assert torch.equal(compiled(logits), TopKScores()(logits))
 
 
-def test_cuda_onnx_and_tensorrt_refuse_chunked_attention_and_input_weighted_experts(tmp_path):
+def test_cuda_target_serves_llama4_with_transformers_greedy_tokens(tmp_path):
+    """The CUDA target builds Llama 4 (chunked attention of 4 positions, experts that weigh
+    their inputs) and its Triton kernels (Triton's interpreter on a CPU) serve two prompts
+    that cross chunks and blocks, then decode: each step's logits within 1e-5 (on a CPU) of
+    transformers' over the whole sequence so far, and the same greedy tokens wherever
+    transformers' best two logits are not within twice that of each other."""
+    cuda_kernels = pytest.importorskip("kiln.backends.cuda.kernels").cuda_kernels
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tolerance = 1e-5 if device == "cpu" else 1e-2  # a GPU's float32 tl.dot rounds its operands to TF32
+    model = random_model("llama4")
+    checkpoint = write_checkpoint(model, tmp_path)
+    untuned = pytest.warns(UserWarning, match="not tuned") if device == "cpu" else contextlib.nullcontext()
+    with untuned:
+        engine = kiln.compile(checkpoint, target="cuda", dtype="float32", max_batch_size=4, max_seq_len=64,
+                              max_num_tokens=64)
+    raised = [(n.op, n.attrs.get("chunk_size"), n.attrs.get("weigh_inputs")) for n in engine.graph.nodes
+              if n.op in ("paged_attention", "moe")]
+    assert raised == [("paged_attention", 4, None), ("paged_attention", None, None), ("moe", None, True)]
+    step = load_executor(engine.executor_source, "executor.py", engine.weights(device), cuda_kernels(device))
+    caches = engine.cache_spec.allocate(12, 4, device)
+    model = model.to(device)
+    sequences = [[5, 9, 13, 200, 7, 1, 2, 3, 4, 5, 6], [33, 34, 35]]
+    state = [SequenceStep(ids, 0, blocks) for ids, blocks in zip(sequences, ([3, 0, 7, 5, 11], [1, 10, 2, 6]))]
+    for _ in range(5):
+        with torch.no_grad():
+            got = step(**{k: v.to(device) for k, v in step_inputs(state, 4).items()}, **caches)[0]
+            want = torch.cat([model(torch.tensor([ids], device=device)).logits[:, -1] for ids in sequences])
+        assert (got - want).abs().max() < tolerance
+        best, second = want.topk(2).values.unbind(-1)
+        chosen = want.argmax(-1)
+        assert (got.argmax(-1) == chosen)[best - second > 2 * tolerance].all()
+        tokens = chosen.tolist()
+        state = [SequenceStep([t], len(ids), s.blocks) for s, t, ids in zip(state, tokens, sequences)]
+        sequences = [ids + [t] for ids, t in zip(sequences, tokens)]
+
+
+def test_onnx_and_tensorrt_refuse_chunked_attention(tmp_path):
     from kiln.backends.onnx.table import unexportable
     from kiln.backends.tensorrt.table import _no_window_or_softcap
 
     checkpoint = write_checkpoint(random_model("llama4"), tmp_path)
-    with pytest.raises(BackendSupportError) as refused:
-        kiln.compile(checkpoint, target="h100", dtype="float32", max_seq_len=64)
-    assert "  - paged_attention (at model.layers.0.self_attn, chunk_size=4): chunked local attention (Llama 4) " \
-           "has no CUDA kernel yet" in str(refused.value)
-    assert "  - moe (at model.layers.1.feed_forward, weigh_inputs=True): experts that weigh their inputs " \
-           "(Llama 4) have no CUDA kernel yet" in str(refused.value)
     engine = kiln.compile(checkpoint, dtype="float32", max_seq_len=64)
     chunked = [n for n in engine.graph.nodes if n.op == "paged_attention"]
     assert [n.attrs["chunk_size"] for n in chunked] == [4, None]  # layer 1 is a NoPE layer of full attention

@@ -10,6 +10,12 @@ Two kernels serve ``paged_attention`` (see ``ir/opdefs/paged.py`` for the op):
   variable length and causal. A program takes a block of one sequence's query tokens,
   times all query heads of one KV head, and walks that sequence's keys.
 
+A sliding window or chunked local attention (Llama 4's ``chunk_size``: a query at ``p``
+sees the keys at ``k <= p`` with ``k // chunk_size == p // chunk_size``) is a constexpr
+flag and a runtime size, so that layers without them pay nothing; with them, each program
+starts at the tile of the first key its queries may see (the splits of a decode share the
+visible keys), so a long context's keys before the window or chunk are never read.
+
 Both read the keys of earlier steps from the paged cache (block tables are read inside
 the kernel) and the step's own keys and values straight from ``k`` and ``v``; each
 program also writes its own tokens' keys and values into the cache at ``slot_mapping``
@@ -170,25 +176,41 @@ def _online_softmax(s, m, l, acc, values):
     return m_new, l, acc
 
 
-@triton.jit(do_not_specialize=["window", "num_splits", "stride_bt", "stride_ps", "stride_ph", "stride_pk"])
+@triton.jit
+def _first_key(query_pos, window, chunk_size, WINDOW: tl.constexpr, CHUNK: tl.constexpr):
+    """The first key position that a query at ``query_pos`` may see (0, or the start of its
+    sliding window, or of its chunk of ``chunk_size`` positions, whichever is last); it may
+    see every key from there up to itself."""
+    first = query_pos * 0  # a tensor like query_pos in every case
+    if WINDOW:
+        first = tl.maximum(query_pos - window + 1, first)
+    if CHUNK:
+        first = tl.maximum(query_pos // chunk_size * chunk_size, first)
+    return first
+
+
+@triton.jit(do_not_specialize=["window", "chunk_size", "num_splits", "stride_bt", "stride_ps", "stride_ph",
+                               "stride_pk"])
 def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables,
-                   part_out, part_lse, scale_log2, softcap, window, num_splits,
+                   part_out, part_lse, scale_log2, softcap, window, chunk_size, num_splits,
                    stride_qt, stride_qh, stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, stride_bt,
                    stride_ps, stride_ph, stride_pk,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                   DIRECT: tl.constexpr, FP8_CACHE: tl.constexpr):
+                   CHUNK: tl.constexpr, DIRECT: tl.constexpr, FP8_CACHE: tl.constexpr):
     seq = tl.program_id(0)  # decode sequence s has token s
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     token = tl.load(query_start + seq)
     length = tl.load(context_lens + seq)
     cached = length - 1
-    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, length)
-    if WINDOW:
-        lo = tl.maximum(lo, (tl.maximum(length - window, 0) // BLOCK_N) * BLOCK_N)
+    # The splits share the keys the query may see, from the tile of the first one on: none
+    # reads a key before its window or its chunk.
+    seen_from = _first_key(cached, window, chunk_size, WINDOW, CHUNK)
+    start = seen_from // BLOCK_N * BLOCK_N
+    span = tl.cdiv(tl.cdiv(length - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * span
+    hi = tl.minimum(lo + span, length)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
     d_mask = d < D
@@ -208,8 +230,8 @@ def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context
         values = _gather(v_cache, v, *kv_at, d, d_mask, FP8_CACHE)
         s = _scores(qv, keys, scale_log2, softcap, SOFTCAP)
         allowed = valid
-        if WINDOW:
-            allowed = allowed & (cached - pos < window)
+        if WINDOW or CHUNK:
+            allowed = allowed & (pos >= seen_from)
         s = tl.where(allowed[None, :], s, float("-inf"))
         m, l, acc = _online_softmax(s, m, l, acc, values)
     if (lo <= cached) & (cached < hi):
@@ -263,14 +285,14 @@ def _sequence_of(query_start, block, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["window", "num_seqs", "stride_bt"])
+@triton.jit(do_not_specialize=["window", "chunk_size", "num_seqs", "stride_bt"])
 def _prefill_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables, out,
-                    scale_log2, softcap, window, num_seqs,
+                    scale_log2, softcap, window, chunk_size, num_seqs,
                     stride_qt, stride_qh, stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, stride_bt,
                     stride_ot, stride_oh,
                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, FP8_CACHE: tl.constexpr):
+                    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CHUNK: tl.constexpr, FP8_CACHE: tl.constexpr):
     block = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _sequence_of(query_start, block, num_seqs, BLOCK_Q)
@@ -293,9 +315,9 @@ def _prefill_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, contex
         q_rows = (first + row_token).to(tl.int64) * stride_qt + row_head * stride_qh
         qv = tl.load(q + q_rows[:, None] + d[None, :], mask=row_valid[:, None] & d_mask[None, :], other=0.0)
         hi = tl.minimum(length, cached + q_block * BLOCK_Q + BLOCK_Q)
-        lo = 0
-        if WINDOW:
-            lo = (tl.maximum(cached + q_block * BLOCK_Q - window + 1, 0) // BLOCK_N) * BLOCK_N
+        # from the tile of the first key that the block's first query sees: later queries see no earlier key
+        lo = _first_key(cached + q_block * BLOCK_Q, window, chunk_size, WINDOW, CHUNK) // BLOCK_N * BLOCK_N
+        seen_from = _first_key(q_pos, window, chunk_size, WINDOW, CHUNK)
         m = tl.full([BLOCK_Q * G_PAD], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
         acc = tl.zeros([BLOCK_Q * G_PAD, D_PAD], tl.float32)
@@ -309,8 +331,8 @@ def _prefill_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, contex
             values = _gather(v_cache, v, *kv_at, d, d_mask, FP8_CACHE)
             s = _scores(qv, keys, scale_log2, softcap, SOFTCAP)
             allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None]) & row_valid[:, None]
-            if WINDOW:
-                allowed = allowed & (q_pos[:, None] - pos[None, :] < window)
+            if WINDOW or CHUNK:
+                allowed = allowed & (pos[None, :] >= seen_from[:, None])
             s = tl.where(allowed, s, float("-inf"))
             m, l, acc = _online_softmax(s, m, l, acc, values)
         result = acc / tl.where(l > 0, l, 1.0)[:, None]
@@ -327,10 +349,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     config: AttentionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``paged_attention`` op: write the step's keys and values into the caches (in
     place) and attend; returns the output [num_tokens, heads, head_dim] and the caches.
-    ALiBi biases and chunked local attention are not implemented (``backends/support.py``
-    refuses such graphs at build)."""
-    if alibi_bias_max is not None or chunk_size is not None:
-        raise NotImplementedError("the Triton paged attention has no ALiBi biases and no chunked local attention")
+    With ``chunk_size`` (Llama 4's chunked local attention) a query at position ``p`` sees
+    the keys at ``k <= p`` with ``k // chunk_size == p // chunk_size``, and no program reads
+    a tile of keys before its queries' chunk. ALiBi biases are not implemented
+    (``backends/support.py`` refuses such graphs at build)."""
+    if alibi_bias_max is not None:
+        raise NotImplementedError("the Triton paged attention has no ALiBi biases")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     config = config or AttentionConfig()
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -346,14 +372,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     scale = head_dim ** -0.5 if scale is None else scale
     common = dict(G=group, G_PAD=max(_pow2(group), 1), D=head_dim, D_PAD=_pow2(head_dim),
                   BLOCK_SIZE=k_cache.shape[1], SOFTCAP=softcap is not None, WINDOW=sliding_window is not None,
-                  FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn)
+                  CHUNK=chunk_size is not None, FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn)
     args = (q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1),
                k_cache.stride(2), block_tables.stride(0))
-    extras = (scale * _LOG2E, softcap or 1.0, sliding_window or 0)
+    extras = (scale * _LOG2E, softcap or 1.0, sliding_window or 0, chunk_size or 1)
     if tokens == num_seqs:
-        _decode(args, out, strides, extras, common, config, heads, kv_heads, num_seqs,
-                block_tables.shape[1] * k_cache.shape[1])
+        max_context = block_tables.shape[1] * k_cache.shape[1]
+        visible = min([max_context] + [n for n in (sliding_window, chunk_size) if n is not None])
+        _decode(args, out, strides, extras, common, config, heads, kv_heads, num_seqs, max_context, visible)
     else:
         cfg = config.prefill
         block_q = max(cfg.block_q, 16 // common["G_PAD"], 1)
@@ -365,11 +392,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 
 def _decode(args, out, strides, extras, common, config: AttentionConfig, heads: int, kv_heads: int,
-            num_seqs: int, max_context: int) -> None:
+            num_seqs: int, max_context: int, visible: int) -> None:
+    """Launch the decode kernel (and the merge of its splits): ``visible`` is the most keys a
+    query may see (its window or chunk), which with the alignment of the first one to a tile
+    bounds the tiles a split can have."""
     wide = num_seqs * kv_heads >= 2 * multiprocessors(out.device)
     cfg = config.decode_wide if wide else config.decode
     splits = 1 if wide else cfg.num_splits or _auto_splits(out.device, num_seqs * kv_heads)
-    splits = max(1, min(splits, triton.cdiv(max_context, cfg.block_n)))
+    splits = max(1, min(splits, triton.cdiv(min(max_context, visible + cfg.block_n - 1), cfg.block_n)))
     head_dim = out.shape[2]
     common = {**common, "G_PAD": max(16, common["G_PAD"])}  # tl.dot needs 16 rows
     if splits == 1:

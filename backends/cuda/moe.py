@@ -10,7 +10,9 @@ last run hold only padding rows (-1) and store nothing.
 The first kernel multiplies a block's rows of x by its expert's gate and up rows and writes
 ``act(gate) * up``; the second multiplies that by the expert's down projection, scales each
 row by its routing weight (float32), and writes it to its pair's row. The pairs of a token
-are then summed in float32, as the registry's reference does.
+are then summed in float32, as the registry's reference does. With ``weigh_inputs`` (Llama
+4) the routing weight moves to the first kernel instead: each row of x is scaled by it (both
+in x's dtype, as the reference rounds) as it is loaded, and the second kernel scales nothing.
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ def align(indices: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tens
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, experts_ptr, out_ptr, hidden, inter, top_k, num_experts,
-                    x_stride, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, experts_ptr, routing_ptr, out_ptr, hidden, inter, top_k, num_experts,
+                    x_stride, ACTIVATION: tl.constexpr, WEIGH_INPUTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     expert = tl.load(experts_ptr + block)
     if expert < num_experts:
@@ -68,10 +70,14 @@ def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, experts_ptr, out_ptr, hidden, inter,
         weights = w_ptr + expert.to(tl.int64) * (2 * inter * hidden)
         gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if WEIGH_INPUTS:  # the routing weight in x's dtype, as the reference casts it
+            routing = tl.load(routing_ptr + rows, mask=valid, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(x_ptr + tokens[:, None] * x_stride + ks[None, :],
                         mask=valid[:, None] & (ks[None, :] < hidden), other=0.0)
+            if WEIGH_INPUTS:
+                a = (a.to(tl.float32) * routing[:, None]).to(x_ptr.dtype.element_ty)
             w_mask = (ks[:, None] < hidden) & (cols[None, :] < inter)
             w_gate = tl.load(weights + cols[None, :] * hidden + ks[:, None], mask=w_mask, other=0.0)
             w_up = tl.load(weights + (inter + cols[None, :]) * hidden + ks[:, None], mask=w_mask, other=0.0)
@@ -87,7 +93,7 @@ def _gate_up_kernel(x_ptr, w_ptr, rows_ptr, experts_ptr, out_ptr, hidden, inter,
 
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, rows_ptr, experts_ptr, routing_ptr, out_ptr, hidden, inter, num_experts,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 WEIGH_INPUTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     block = tl.program_id(0)
     expert = tl.load(experts_ptr + block)
     if expert < num_experts:
@@ -104,8 +110,9 @@ def _down_kernel(h_ptr, w_ptr, rows_ptr, experts_ptr, routing_ptr, out_ptr, hidd
             w = tl.load(weights + cols[None, :] * inter + ks[:, None],
                         mask=(ks[:, None] < inter) & (cols[None, :] < hidden), other=0.0)
             acc += tl.dot(a, w)
-        routing = tl.load(routing_ptr + rows, mask=valid, other=0.0).to(tl.float32)
-        out = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * routing[:, None]
+        out = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
+        if not WEIGH_INPUTS:  # inputs already weighed leave the outputs as they are
+            out = out * tl.load(routing_ptr + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + tl.where(valid, rows, 0)[:, None] * hidden + cols[None, :], out,
                  mask=valid[:, None] & (cols[None, :] < hidden))
 
@@ -113,10 +120,8 @@ def _down_kernel(h_ptr, w_ptr, rows_ptr, experts_ptr, routing_ptr, out_ptr, hidd
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
                 down: torch.Tensor, *, activation: str, weigh_inputs: bool = False,
                 config: MoeConfig | None = None) -> torch.Tensor:
-    """The registry's ``moe_experts`` as two grouped GEMMs over pairs sorted by expert (the
-    weights on the outputs: ``backends/support.py`` refuses ``weigh_inputs`` at build)."""
-    if weigh_inputs:
-        raise NotImplementedError("the Triton experts weigh their outputs, not their inputs (Llama 4)")
+    """The registry's ``moe_experts`` as two grouped GEMMs over pairs sorted by expert, the
+    routing weights on the experts' outputs (or, with ``weigh_inputs``, on their inputs)."""
     config = config or MoeConfig()
     tokens, top_k = indices.shape
     experts, hidden, inter = down.shape
@@ -125,15 +130,16 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, g
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     rows, block_experts = align(indices, experts, config.block_m)
     blocks = block_experts.numel()
+    routing = weights.reshape(-1).contiguous()
+    launch = dict(WEIGH_INPUTS=weigh_inputs, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                     BLOCK_K=config.block_k, num_warps=config.num_warps)
     activated = torch.empty((blocks * config.block_m, inter), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(blocks, triton.cdiv(inter, config.block_n))](
-        x, gate_up, rows, block_experts, activated, hidden, inter, top_k, experts, x.stride(0),
-        ACTIVATION=activation, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps)
+        x, gate_up, rows, block_experts, routing, activated, hidden, inter, top_k, experts, x.stride(0),
+        ACTIVATION=activation, **launch)
     pairs = torch.empty((tokens * top_k, hidden), dtype=torch.float32, device=x.device)
     _down_kernel[(blocks, triton.cdiv(hidden, config.block_n))](
-        activated, down, rows, block_experts, weights.reshape(-1).contiguous(), pairs, hidden, inter, experts,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
+        activated, down, rows, block_experts, routing, pairs, hidden, inter, experts, **launch)
     return pairs.view(tokens, top_k, hidden).sum(1).to(x.dtype)
 
 
