@@ -132,7 +132,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, g
     blocks = block_experts.numel()
     routing = weights.reshape(-1).contiguous()
     launch = dict(WEIGH_INPUTS=weigh_inputs, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                     BLOCK_K=config.block_k, num_warps=config.num_warps)
+                  BLOCK_K=config.block_k, num_warps=config.num_warps)
     activated = torch.empty((blocks * config.block_m, inter), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(blocks, triton.cdiv(inter, config.block_n))](
         x, gate_up, rows, block_experts, routing, activated, hidden, inter, top_k, experts, x.stride(0),
