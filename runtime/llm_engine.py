@@ -90,11 +90,14 @@ class LLMEngine:
         self.block_size = info.max_seq_len if spec.linear else config.block_size
         self.max_num_seqs = min(config.max_num_seqs or info.max_batch_size, info.max_batch_size)
         self.max_num_tokens = min(config.max_num_tokens or info.max_num_tokens, info.max_num_tokens)
+        parallel = info.tp * info.pp > 1
+        # One process's weights go on the device before the cache is sized, so that the cache
+        # gets what they leave (the ranks of a parallel engine load theirs in their own processes).
+        local_step = None if parallel else engine.step_function(self.device)
         useful = self.max_num_seqs * -(-info.max_seq_len // self.block_size)
         reserve = max(info.workspace_bytes.values(), default=0)
         num_blocks = config.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
                                                            config.memory_fraction, useful, reserve)
-        parallel = info.tp * info.pp > 1
         fast = info.backend == "cuda" and self.device.type == "cuda" and not parallel  # kernels that never sync
         sizes = [s for s in info.profiles.cuda_graph_batch_sizes if s <= self.max_num_seqs]
         self.workers = None
@@ -108,7 +111,7 @@ class LLMEngine:
             self._stoppable.append(self.workers)
         # a parallel engine's caches are its ranks' (rank 0's: its stage's layers, its shard)
         self.caches = self.workers.caches if parallel else spec.allocate(num_blocks, self.block_size, self.device)
-        step = self.workers.step if self.workers else engine.step_function(self.device)
+        step = self.workers.step if self.workers else local_step
         self.runner = ModelRunner(step, self.caches, self.device, self.block_size,
                                   -(-info.max_seq_len // self.block_size),
                                   sizes if fast and config.cuda_graphs != "off" else (),

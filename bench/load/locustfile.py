@@ -36,6 +36,7 @@ class Tally:
     def __init__(self):
         self.started = 0
         self.outcomes: dict[str, int] = {}
+        self.errors: dict[str, int] = {}  # message -> count, so that a report says what failed
         self.tokens = 0
         self.ttft: list[float] = []
         self.itl: list[float] = []
@@ -49,8 +50,10 @@ class Tally:
         self.started += 1
         self.first = self.first or time.monotonic()
 
-    def end(self, outcome: str, tokens: int = 0) -> None:
+    def end(self, outcome: str, tokens: int = 0, message: str | None = None) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if message is not None:
+            self.errors[message] = self.errors.get(message, 0) + 1
         self.tokens += tokens
         self.last = time.monotonic()
         if sum(self.outcomes.values()) == REQUESTS and RUNNER:
@@ -62,7 +65,8 @@ class Tally:
         return {"requests": self.started, "seconds": round(seconds, 2), "outcomes": self.outcomes,
                 "requests_per_second": round(done / seconds, 2),
                 "output_tokens_per_second": round(self.tokens / seconds, 1),
-                "ttft_ms": _percentiles(self.ttft), "itl_ms": _percentiles(self.itl)}
+                "ttft_ms": _percentiles(self.ttft), "itl_ms": _percentiles(self.itl),
+                "errors": dict(sorted(self.errors.items(), key=lambda item: -item[1])[:10])}
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -144,7 +148,7 @@ class KilnClient(HttpUser):
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    return self._end(response, "error", tokens)
+                    return self._end(response, "error", tokens, chunk["error"].get("message", str(chunk["error"])))
                 now = time.perf_counter()
                 (TALLY.ttft if tokens == 0 else TALLY.itl).append(now - (start if tokens == 0 else last))
                 last = now
@@ -159,11 +163,14 @@ class KilnClient(HttpUser):
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             return self._end(response, "incomplete")
-        self._end(response, "refused" if response.status_code == 429 else "error")
-        response.failure(f"{response.status_code}: {message}") if response.status_code != 429 else response.success()
+        if response.status_code == 429:
+            self._end(response, "refused")
+            response.success()
+        else:
+            self._end(response, "error", message=f"{response.status_code}: {message}")
 
     @staticmethod
-    def _end(response, outcome: str, tokens: int = 0):
-        TALLY.end(outcome, tokens)
+    def _end(response, outcome: str, tokens: int = 0, message: str | None = None):
+        TALLY.end(outcome, tokens, message)
         if outcome in ("incomplete", "error"):
-            response.failure(outcome)
+            response.failure(message or outcome)

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> dict:
              "--model-name", "tiny", "--max-num-seqs", str(args.max_num_seqs), "--max-queued", str(args.max_queued)]
     serve += ["--num-blocks", str(args.num_blocks)] if args.num_blocks else []
     serve += ["--device", args.device] if args.device else []
-    server = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe nobody reads: a chatty server must never block on it
+    server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_up(url, server)
         watcher = Watcher(url)
@@ -109,10 +110,14 @@ def run(args: argparse.Namespace) -> dict:
                             "kv_cache_usage_after": after["kiln_kv_cache_usage"]}
         server.send_signal(signal.SIGTERM)
         report["server"]["exit_code"] = server.wait(timeout=60)
+        if not healthy(report) or report["outcomes"].get("error"):
+            log.seek(0)
+            report["server_log_tail"] = log.read()[-4000:].splitlines()
         return report
     finally:
         if server.poll() is None:
             server.kill()
+        log.close()
 
 
 def healthy(report: dict) -> bool:
