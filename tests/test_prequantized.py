@@ -158,7 +158,7 @@ def test_grouped_int8_scales_and_float_int4_zeros():
     codes = torch.randint(-127, 128, (16, 64), generator=generator, dtype=torch.int8)
     scale = torch.rand(16, 4, generator=generator)
     weight = codes.float() * scale.repeat_interleave(16, dim=1)
-    torch.testing.assert_close(REGISTRY["linear_int8"].reference(x, codes, scale, None), F.linear(x, weight))
+    torch.testing.assert_close(REGISTRY["linear_int8"].reference(x, codes, scale, None, None), F.linear(x, weight))
     nibbles = torch.randint(0, 16, (16, 64), generator=generator)
     scales, zeros = torch.rand(16, 2, generator=generator), torch.randn(16, 2, generator=generator) * 8
     weight = (nibbles - zeros.repeat_interleave(32, dim=1)) * scales.repeat_interleave(32, dim=1)
@@ -168,11 +168,11 @@ def test_grouped_int8_scales_and_float_int4_zeros():
 
 def test_grouped_shape_rules():
     x = TensorType("f16", (4, 64))
-    assert _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f32", (8, 2)), None).shape == (4, 8)
+    assert _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f32", (8, 2)), None, None).shape == (4, 8)
     with pytest.raises(ShapeError, match="groups"):
-        _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f32", (8, 3)), None)
+        _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f32", (8, 3)), None, None)
     with pytest.raises(ShapeError, match="grouped scales"):
-        _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f16", (8, 2)), None)
+        _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f16", (8, 2)), None, None)
     q, scales = TensorType("u8", (8, 32)), TensorType("f16", (8, 2))
     for zeros in ("u8", "f32", "f16"):
         assert _linear_int4(x, q, scales, TensorType(zeros, (8, 2)), None).shape == (4, 8)
