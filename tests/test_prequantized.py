@@ -73,9 +73,13 @@ def test_gptq_act_order_gathers_the_input(tmp_path):
     assert torch.equal(kiln.load(tmp_path / "engine").logits(ids), engine.logits(ids))
 
 
-def test_gptq_eight_bits_symmetric(tmp_path):
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_eight_bits(sym, tmp_path):
+    """8-bit GPTQ: ``linear_int8`` with grouped scales; asymmetric layers with f32 zero points."""
     model = random_model("llama")
-    _check_against(model, write_gptq(model, tmp_path, bits=8, sym=True, group=64), ["linear_int8"])
+    engine = _check_against(model, write_gptq(model, tmp_path, bits=8, sym=sym, group=64), ["linear_int8"])
+    layers = [n for n in engine.graph.nodes if n.op == "linear_int8"]
+    assert all((len(n.inputs) > 3 and n.inputs[3] is not None) != sym for n in layers)
 
 
 def test_awq(tmp_path):
@@ -119,7 +123,6 @@ def test_fp8(per_channel, static, compressed, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"bits": 3}, "bits: 3"),
-    ({"bits": 8, "sym": False}, "sym: False"),
     ({"checkpoint_format": "marlin"}, "checkpoint_format: 'marlin'"),
     ({"quant_method": "bitsandbytes"}, "quant_method: 'bitsandbytes'"),
 ])
