@@ -25,9 +25,9 @@ An offset ``m`` becomes the zero point ``-m / d`` of ``w = (q - zero) d``; a blo
 scale is 0 (all its weights equal ``m``) gets codes 1, zero 0 and scale ``m`` instead. Scales
 of 4-bit types are kept in the model's dtype (the op's rule), so float32 and float16 models
 hold them exactly; INT8 scales and float zero points are float32. The types without an
-offset dequantize to exactly ``gguf.quants``' float32 weights; those with one (``(q - zero) d``
-against ``d q + m``) to within float32 rounding. ``repack`` takes a row
-order too: llama.cpp stores the rows of Llama's query and key projections permuted.
+offset dequantize to exactly ``gguf.quants``' float32 weights; those with one (``(q - zero)
+d`` against ``d q + m``) to within float32 rounding. ``repack`` takes a row order too:
+llama.cpp stores the rows of Llama's query and key projections permuted.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 from ..ir import TensorType, dtypes
 from ..passes.quantization.weights import pack_int4_codes
 from .quantized_linear import QuantizedLinear, SharedParts
+
 
 def _f16(raw: np.ndarray) -> torch.Tensor:
     """Float16 values stored as byte pairs in the last dim, as float32."""
