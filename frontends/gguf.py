@@ -6,7 +6,7 @@ tokenizer and the chat template (``gguf_tokenizer.py``); its tensors are renamed
 transformers model's parameters (``blk.3.attn_q.weight`` is
 ``model.layers.3.self_attn.q_proj.weight``) and imported through the same path as a
 Hugging Face checkpoint. Quantized matrices stay in their bits (``gguf_quants.py``:
-Q8_0, Q4_0, Q4_1, Q4_K, Q6_K); where a quantized tensor is not a linear layer's weight
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K); where a quantized tensor is not a linear layer's weight
 (the token embedding) it is dequantized into the model's dtype. F32, F16 and BF16 tensors
 load as they are; every other type is refused by name. llama.cpp stores the rows of the
 query and key projections permuted for its rotary layout; they are put back.

@@ -5,8 +5,10 @@
   packed along the output dim; ``scales`` ``[groups, out]``; ``g_idx`` ``[in]``, each input
   feature's group. ``w[o, i] = (q[i, o] - zero[g_idx[i], o]) * scales[g_idx[i], o]``. The v1
   layout (``checkpoint_format: gptq``) stores each zero point minus one, v2 (``gptq_v2``) the
-  zero point itself. 4 bits become ``linear_int4`` (groups as stored); 8 bits with
-  ``sym: true`` become ``linear_int8`` with one scale per channel and group (``q - 128``).
+  zero point itself. 4 bits become ``linear_int4`` (groups as stored); 8 bits become
+  ``linear_int8`` with one scale per channel and group and codes ``q - 128``, with
+  ``sym: true`` checked to have every zero point 128, otherwise with f32 zero points
+  ``zero - 128``.
   Activation order (a ``g_idx`` that is not ``i // group_size``, from ``desc_act``) is served
   exactly: the weight's input columns are sorted by group and the layer gathers its input's
   features in the same order (``QuantizedLinear.permutation``).
@@ -83,7 +85,8 @@ def _groups_of(g_idx: torch.Tensor | None, in_features: int, groups: int, where:
     return torch.argsort(g_idx.long(), stable=True)
 
 
-def _gptq_linear(refs: dict[str, TensorRef], bits: int, zero_offset: int, dtype: torch.dtype) -> QuantizedLinear:
+def _gptq_linear(refs: dict[str, TensorRef], bits: int, sym: bool, zero_offset: int,
+                 dtype: torch.dtype) -> QuantizedLinear:
     qweight, qzeros, scales = refs["qweight"], refs["qzeros"], refs["scales"]
     in_features, out_features = qweight.shape[0] * 32 // bits, qweight.shape[1]
     groups = scales.shape[0]
@@ -106,16 +109,19 @@ def _gptq_linear(refs: dict[str, TensorRef], bits: int, zero_offset: int, dtype:
             ("zeros", TensorType(dtypes.uint8, grouped.shape), LazyData(lambda: zeros().to(torch.uint8),
                                                                         qzeros.describe))), order)
 
-    def symmetric_codes() -> torch.Tensor:
-        if not bool((zeros() == 128).all()):
+    def signed_codes() -> torch.Tensor:
+        if sym and not bool((zeros() == 128).all()):
             raise FrontendError(f"{qzeros.describe}: an 8-bit GPTQ layer with sym: true has zero points other "
                                 "than 128")
         return (codes() - 128).to(torch.int8).contiguous()
 
-    return QuantizedLinear("linear_int8", (
-        ("qweight", TensorType(dtypes.int8, (out_features, in_features)), LazyData(symmetric_codes, qweight.describe)),
-        ("scale", TensorType(dtypes.float32, grouped.shape), _lazy(scales, lambda s: s.T.float().contiguous()))),
-        order)
+    operands = [
+        ("qweight", TensorType(dtypes.int8, (out_features, in_features)), LazyData(signed_codes, qweight.describe)),
+        ("scale", TensorType(dtypes.float32, grouped.shape), _lazy(scales, lambda s: s.T.float().contiguous()))]
+    if not sym:
+        operands.append(("zeros", TensorType(dtypes.float32, grouped.shape),
+                         LazyData(lambda: (zeros() - 128).float(), qzeros.describe)))
+    return QuantizedLinear("linear_int8", tuple(operands), order)
 
 
 def _awq_linear(refs: dict[str, TensorRef], dtype: torch.dtype) -> QuantizedLinear:
@@ -167,9 +173,7 @@ def _gptq(qc: dict[str, Any], tensors: Mapping[str, TensorRef]) -> tuple[dict[st
     bits, sym = qc.get("bits", 4), qc.get("sym", True)
     layout = qc.get("checkpoint_format") or qc.get("format") or "gptq"
     if bits not in (4, 8):
-        raise _refuse("bits", bits, "kiln serves 4-bit GPTQ, and 8-bit with sym: true")
-    if bits == 8 and not sym:
-        raise _refuse("sym", sym, "8-bit GPTQ is served symmetric only (linear_int8 has no zero points)")
+        raise _refuse("bits", bits, "kiln serves 4-bit and 8-bit GPTQ")
     if layout not in ("gptq", "gptq_v2"):
         raise _refuse("checkpoint_format", layout, "kiln reads the gptq (v1) and gptq_v2 layouts")
     offset = 1 if layout == "gptq" else 0
@@ -181,7 +185,7 @@ def _gptq(qc: dict[str, Any], tensors: Mapping[str, TensorRef]) -> tuple[dict[st
         out_features, in_features = parts["qweight"].shape[1], parts["qweight"].shape[0] * 32 // bits
         refs[prefix + ".weight"] = QuantizedRef(
             (out_features, in_features), parts["qweight"].where, f"GPTQ {prefix} ({parts['qweight'].where})",
-            lambda dtype, parts=parts: _gptq_linear(parts, bits, offset, dtype))
+            lambda dtype, parts=parts: _gptq_linear(parts, bits, sym, offset, dtype))
     return scheme, refs
 
 

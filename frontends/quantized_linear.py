@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ir import ConstantData, Graph, LazyData, TensorType, dtypes
-from ..ir.opdefs.quantized import dequantize_int4, dequantize_int8
+from ..ir.opdefs.quantized import dequantize_int4, dequantize_int8, quantized_linear_inputs
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class QuantizedLinear:
 
 _DEQUANTIZE: dict[str, Callable[..., torch.Tensor]] = {
     "linear_int4": lambda qweight, scales, zeros: dequantize_int4(qweight, scales, zeros),
-    "linear_int8": lambda qweight, scale: dequantize_int8(qweight, scale),
+    "linear_int8": lambda qweight, scale, zeros=None: dequantize_int8(qweight, scale, zeros),
     "linear_fp8": lambda qweight, scale, input_scale=None: qweight.float() * scale.float()[:, None],
 }
 
@@ -128,7 +128,8 @@ def use_quantized_weights(graph: Graph) -> int:
                                            f"{base}.input_order")
                 x = graph.call("index_select", [x, order], {"dim": -1}, location=node.location).result
             bias = node.inputs[2] if len(node.inputs) > 2 else None
-            new = graph.call(linear.op, [x, *operands[id(weight)], bias], location=node.location)
+            new = graph.call(linear.op, quantized_linear_inputs(linear.op, x, operands[id(weight)], bias),
+                             location=node.location)
         node.result.replace_all_uses_with(new.result)
         graph.erase_node(node)
         rewritten += 1

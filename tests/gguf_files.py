@@ -2,9 +2,9 @@
 
 The tokenizer is the bundled one (byte-level BPE), written as llama.cpp's metadata: its
 tokens by id, its merges as ``"a b"`` strings, ``<|endoftext|>`` as a control token.
-Q8_0, Q4_0 and Q4_1 tensors are quantized from random weights by ``gguf.quants``; the
-K-quants, which that package cannot quantize, are random blocks (every byte pattern is a
-valid block) whose float16 scales are set to small values.
+Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 tensors are quantized from random weights by
+``gguf.quants``; the K-quants and IQ4_NL, which that package cannot quantize, are random
+blocks (every byte pattern is a valid block) whose float16 scales are set to small values.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 from hf_models import BUNDLED
 
-# llama.cpp's block sizes in weights and bytes, and where each K-quant block keeps its float16 scales
-K_QUANTS = {"Q4_K": (256, 144, (0, 2)), "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,))}
+# llama.cpp's block sizes in weights and bytes, and where each block of a type written as random
+# blocks keeps its float16 scales
+RANDOM_BLOCKS = {"Q2_K": (256, 84, (80, 82)), "Q3_K": (256, 110, (108,)), "Q4_K": (256, 144, (0, 2)),
+                 "Q5_K": (256, 176, (0, 2)), "Q6_K": (256, 210, (208,)), "IQ4_NL": (32, 18, (0,))}
 
 
 def quantized(kind: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -24,9 +26,9 @@ def quantized(kind: str, rows: int, cols: int, rng: np.random.Generator) -> np.n
     import gguf
 
     qtype = gguf.GGMLQuantizationType[kind]
-    if kind not in K_QUANTS:
+    if kind not in RANDOM_BLOCKS:
         return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32) * 0.1, qtype)
-    block, size, scale_offsets = K_QUANTS[kind]
+    block, size, scale_offsets = RANDOM_BLOCKS[kind]
     blocks = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     for offset in scale_offsets:
         scales = rng.uniform(1e-4, 5e-4, blocks.shape[:2]).astype(np.float16)

@@ -1,7 +1,8 @@
 """The CUDA backend's quantized linear layers against the registry's reference ops: the
-weight-only INT8 and INT4 GEMV (one row), GEMM (more rows) and dequantized-weight path
-(many rows) under Triton's interpreter at small shapes in float32 and float16, and on the
-GPU at Llama-3.1-8B's shapes in bfloat16, with FP8's GEMV and ``torch._scaled_mm``.
+weight-only INT8 (with and without zero points) and INT4 GEMV (one row), GEMM (more rows)
+and dequantized-weight path (many rows) under Triton's interpreter at small shapes in
+float32 and float16, and on the GPU at Llama-3.1-8B's shapes in bfloat16, with FP8's GEMV
+and ``torch._scaled_mm``.
 
 Triton's interpreter rounds float32 to E4M3 wrongly near powers of two (127.2 becomes
 64), so the kernels that round activations into FP8 are checked on the GPU only."""
@@ -36,12 +37,25 @@ def _relative(got, want):
 def _check(op, x, operands, bias, tolerance, **config):
     """The kernel's result has the reference's shape and dtype and matches it, computed
     in float32 from the same stored operands."""
-    want = REGISTRY[op].reference(x.float().cpu(), *[o.cpu() for o in operands],
-                                  *([None] if op == "linear_fp8" else []),
+    # the optional operand before the bias (INT8's zero points, FP8's static input scale) where not given
+    absent = [None] * (3 - len(operands)) if op in ("linear_fp8", "linear_int8") else []
+    want = REGISTRY[op].reference(x.float().cpu(), *[o.cpu() for o in operands], *absent,
                                   None if bias is None else bias.float().cpu())
-    got = getattr(quantized, op)(x, *operands, *([None] if op == "linear_fp8" else []), bias, **config)
+    got = getattr(quantized, op)(x, *operands, *absent, bias, **config)
     assert got.shape == x.shape[:-1] + (want.shape[-1],) and got.dtype == x.dtype
     assert _relative(got.cpu(), want) < tolerance
+
+
+def _int8_with_zeros(w, group):
+    """``w`` rounded to 5-bit codes (0..31, int8) with a float32 scale and zero point per row
+    and group of ``group`` inputs: GGUF's Q5_1 and Q5_K in kiln's layout."""
+    n, k = w.shape
+    groups = w.float().view(n, k // group, group)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 31).clamp(min=1e-8)
+    zeros = -low / scale
+    codes = (groups / scale[..., None] + zeros[..., None]).round().clamp(0, 31).to(torch.int8).view(n, k)
+    return codes, scale, zeros
 
 
 def _small_tiles(n, k, dequantize_from=512):
@@ -63,6 +77,18 @@ def test_int8_kernels_match_the_reference(device, dtype, tolerance, rows, n, k, 
 
 
 @pytest.mark.parametrize("device, dtype, tolerance", CPU_CASES)
+@pytest.mark.parametrize("rows, n, k, group, dequantize_from", [(1, 40, 256, 32, 512), (5, 40, 256, 32, 512),
+                                                                (33, 48, 256, 16, 16)])
+def test_int8_kernels_with_zero_points_match_the_reference(device, dtype, tolerance, rows, n, k, group,
+                                                           dequantize_from):
+    """INT8 codes with grouped scales and float zero points (GGUF's Q5_1 and Q5_K): the GEMV,
+    the GEMM and the dequantized weight."""
+    x, w, bias = _problem(rows, n, k, dtype, device, with_bias=rows == 5)
+    parts = [t.to(device) for t in _int8_with_zeros(w, group)]
+    _check("linear_int8", x, parts, bias, tolerance, config=_small_tiles(n, k, dequantize_from))
+
+
+@pytest.mark.parametrize("device, dtype, tolerance", CPU_CASES)
 @pytest.mark.parametrize("rows, n, k, group, dequantize_from", [
     (1, 40, 192, 96, 512), (1, 64, 256, 128, 512), (1, 40, 384, 64, 512), (4, 40, 192, 96, 512),
     (33, 48, 256, 64, 512), (33, 48, 256, 64, 8)])
@@ -74,52 +100,58 @@ def test_int4_kernels_match_the_reference(device, dtype, tolerance, rows, n, k, 
 
 
 def _grouped_problem(n, k, group, seed=0):
-    """Random INT8 codes with a float32 scale per (row, group of ``group`` inputs) and
-    random 4-bit codes with float zero points (GGUF's Q8_0 and Q4_1 in kiln's layout),
-    with the float32 weights they stand for."""
+    """Random INT8 codes with a float32 scale per (row, group of ``group`` inputs), random
+    5-bit codes (INT8) and 4-bit codes with float zero points (GGUF's Q8_0, Q5_1 and Q4_1 in
+    kiln's layout), each with the float32 weight it stands for."""
     g = torch.Generator().manual_seed(seed)
     codes8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     scale8 = torch.rand(n, k // group, generator=g) / 100
-    codes4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale4 = torch.rand(n, k // group, generator=g) / 10
-    zero4 = torch.rand(n, k // group, generator=g) * 15
     w8 = (codes8.float().view(n, -1, group) * scale8[..., None]).view(n, k)
-    w4 = ((codes4.float().view(n, -1, group) - zero4[..., None]) * scale4[..., None]).view(n, k)
-    return (codes8, scale8, w8), (pack_int4_codes(codes4), scale4, zero4, w4)
+    with_zeros = []
+    for high, dtype in ((32, torch.int8), (16, torch.uint8)):
+        codes = torch.randint(0, high, (n, k), generator=g, dtype=dtype)
+        scale = torch.rand(n, k // group, generator=g) / 10
+        zero = torch.rand(n, k // group, generator=g) * (high - 1)
+        w = ((codes.float().view(n, -1, group) - zero[..., None]) * scale[..., None]).view(n, k)
+        with_zeros.append((codes if dtype == torch.int8 else pack_int4_codes(codes), scale, zero, w))
+    return (codes8, scale8, w8), *with_zeros
 
 
 @pytest.mark.parametrize("rows", [1, 6])
 def test_grouped_int8_scales_and_float_zero_points(rows):
-    """The kernels' grouped INT8 scales and float INT4 zero points (the layouts GGUF
-    checkpoints repack into) against the weights they stand for."""
+    """The kernels' grouped INT8 scales, with and without float zero points, and float INT4
+    zero points (the layouts GGUF checkpoints repack into) against the weights they stand for."""
     n, k, group = 24, 256, 32
-    (codes8, scale8, w8), (packed4, scale4, zero4, w4) = _grouped_problem(n, k, group)
+    (codes8, scale8, w8), (codes5, scale5, zero5, w5), (packed4, scale4, zero4, w4) = _grouped_problem(n, k, group)
     x = torch.randn(rows, k)
     gemv_config = quantized_gemv.QuantGemvConfig(8, 64, 2)
     gemm_config = quantized_gemm.QuantGemmConfig(16, 16, 64)
-    for w, operands in ((w8, (codes8, scale8, None)), (w4, (packed4, scale4, zero4))):
+    for w, operands in ((w8, (codes8, scale8, None)), (w5, (codes5, scale5, zero5)), (w4, (packed4, scale4, zero4))):
         got = (quantized_gemv.integer_gemv(x, *operands, None, gemv_config) if rows == 1 else
                quantized_gemm.weight_only_gemm(x, *operands, None, gemm_config))
         assert _relative(got, x @ w.T) < 1e-5
     assert torch.equal(quantized_gemm.dequantize(codes8, scale8, None, torch.float32), w8)
-    assert _relative(quantized_gemm.dequantize(packed4, scale4, zero4, torch.float32), w4) < 1e-6
+    for codes, scale, zero, w in ((codes5, scale5, zero5, w5), (packed4, scale4, zero4, w4)):
+        assert _relative(quantized_gemm.dequantize(codes, scale, zero, torch.float32), w) < 1e-6
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_the_gemv_reads_every_code_exactly(bits):
+@pytest.mark.parametrize("bits, zero", [(8, None), (8, 5.0), (4, 0.0)])
+def test_the_gemv_reads_every_code_exactly(bits, zero):
     """Every code value at every position of its int32 word comes out exactly: with unit
-    scales and small integer inputs the GEMV's result is an exact integer sum."""
+    scales, integer zero points and small integer inputs the GEMV's result is an exact
+    integer sum."""
     n, k = 8, 64
     g = torch.Generator().manual_seed(bits)
     if bits == 8:
         codes = torch.arange(-128, 128, dtype=torch.int8)[torch.randperm(256, generator=g)].repeat(2).view(n, k)
-        qweight, scales, zeros = codes, torch.ones(n), None
+        qweight = codes
     else:
         codes = torch.arange(16, dtype=torch.uint8).repeat(n * k // 16)[torch.randperm(n * k, generator=g)].view(n, k)
-        qweight, scales, zeros = pack_int4_codes(codes), torch.ones(n, 1), torch.zeros(n, 1)
+        qweight = pack_int4_codes(codes)
+    scales, zeros = (torch.ones(n), None) if zero is None else (torch.ones(n, 1), torch.full((n, 1), zero))
     x = torch.arange(1, k + 1, dtype=torch.float32)[None, :]
     got = quantized_gemv.integer_gemv(x, qweight, scales, zeros, None, quantized_gemv.QuantGemvConfig(4, 32, 1))
-    assert torch.equal(got, x @ codes.float().T)
+    assert torch.equal(got, x @ (codes.float() - (zero or 0.0)).T)
 
 
 def test_the_fp8_gemv_takes_a_row_of_e4m3_codes():
@@ -145,6 +177,7 @@ def test_the_fp8_gemv_takes_a_row_of_e4m3_codes():
 def test_kernels_at_llama_shapes_on_the_gpu(device, dtype, tolerance, rows, n, k):
     x, w, _ = _problem(rows, n, k, dtype, device, with_bias=False)
     _check("linear_int8", x, [t.to(device) for t in quantize_int8(w)], None, tolerance)
+    _check("linear_int8", x, [t.to(device) for t in _int8_with_zeros(w, 32)], None, tolerance)
     _check("linear_int4", x, [t.to(device) for t in quantize_int4(w.to(dtype), 128, False)], None, tolerance)
     _check("linear_fp8", x, [t.to(device) for t in quantize_fp8_weight(w)], None, 2e-2)
 

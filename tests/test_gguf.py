@@ -1,8 +1,8 @@
-"""GGUF files: Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights repacked exactly into kiln's
-weight-only ops; a tiny llama of mixed types gives transformers' logits (transformers
-dequantizes the same file with the gguf package) and tokens; the tokenizer and chat
-template come from the file; unsupported files are refused by name; and the real
-SmolLM2-135M-Instruct Q4_1 file answers its chat question."""
+"""GGUF files: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K weights repacked exactly
+into kiln's weight-only ops; tiny llamas of mixed types and of 5-bit types give
+transformers' logits (transformers dequantizes the same file with the gguf package) and
+tokens; the tokenizer and chat template come from the file; unsupported files are refused
+by name; and the real SmolLM2-135M-Instruct Q4_1 file answers its chat question."""
 
 import importlib.util
 from pathlib import Path
@@ -22,21 +22,28 @@ gguf = pytest.importorskip("gguf")
 
 MIXED = {"token_embd": "Q4_1", "output": "Q6_K", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0",
          "attn_output": "Q4_K", "ffn_gate": "Q6_K", "ffn_up": "F16", "ffn_down": "Q4_K"}
+FIVE_BIT = {"token_embd": "Q5_0", "output": "Q5_K", "attn_q": "Q5_1", "attn_k": "Q5_1", "attn_v": "Q5_1",
+            "attn_output": "Q5_0", "ffn_gate": "Q5_K", "ffn_up": "Q5_K", "ffn_down": "Q5_0"}
 TOLERANCE = 1e-4  # float32 on the CPU; (q - zero) * d rounds differently from d * q + m
 
 
 @pytest.mark.parametrize("kind", sorted(REPACKERS))
 def test_repacked_blocks_dequantize_as_gguf_does(kind):
+    """Bit for bit where GGUF's weight is a scaled code; to float32 rounding where it adds
+    an offset (``d q + m`` against kiln's ``(q - zero) d``)."""
     rows, cols = 6, 512
     data = quantized(kind, rows, cols, np.random.default_rng(0))
-    if kind in ("Q4_1", "Q4_K"):  # a block with scale 0 holds its offset in every weight
+    offset = REPACKERS[kind].zeros and kind != "Q4_0"
+    if offset:  # a block with scale 0 holds its offset in every weight
         data[0, :4] = np.frombuffer(np.array([0.0, 0.25], dtype=np.float16).tobytes(), np.uint8)
     parts = repack(kind, data, cols, torch.float32)
-    ours = dequantize_int8(*parts) if REPACKERS[kind][0] == "linear_int8" else dequantize_int4(*parts)
+    ours = dequantize_int8(*parts) if REPACKERS[kind].op == "linear_int8" else dequantize_int4(*parts)
     expected = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]))
+    if not offset:
+        assert torch.equal(ours, expected)
+        return
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
-    if kind in ("Q4_1", "Q4_K"):
-        assert (expected[0, :32] == expected[0, 0]).all() and expected[0, 0] != 0
+    assert (expected[0, :32] == expected[0, 0]).all() and expected[0, 0] != 0
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +73,24 @@ def test_mixed_types_match_transformers(mixed):
                               pad_token_id=0)[0, 5:].tolist()
     params = kiln.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     assert kiln.LLM(engine).generate([prompt.tolist()], params)[0].token_ids == want
+
+
+def test_five_bit_types_match_transformers(tmp_path):
+    """Q5_0 (INT8 codes ``q - 16``), Q5_1 and Q5_K (INT8 codes with float zero points) stay
+    in their bits; projections of one type fuse with their zero points."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_llama_gguf(tmp_path / "five.gguf", FIVE_BIT, layers=1)
+    engine = kiln.compile(path, max_seq_len=64)
+    nodes = [n for n in engine.graph.nodes if n.op.startswith("linear")]
+    assert {n.op for n in nodes} == {"linear_int8"}
+    # fused Q/K/V (Q5_1), fused gate/up (Q5_K) and the Q5_K LM head with zero points; o_proj and down_proj without
+    assert sorted(len(n.inputs) > 3 and n.inputs[3] is not None for n in nodes) == [False, False, True, True, True]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    assert (engine.logits(ids) - expected).abs().max().item() <= TOLERANCE
 
 
 def test_tokenizer_and_chat_template_come_from_the_file(mixed):
@@ -102,12 +127,12 @@ def test_plain_tensors_through_the_cli(tmp_path, capsys):
     assert "Python" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"types": {"attn_q": "Q5_K"}}, "blk.0.attn_q.weight is Q5_K"),
-    ({"types": {"attn_q": "Q5_0"}}, "blk.0.attn_q.weight is Q5_0"),
+@pytest.mark.parametrize("types, message", [
+    ({"attn_q": "Q2_K"}, "blk.0.attn_q.weight is Q2_K"),
+    ({"ffn_down": "Q3_K", "attn_v": "IQ4_NL"}, "blk.0.attn_v.weight is IQ4_NL; tensor blk.0.ffn_down.weight is Q3_K"),
 ])
-def test_unsupported_tensor_types_are_refused_by_name(change, message, tmp_path):
-    path = write_llama_gguf(tmp_path / "bad.gguf", change["types"], layers=1)
+def test_unsupported_tensor_types_are_refused_by_name(types, message, tmp_path):
+    path = write_llama_gguf(tmp_path / "bad.gguf", types, layers=1)
     with pytest.raises(FrontendError, match=message):
         kiln.compile(path, max_seq_len=32)
 

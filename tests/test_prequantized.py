@@ -73,9 +73,13 @@ def test_gptq_act_order_gathers_the_input(tmp_path):
     assert torch.equal(kiln.load(tmp_path / "engine").logits(ids), engine.logits(ids))
 
 
-def test_gptq_eight_bits_symmetric(tmp_path):
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_eight_bits(sym, tmp_path):
+    """8-bit GPTQ: ``linear_int8`` with grouped scales; asymmetric layers with f32 zero points."""
     model = random_model("llama")
-    _check_against(model, write_gptq(model, tmp_path, bits=8, sym=True, group=64), ["linear_int8"])
+    engine = _check_against(model, write_gptq(model, tmp_path, bits=8, sym=sym, group=64), ["linear_int8"])
+    layers = [n for n in engine.graph.nodes if n.op == "linear_int8"]
+    assert all((len(n.inputs) > 3 and n.inputs[3] is not None) != sym for n in layers)
 
 
 def test_awq(tmp_path):
@@ -119,7 +123,6 @@ def test_fp8(per_channel, static, compressed, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"bits": 3}, "bits: 3"),
-    ({"bits": 8, "sym": False}, "sym: False"),
     ({"checkpoint_format": "marlin"}, "checkpoint_format: 'marlin'"),
     ({"quant_method": "bitsandbytes"}, "quant_method: 'bitsandbytes'"),
 ])
@@ -158,7 +161,7 @@ def test_grouped_int8_scales_and_float_int4_zeros():
     codes = torch.randint(-127, 128, (16, 64), generator=generator, dtype=torch.int8)
     scale = torch.rand(16, 4, generator=generator)
     weight = codes.float() * scale.repeat_interleave(16, dim=1)
-    torch.testing.assert_close(REGISTRY["linear_int8"].reference(x, codes, scale, None), F.linear(x, weight))
+    torch.testing.assert_close(REGISTRY["linear_int8"].reference(x, codes, scale, None, None), F.linear(x, weight))
     nibbles = torch.randint(0, 16, (16, 64), generator=generator)
     scales, zeros = torch.rand(16, 2, generator=generator), torch.randn(16, 2, generator=generator) * 8
     weight = (nibbles - zeros.repeat_interleave(32, dim=1)) * scales.repeat_interleave(32, dim=1)
@@ -168,11 +171,11 @@ def test_grouped_int8_scales_and_float_int4_zeros():
 
 def test_grouped_shape_rules():
     x = TensorType("f16", (4, 64))
-    assert _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f32", (8, 2)), None).shape == (4, 8)
+    assert _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f32", (8, 2)), None, None).shape == (4, 8)
     with pytest.raises(ShapeError, match="groups"):
-        _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f32", (8, 3)), None)
+        _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f32", (8, 3)), None, None)
     with pytest.raises(ShapeError, match="grouped scales"):
-        _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f16", (8, 2)), None)
+        _linear_int8(x, TensorType("i8", (8, 64)), TensorType("f16", (8, 2)), None, None)
     q, scales = TensorType("u8", (8, 32)), TensorType("f16", (8, 2))
     for zeros in ("u8", "f32", "f16"):
         assert _linear_int4(x, q, scales, TensorType(zeros, (8, 2)), None).shape == (4, 8)

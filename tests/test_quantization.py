@@ -80,7 +80,7 @@ def test_reference_ops_compute_with_the_dequantized_weight():
     x, w, bias = torch.randn(3, 256), _weights(), torch.randn(48)
     q8, s8 = quantize_int8(w)
     expected = F.linear(x, q8.float() * s8[:, None], bias)
-    torch.testing.assert_close(kiln.ir.REGISTRY["linear_int8"].reference(x, q8, s8, bias), expected)
+    torch.testing.assert_close(kiln.ir.REGISTRY["linear_int8"].reference(x, q8, s8, None, bias), expected)
     q4, s4, z4 = quantize_int4(w, 128, False)
     expected = F.linear(x, dequantize_int4(q4, s4, z4), bias)
     torch.testing.assert_close(kiln.ir.REGISTRY["linear_int4"].reference(x, q4, s4, z4, bias), expected)
@@ -123,6 +123,55 @@ def test_int4_shape_rule_checks_groups_and_zero_points():
         _linear_int4(x, q, TensorType("f32", (8, 3)), TensorType("u8", (8, 3)), None)
     with pytest.raises(ShapeError, match="zero points"):
         _linear_int4(x, q, TensorType("f32", (8, 2)), TensorType("i8", (8, 2)), None)
+
+
+@given(rows=st.integers(1, 3), group=st.sampled_from([8, 16, 32]), groups=st.integers(1, 3),
+       with_zeros=st.booleans(), with_bias=st.booleans(), seed=st.integers(0, 99))
+def test_int8_zero_points_run_in_the_interpreter(rows, group, groups, with_zeros, with_bias, seed):
+    """``linear_int8`` with grouped scales, optional f32 zero points and optional bias (``none``
+    where zero points are left out before it) round-trips as text and computes
+    ``x @ ((q - zero) * scale).T + bias`` per group in the interpreter."""
+    k, n = group * groups, 12
+    operands = ["%q", "%s", "%z" if with_zeros else "none", "%b" if with_bias else "none"]
+    while operands[-1] == "none":
+        operands.pop()
+    text = textwrap.dedent(f"""\
+        graph @g(%x: f32[batch, {k}]) {{
+          %q = constant : i8[{n}, {k}]
+          %s = constant : f32[{n}, {groups}]
+          %z = constant : f32[{n}, {groups}]
+          %b = constant : f32[{n}]
+          %0 = linear_int8(%x, {", ".join(operands)}) : f32[batch, {n}]
+          return %0
+        }}
+    """)
+    graph = parse(text)
+    graph.remove_unused_constants()
+    g = torch.Generator().manual_seed(seed)
+    data = {"q": torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8),
+            "s": torch.rand(n, groups, generator=g), "z": torch.randn(n, groups, generator=g) * 20,
+            "b": torch.randn(n, generator=g)}
+    graph.bind_constants({name: data[name] for name in graph.constants})
+    verify(graph)
+    assert str(parse(str(graph))) == str(graph)
+    zeros = data["z"] if with_zeros else torch.zeros(n, groups)
+    weight = (data["q"].float() - zeros.repeat_interleave(group, 1)) * data["s"].repeat_interleave(group, 1)
+    x = torch.randn(rows, k, generator=g)
+    expected = F.linear(x, weight, data["b"] if with_bias else None)
+    torch.testing.assert_close(interpret(graph, [x])[0], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_zero_point_shape_rule():
+    from kiln.ir import TensorType
+    from kiln.ir.opdefs.quantized import _linear_int8
+
+    x, q, scales = TensorType("f32", (4, 64)), TensorType("i8", (8, 64)), TensorType("f32", (8, 2))
+    assert _linear_int8(x, q, scales, TensorType("f32", (8, 2)), None).shape == (4, 8)
+    for zeros, scale in (("f16", scales), ("u8", scales), ("f32", TensorType("f32", (8,)))):
+        with pytest.raises(ShapeError, match="zero points must be f32 of the grouped scales' shape"):
+            _linear_int8(x, q, scale, TensorType(zeros, scale.shape), None)
+    with pytest.raises(ShapeError, match="zero points"):
+        _linear_int8(x, q, scales, TensorType("f32", (8, 4)), None)
 
 
 def _relative_error(graph, other, batch, seed=0):

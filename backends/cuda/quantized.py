@@ -78,10 +78,10 @@ def _weight_only(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     return out.view(*x.shape[:-1], n)
 
 
-def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-                config: PerShape | None = None) -> torch.Tensor:
-    """The ``linear_int8`` op."""
-    return _weight_only(x, qweight, scale, None, bias, config)
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, *, config: PerShape | None = None) -> torch.Tensor:
+    """The ``linear_int8`` op (float zero points with grouped scales, where given)."""
+    return _weight_only(x, qweight, scale, zeros, bias, config)
 
 
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

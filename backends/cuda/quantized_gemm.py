@@ -4,10 +4,11 @@ and multiplied by cuBLAS.
 
 In the GEMM each weight tile is turned into the input's dtype before ``tl.dot``: INT4
 codes (two a byte, even input index in the low nibble) are unpacked by interleaving the
-low and high nibbles; INT8 codes are converted. Group scales and zero points are read per
-element of the tile (they hit the cache); a per-channel INT8 scale multiplies the
-accumulator once. The dequantizing kernel writes ``[n, k]`` in one pass; with many rows
-its cost (a read of the codes and a write of the weight) is small next to the product.
+low and high nibbles; INT8 codes are converted. Group scales and zero points (of INT4
+codes, or of INT8 codes with grouped scales) are read per element of the tile (they hit
+the cache); a per-channel INT8 scale multiplies the accumulator once. The dequantizing
+kernel writes ``[n, k]`` in one pass; with many rows its cost (a read of the codes and a
+write of the weight) is small next to the product.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _dequantize_kernel(q, scales, zeros, out, n, k, stride_q, stride_s, group, I
 def _layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, block_k: int) -> dict:
     """The kernels' description of a quantized weight read in tiles of ``block_k``
     inputs: code width, grouping, zero points, whether a tile lies inside one group."""
-    int4 = zeros is not None and qweight.dtype == torch.uint8
+    int4 = qweight.dtype == torch.uint8
     k = qweight.shape[1] * (2 if int4 else 1)
     grouped = scales.dim() == 2
     group = k // scales.shape[1] if grouped else k

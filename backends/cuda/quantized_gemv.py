@@ -211,9 +211,9 @@ def integer_gemv_fits(k: int, group: int) -> bool:
 def integer_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                  bias: torch.Tensor | None, config: QuantGemvConfig) -> torch.Tensor:
     """``x @ ((codes - zeros) * scales).T + bias`` for one row of ``x``: INT8 codes
-    (``qweight`` int8 ``[n, k]``, no zero points) or packed 4-bit codes (uint8
-    ``[n, k / 2]``, float zero points), with ``scales`` per output channel ``[n]`` or per
-    group ``[n, groups]``, where ``integer_gemv_fits``."""
+    (``qweight`` int8 ``[n, k]``) or packed 4-bit codes (uint8 ``[n, k / 2]``), with
+    ``scales`` per output channel ``[n]`` or per group ``[n, groups]``, and zero points
+    (``None``: none) of the grouped scales' shape, where ``integer_gemv_fits``."""
     bits = 4 if qweight.dtype == torch.uint8 else 8
     n = qweight.shape[0]
     k = qweight.shape[1] * 8 // bits

@@ -3,9 +3,11 @@
 Each carries its weight in its stored form and its scales (and zero points) as operands,
 and computes ``x @ dequantize(weight).T + bias`` in float32, rounded once to ``x``'s dtype:
 
-- ``linear_int8``: weight-only INT8, symmetric, ``w = q * scale[n]`` with one f32 scale per
-  output channel (``[out]``) or ``w = q * scale[n, group]`` with one per output channel and
-  group of input features (``[out, groups]``, GGUF's Q8_0 and Q6_K);
+- ``linear_int8``: weight-only INT8, ``w = q * scale[n]`` with one f32 scale per output
+  channel (``[out]``) or ``w = q * scale[n, group]`` with one per output channel and group
+  of input features (``[out, groups]``, GGUF's Q8_0, Q6_K and Q5_0); grouped scales may come
+  with f32 zero points of their shape, ``w = (q - zero) * scale`` (GGUF's Q5_1 and Q5_K, whose
+  ``w = d * q + m`` gives ``zero = -m / d``);
 - ``linear_int4``: weight-only INT4 in groups along the input dim, two 4-bit codes a byte
   (even input index in the low nibble), ``w = (q - zero) * scale`` per (row, group); the
   group size is ``in_features / scales.shape[1]``; a symmetric scheme stores zero 8; the
@@ -55,7 +57,8 @@ def _check_groups(groups, in_features, even: bool) -> None:
         raise ShapeError(f"{groups} groups do not divide {in_features} input features into {kind}")
 
 
-def _linear_int8(x: TensorType, qweight: TensorType, scale: TensorType, bias: TensorType | None) -> TensorType:
+def _linear_int8(x: TensorType, qweight: TensorType, scale: TensorType, zeros: TensorType | None,
+                 bias: TensorType | None) -> TensorType:
     if qweight.dtype != dtypes.int8 or qweight.rank != 2:
         raise ShapeError(f"linear_int8 needs an i8[out, in] weight, got {qweight}")
     if scale.rank == 2:
@@ -64,6 +67,9 @@ def _linear_int8(x: TensorType, qweight: TensorType, scale: TensorType, bias: Te
         _check_groups(scale.shape[1], qweight.shape[1], even=False)
     else:
         _check_channel_scale(scale, qweight)
+    if zeros is not None and (scale.rank != 2 or zeros.dtype != dtypes.float32 or zeros.shape != scale.shape):
+        raise ShapeError(f"linear_int8's zero points must be f32 of the grouped scales' shape, got {zeros} "
+                         f"with scales {scale}")
     return _check_input("linear_int8", x, qweight, qweight.shape[1], bias)
 
 
@@ -108,15 +114,19 @@ def _linear_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return (out if bias is None else out + bias.float()).to(x.dtype)
 
 
-def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
     """The float32 ``[out, in]`` weight that ``linear_int8``'s operands stand for (scales per
-    output channel ``[out]`` or per channel and group ``[out, groups]``)."""
+    output channel ``[out]`` or per channel and group ``[out, groups]``, the latter with or
+    without zero points)."""
     scale = scale.float().reshape(qweight.shape[0], -1, 1)
-    return (qweight.float().view(qweight.shape[0], scale.shape[1], -1) * scale).view(qweight.shape)
+    codes = qweight.float().view(qweight.shape[0], scale.shape[1], -1)
+    if zeros is not None:
+        codes = codes - zeros.float()[..., None]
+    return (codes * scale).view(qweight.shape)
 
 
-def _linear_int8_reference(x, qweight, scale, bias):
-    return _linear_float32(x, dequantize_int8(qweight, scale), bias)
+def _linear_int8_reference(x, qweight, scale, zeros, bias):
+    return _linear_float32(x, dequantize_int8(qweight, scale, zeros), bias)
 
 
 def _linear_int4_reference(x, qweight, scales, zeros, bias):
@@ -179,8 +189,9 @@ def _linear_w8a8_reference(x, qweight, weight_scale, bias):
 
 
 OPS = [
-    OpDef("linear_int8", ("x", "qweight", "scale", "bias?"), _linear_int8, _linear_int8_reference,
-          doc="x @ (qweight * scale[n(, group)]).T + bias: weight-only INT8, per output channel (or group)"),
+    OpDef("linear_int8", ("x", "qweight", "scale", "zeros?", "bias?"), _linear_int8, _linear_int8_reference,
+          doc="x @ ((qweight - zero) * scale[n(, group)]).T + bias: weight-only INT8, per output channel (or "
+              "group, with optional f32 zero points)"),
     OpDef("linear_int4", ("x", "qweight", "scales", "zeros", "bias?"), _linear_int4, _linear_int4_reference,
           doc="x @ ((q - zero) * scale).T + bias: weight-only INT4 in groups, two codes a byte"),
     OpDef("linear_fp8", ("x", "qweight", "weight_scale", "input_scale?", "bias?"), _linear_fp8, _linear_fp8_reference,
@@ -191,3 +202,13 @@ OPS = [
 
 # The quantized forms of ``linear``; each takes the input first and ``bias`` last.
 QUANTIZED_LINEARS = tuple(op.name for op in OPS)
+_WEIGHT_OPERANDS = {op.name: len(op.operands) - 2 for op in OPS}  # between the input and the bias
+
+
+def quantized_linear_inputs(op: str, x, weight_operands: list, bias) -> list:
+    """The inputs of quantized linear ``op``: ``x``, its weight operands (the optional ones
+    not given left absent) and ``bias``."""
+    missing = _WEIGHT_OPERANDS[op] - len(weight_operands)
+    if missing < 0:
+        raise ValueError(f"{op} takes {_WEIGHT_OPERANDS[op]} weight operands, got {len(weight_operands)}")
+    return [x, *weight_operands, *[None] * missing, bias]

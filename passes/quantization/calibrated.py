@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ...ir import Graph, Node
+from ...ir.opdefs.quantized import quantized_linear_inputs
 from .activations import LinearGroup, gather_statistics, linear_groups
 from .awq import search_clipping, search_scales
 from .config import QuantConfig
@@ -37,10 +38,11 @@ _TINY = 1e-5
 
 
 def replace_linear(graph: Graph, node: Node, op: str, operands: Sequence) -> Node:
-    """Replace the ``linear`` ``node`` by ``op`` over its input, ``operands`` and its bias."""
+    """Replace the ``linear`` ``node`` by ``op`` over its input, ``operands`` (absent optional
+    ones left out) and its bias."""
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     with graph.inserting_before(node):
-        new = graph.call(op, [node.inputs[0], *operands, bias], location=node.location)
+        new = graph.call(op, quantized_linear_inputs(op, node.inputs[0], list(operands), bias), location=node.location)
     node.result.replace_all_uses_with(new.result)
     graph.erase_node(node)
     return new

@@ -18,23 +18,27 @@ from ..rewriter import Rule
 @dataclass(frozen=True)
 class Variant:
     """A quantized linear as the rules see it: the op, its per-layer weight operands
-    (between the input and the bias) and the operands the fused layers must share."""
+    (between the input and the bias), the operands the fused layers must share, and what
+    tells its rules' names from those of the op's other forms."""
 
     op: str
     parts: tuple[str, ...]
     shared: tuple[str, ...] = ()
+    tag: str = ""
 
     @property
     def label(self) -> str:
-        return self.op + ("_static" if self.shared else "")
+        return self.op + self.tag
 
     def call(self, x, values: dict, prefix: str = ""):
         return ops.call(self.op, x, *(values[prefix + p] for p in self.parts), *(values[s] for s in self.shared))
 
 
-VARIANTS = (Variant("linear_int8", ("qweight", "scale")), Variant("linear_int4", ("qweight", "scales", "zeros")),
+VARIANTS = (Variant("linear_int8", ("qweight", "scale")),
+            Variant("linear_int8", ("qweight", "scale", "zeros"), tag="_zeros"),
+            Variant("linear_int4", ("qweight", "scales", "zeros")),
             Variant("linear_fp8", ("qweight", "weight_scale")),
-            Variant("linear_fp8", ("qweight", "weight_scale"), ("input_scale",)),
+            Variant("linear_fp8", ("qweight", "weight_scale"), ("input_scale",), tag="_static"),
             Variant("linear_w8a8", ("qweight", "weight_scale")))
 _GATED = {"silu": lambda t: ops.silu(t), "gelu": lambda t: ops.gelu(t),
           "gelu_tanh": lambda t: ops.gelu(t, approximate="tanh")}
@@ -59,7 +63,7 @@ def _fused(variant: Variant, v: dict, layers: tuple[str, ...]):
 
 
 def _fusable(variant: Variant, layers: tuple[str, ...]):
-    """Every weight operand constant, and one group count (INT4) for all layers."""
+    """Every weight operand constant, and one group count (grouped scales) for all layers."""
     def check(m: Match) -> bool:
         groups = {m[f"{layer}_{variant.parts[1]}"].type.shape[1:] for layer in layers}
         return all(m[f"{layer}_{p}"].is_constant for layer in layers for p in variant.parts) and len(groups) == 1

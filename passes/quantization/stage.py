@@ -95,8 +95,7 @@ def quantize_linears(graph: Graph, config: QuantConfig, calibration: Sequence[to
             raise ValueError(f"cannot quantize {node.location or weight.name} to {config.scheme}: {exc}; "
                              "skip it with QuantConfig(skip=[...])") from None
         operands = _quantized_operands(graph, weight, parts, lambda w: quantizer(w, config))
-        extra = [None] if op == "linear_fp8" else []  # no static input scale without calibration
-        replace_linear(graph, node, op, [*operands, *extra])
+        replace_linear(graph, node, op, operands)  # FP8: no static input scale without calibration
         rewritten += 1
     return rewritten
 
