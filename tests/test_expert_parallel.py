@@ -1,7 +1,9 @@
 """Expert parallelism: mixture-of-experts layers with their experts split across the ranks
 keep every graph's results in the simulated multi-rank interpreter (random graphs with
 planted routed MLPs, Mixtral and Qwen2-MoE), hold 1/ranks of the experts on
-each rank, and give one rank's greedy tokens on two gloo processes."""
+each rank, and give one rank's greedy tokens on two gloo processes; with either dispatch
+of the tokens: one all-reduce of every rank's partial sums (the default), or each rank's
+share of the tokens sent to the experts' ranks and back (``expert_dispatch="all_to_all"``)."""
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from hypothesis import strategies as st
 
 import kiln
 from kiln.frontends.huggingface import import_model
-from kiln.ir import interpret, ops, verify
+from kiln.ir import Graph, TensorType, interpret, ops, sym, verify
+from kiln.ir.shapes import product
 from kiln.passes import PartitionError, eliminate_dead_code, run_pipeline
 from kiln.passes.partition import partition_tensor_parallel
 from kiln.passes.partition_simulator import simulate_ranks
@@ -24,8 +27,12 @@ def _planted_moe(b: GraphDraft):
     DeepSeek's grouped sigmoid with a correction bias), or ``moe_experts`` fed by a router
     written in primitives."""
     x = b.value(lambda v: v.type.rank == 2 and v.shape[-1] in (4, 8) and v.dtype.is_float)
-    if x is None:
-        return None
+    if x is None:  # tokens from any value: its rows, projected to 4 or 8 features
+        v = b.value(lambda v: v.type.rank >= 1 and isinstance(v.shape[-1], int))
+        if v is None:
+            return None
+        rows = ops.reshape(v, shape=[product(v.shape[:-1]), v.shape[-1]])
+        x = ops.linear(rows, b.constant((b.draw(st.sampled_from([4, 8])), v.shape[-1])))
     hidden, experts, inner = x.shape[-1], b.draw(st.sampled_from([4, 8])), b.draw(st.sampled_from([4, 8]))
     top_k = b.draw(st.integers(1, 2))
     logits = ops.linear(x, b.constant((experts, hidden)))
@@ -42,20 +49,70 @@ def _planted_moe(b: GraphDraft):
     return x + out
 
 
-@given(st.data(), st.sampled_from([2, 4]))
-def test_expert_parallelism_preserves_random_graphs_with_planted_moe(data, ranks):
-    graph = data.draw(graphs(max_steps=6, extra_generators={"planted_moe": _planted_moe}))
-    feed = data.draw(inputs(graph))
+# the ops drawn around the planted mixtures of experts (the built-in ones among them included)
+AROUND = ("unary", "binary", "linear", "norm", "movement", "reduce", "attention", "collective", "moe", "moe_route",
+          "moe_all_to_all")
+EXPERT_OPS = ("moe", "moe_experts", "moe_all_to_all", "moe_experts_all_to_all")
+# what each dispatch makes of a mixture of experts whose experts split among the ranks
+SPLIT_AS = {"all_reduce": {"moe": "moe_experts", "moe_experts": "moe_experts"},
+            "all_to_all": {"moe": "moe_all_to_all", "moe_experts": "moe_experts_all_to_all"}}
+
+
+def _check_random_graph(data, ranks: int, dispatch: str) -> None:
+    graph = data.draw(graphs(max_steps=6, generators=AROUND, extra_generators={"planted_moe": _planted_moe}))
+    feed = data.draw(inputs(graph))  # any token count, fewer than the ranks too
     want = interpret(graph, feed)
     eliminate_dead_code(graph)
-    experts = [n.inputs[3].shape[0] for n in graph.nodes if n.op in ("moe", "moe_experts")]
-    partition_tensor_parallel(graph, ranks, expert_parallel=True)
+    before = [(n.op, n.inputs[3].shape[0]) for n in graph.nodes if n.op in EXPERT_OPS]
+    partition_tensor_parallel(graph, ranks, expert_parallel=True, expert_dispatch=dispatch)
     verify(graph)
-    local = [n.inputs[3].shape[0] for n in graph.nodes if n.op == "moe_experts" or n.op == "moe"]
-    assert local == [e // ranks if e % ranks == 0 else e for e in experts]  # experts that do not divide stay whole
+    split = SPLIT_AS[dispatch]
+    assert [(n.op, n.inputs[3].shape[0]) for n in graph.nodes if n.op in EXPERT_OPS] == \
+        [(split[op], e // ranks) if op in split and e % ranks == 0 else (op, e) for op, e in before]
     for rank, outputs in enumerate(simulate_ranks(graph, ranks, feed)):
         for got, expected in zip(outputs, want):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, equal_nan=True, msg=f"rank {rank}")
+
+
+@given(st.data(), st.sampled_from([2, 4]))
+def test_expert_parallelism_preserves_random_graphs_with_planted_moe(data, ranks):
+    _check_random_graph(data, ranks, "all_reduce")
+
+
+@given(st.data(), st.sampled_from([2, 4]))
+def test_all_to_all_dispatch_preserves_random_graphs_with_planted_moe(data, ranks):
+    _check_random_graph(data, ranks, "all_to_all")
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "primitives"])
+def test_all_to_all_dispatch_takes_any_token_count(ranks, router):
+    """One token (a decode step of one sequence), fewer tokens than ranks, and counts the
+    ranks do not divide: the shares differ or are empty, and every rank still gets moe's result."""
+    graph = Graph("routed_mlp")
+    x = graph.add_input("x", TensorType("f32", (sym("num_tokens"), 8)))
+    gen = torch.Generator().manual_seed(ranks)
+    weight = lambda *shape: graph.add_constant(torch.randn(shape, generator=gen), name="w")  # noqa: E731
+    logits = ops.linear(x, weight(8, 8))
+    if router == "primitives":
+        scores, indices = ops.topk(ops.softmax(logits, dim=-1), k=2, dim=-1)
+        out = ops.moe_experts(x, scores, indices, weight(8, 8, 8), weight(8, 8, 4), activation="silu")
+    else:
+        out = ops.moe(x, logits, weight(8, 8, 8), weight(8, 8, 4), weight(8) if router == "sigmoid" else None,
+                      top_k=2, scoring=router, normalize=True, num_groups=2 if router == "sigmoid" else 1,
+                      topk_groups=1)
+    graph.set_outputs([out])
+    whole = graph.clone()
+    partition_tensor_parallel(graph, ranks, strict=True, expert_parallel=True, expert_dispatch="all_to_all")
+    counts = graph.op_counts()
+    assert counts.get("moe_all_to_all", 0) + counts.get("moe_experts_all_to_all", 0) == 1
+    assert "all_reduce" not in counts  # the router's logits are computed whole, not gathered, where moe routes
+    assert "all_gather" not in counts if router != "primitives" else counts["all_gather"] == 1
+    for tokens in (1, ranks - 1, ranks + 1, 3 * ranks):
+        feed = [torch.randn(tokens, 8, generator=gen)]
+        want = interpret(whole, feed)[0]
+        for rank, (got,) in enumerate(simulate_ranks(graph, ranks, feed)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{tokens} tokens, rank {rank}")
 
 
 def _step_feed(graph, ids):
