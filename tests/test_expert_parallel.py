@@ -121,19 +121,22 @@ def _step_feed(graph, ids):
     return {**step_inputs([SequenceStep(ids, 0, list(range(blocks)))], 4, all_logits=True), **caches}
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe", "llama4"])
-def test_moe_architectures_split_their_experts_over_2_and_4_ranks(name):
+@pytest.mark.parametrize("name, dispatch", [("mixtral", "all_reduce"), ("qwen2-moe", "all_reduce"),
+                                            ("llama4", "all_reduce"), ("mixtral", "all_to_all"),
+                                            ("qwen2-moe", "all_to_all"), ("llama4", "all_to_all")])
+def test_moe_architectures_split_their_experts_over_2_and_4_ranks(name, dispatch):
     model = random_model(name)
     imported = import_model(model)
-    ids = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(0)).tolist()  # 7 tokens: uneven shares
     with torch.no_grad():
         want = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
     experts = getattr(model.config, "num_local_experts", None) or model.config.num_experts
     for ranks in (2, 4):
         graph = imported.graph.clone()
-        run_pipeline("reference", graph, ranks, ep=ranks)
-        local = [n.inputs[3].shape[0] for n in graph.nodes if n.op == "moe_experts"]
+        run_pipeline("reference", graph, ranks, ep=ranks, expert_dispatch=dispatch)
+        local = [n.inputs[3].shape[0] for n in graph.nodes if n.op in EXPERT_OPS]
         assert local and set(local) == {experts // ranks}, f"{name}: {local}"
+        assert {n.op for n in graph.nodes if n.op in EXPERT_OPS} == {SPLIT_AS[dispatch]["moe"]}
         for rank, outputs in enumerate(simulate_ranks(graph, ranks, _step_feed(graph, ids))):
             diff = (outputs[0] - want).abs().max().item()
             assert diff <= 1e-4, f"{name}, {ranks} ranks, rank {rank}: max abs diff {diff:.2e}"
@@ -145,6 +148,33 @@ def test_experts_that_do_not_divide_are_refused():
         run_pipeline("reference", graph, 3, ep=3)
     with pytest.raises(ValueError, match="ep must be 1 or tp"):
         run_pipeline("reference", graph, 2, ep=4)
+
+
+def test_bad_expert_dispatch_is_refused(tmp_path):
+    graph = import_model(random_model("mixtral")).graph
+    with pytest.raises(ValueError, match="expert_dispatch must be one of 'all_reduce', 'all_to_all', got 'alltoall'"):
+        run_pipeline("reference", graph, 2, ep=2, expert_dispatch="alltoall")
+    with pytest.raises(ValueError, match="expert_dispatch must be one of"):
+        partition_tensor_parallel(graph, 2, expert_parallel=True, expert_dispatch="scatter")
+    with pytest.raises(ValueError, match="needs expert parallelism .* got ep=1"):
+        kiln.compile(tmp_path / "unread", tp=2, expert_dispatch="all_to_all")  # refused before reading the model
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
+def test_two_gloo_ranks_exchanging_tokens_generate_what_one_does(tmp_path, name):
+    """Over two processes with the all-to-all dispatch: a prefill of 7 tokens (shares of 4
+    and 3), decode steps of 2 tokens, then of 1 token (rank 1's share empty)."""
+    checkpoint = write_checkpoint(random_model(name), tmp_path / name)
+    batches = [[[5, 9, 200, 31, 7], [1000, 3]], [[42, 17, 8]]]
+    params = kiln.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    one = kiln.LLM(kiln.compile(checkpoint, dtype="float32", max_seq_len=64))
+    want = [[o.token_ids for o in one.generate(prompts, params)] for prompts in batches]
+    llm = kiln.LLM(checkpoint, dtype="float32", max_seq_len=64, tp=2, ep=2, expert_dispatch="all_to_all")
+    try:
+        assert {n.op for n in llm.engine.graph.nodes if n.op in EXPERT_OPS} == {"moe_all_to_all"}
+        assert [[o.token_ids for o in llm.generate(prompts, params)] for prompts in batches] == want
+    finally:
+        llm.close()
 
 
 def test_two_gloo_ranks_generate_what_one_does(tmp_path):
