@@ -5,8 +5,10 @@ on a process group (gloo on CPUs, NCCL on GPUs).
 - ``counts``: each rank tells every other how many rows it will send
   (``all_to_all_single`` of one integer per rank);
 - ``all_to_all``: the rows themselves, one ``all_to_all_single`` with uneven split sizes;
-- ``all_gather``: the token shares, which differ by at most a row: each is padded to the
-  largest (every rank knows every share from the token count), gathered, and trimmed.
+- ``all_gather``: the token shares, of sizes every rank knows from the token count, as one
+  more ``all_to_all_single`` (each rank sends its share to every rank): an all-gather of
+  uneven sizes that moves no padding (with one token over 8 ranks, a padded all-gather
+  would move 8 rows to every rank).
 """
 
 from __future__ import annotations
@@ -38,11 +40,7 @@ class DistributedExchange:
         return out
 
     def all_gather(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-        padded = x.new_zeros((max(sizes), *x.shape[1:]))
-        padded[:len(x)] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+        return self.all_to_all(torch.cat([x] * self.ranks), [len(x)] * self.ranks, sizes)
 
     def _device(self) -> torch.device:
         backend = dist.get_backend(self.group)
