@@ -94,28 +94,34 @@ def _whole_router(p: Partitioner, logits: Value) -> Value:
     return p.call("linear", inputs, node.attrs, node.location).result
 
 
-def _exchanged(p: Partitioner, node: Node, op: str, experts_at: int):
-    """``node`` as ``op``: its operands replicated but the experts (``gate_up``, ``down`` at
-    ``experts_at``), which are split; its result replicated."""
+def _exchanged(p: Partitioner, node: Node, op: str, experts_at: int, router_at: int | None = None):
+    """``node`` as ``op``: its experts (``gate_up``, ``down`` at ``experts_at``) split, the
+    router's logits (at ``router_at``) computed whole, its other operands and its result
+    replicated."""
     gate_up, down = node.inputs[experts_at:experts_at + 2]
     if not _splits_experts(p, gate_up, down):
         return None
-    split = Split(0, p.ranks)
-    inputs = [None if v is None else _whole_router(p, v) if op == "moe_all_to_all" and i == 1
-              else p.operand(v, split if i - experts_at in (0, 1) else REPLICATED)
-              for i, v in enumerate(node.inputs)]
+
+    def operand(index: int, value: Value | None) -> Value | None:
+        if value is None:
+            return None
+        if index in (experts_at, experts_at + 1):
+            return p.operand(value, Split(0, p.ranks))
+        return _whole_router(p, value) if index == router_at else p.operand(value, REPLICATED)
+
+    inputs = [operand(i, v) for i, v in enumerate(node.inputs)]
     out = p.call(op, inputs, {**node.attrs, "ranks": p.ranks}, node.location)
     return [(out.result, REPLICATED)]
 
 
 def moe_all_to_all(p: Partitioner, node: Node):
     """``moe`` whose tokens go to their experts' ranks and back (``moe_all_to_all``)."""
-    return _exchanged(p, node, "moe_all_to_all", 2)
+    return _exchanged(p, node, "moe_all_to_all", experts_at=2, router_at=1)
 
 
 def moe_experts_all_to_all(p: Partitioner, node: Node):
     """``moe_experts`` whose tokens go to their experts' ranks and back (``moe_experts_all_to_all``)."""
-    return _exchanged(p, node, "moe_experts_all_to_all", 3)
+    return _exchanged(p, node, "moe_experts_all_to_all", experts_at=3)
 
 
 DISPATCHES = ("all_reduce", "all_to_all")
