@@ -5,6 +5,8 @@ each rank, and give one rank's greedy tokens on two gloo processes; with either 
 of the tokens: one all-reduce of every rank's partial sums (the default), or each rank's
 share of the tokens sent to the experts' ranks and back (``expert_dispatch="all_to_all"``)."""
 
+import threading
+
 import pytest
 import torch
 from hf_models import VOCAB, random_model, write_checkpoint
@@ -13,11 +15,13 @@ from hypothesis import strategies as st
 
 import kiln
 from kiln.frontends.huggingface import import_model
-from kiln.ir import Graph, TensorType, interpret, ops, sym, verify
+from kiln.ir import REGISTRY, Graph, TensorType, interpret, ops, sym, verify
 from kiln.ir.shapes import product
 from kiln.passes import PartitionError, eliminate_dead_code, run_pipeline
 from kiln.passes.partition import partition_tensor_parallel
-from kiln.passes.partition_simulator import simulate_ranks
+from kiln.ir.opdefs.moe import moe_experts_reference, route
+from kiln.ir.opdefs.moe_all_to_all import exchange_moe
+from kiln.passes.partition_simulator import SimulatedExchange, SimulatedGroup, simulate_ranks
 from kiln.runtime.batch import SequenceStep, step_inputs
 from kiln.testing import GraphDraft, graphs, inputs
 
@@ -113,6 +117,38 @@ def test_all_to_all_dispatch_takes_any_token_count(ranks, router):
         want = interpret(whole, feed)[0]
         for rank, (got,) in enumerate(simulate_ranks(graph, ranks, feed)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{tokens} tokens, rank {rank}")
+
+
+def test_each_rank_runs_only_the_choices_of_its_experts():
+    """The all-to-all form moves work, not just results: rank r's experts get exactly the
+    (token, choice) pairs routed to them, from every rank's share, and the output is moe's."""
+    ranks, experts, tokens = 2, 4, 5
+    per = experts // ranks
+    gen = torch.Generator().manual_seed(0)
+    x, logits = torch.randn(tokens, 8, generator=gen), torch.randn(tokens, experts, generator=gen)
+    gate_up, down = torch.randn(experts, 8, 8, generator=gen), torch.randn(experts, 8, 4, generator=gen)
+    routing = dict(top_k=2, scoring="softmax", normalize=True, scale=1.0, num_groups=1, topk_groups=1, jitter_eps=0.0)
+    group, ran, outputs = SimulatedGroup(ranks), [None] * ranks, [None] * ranks
+
+    def run(rank: int) -> None:
+        def experts_of_rank(rows, weights, indices, *args, **attrs):
+            ran[rank] = sorted(indices.reshape(-1).tolist())
+            return moe_experts_reference(rows, weights, indices, *args, **attrs)
+
+        outputs[rank] = exchange_moe(SimulatedExchange(group, rank), x, logits, gate_up[rank * per:(rank + 1) * per],
+                                     down[rank * per:(rank + 1) * per], None, **routing, activation="silu",
+                                     weigh_inputs=False, ranks=ranks, group="tp", experts=experts_of_rank)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    chosen = route(logits, None, **routing)[1].reshape(-1).tolist()
+    assert ran == [sorted(e - r * per for e in chosen if e // per == r) for r in range(ranks)]
+    want = REGISTRY["moe"].reference(x, logits, gate_up, down, None, **routing, activation="silu", weigh_inputs=False)
+    for out in outputs:
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 def _step_feed(graph, ids):
