@@ -19,7 +19,8 @@ from .backends import check_backend_support
 from .frontends.huggingface import ImportedLM, import_model, load_checkpoint
 from .frontends.modules import import_module
 from .ir import Graph, dtypes, verify
-from .passes import EngineLimits, QuantConfig, Workload, pipeline_manager, run_pipeline, select_profiles, split_pipeline
+from .passes import (EngineLimits, QuantConfig, Workload, check_dispatch, pipeline_manager, run_pipeline,
+                     select_profiles, split_pipeline)
 from .passes.workspace import plan_workspace
 from .runtime import CompiledModule, Engine, EngineInfo, RuntimeConfig, load_engine
 from .runtime import LLM as EngineLLM
@@ -36,7 +37,8 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             max_batch_size: int = 256, max_seq_len: int = 8192, max_num_tokens: int | None = None,
             workload: Workload | None = None, example_inputs: Sequence[torch.Tensor] | None = None,
             dynamic_shapes: Any = None, tokenizer: Any = None, progress: bool = False,
-            calibration: Sequence[str] | None = None, ep: int = 1) -> Engine | CompiledModule:
+            calibration: Sequence[str] | None = None, ep: int = 1,
+            expert_dispatch: str = "all_reduce") -> Engine | CompiledModule:
     """Compile a model for ``target``.
 
     ``model`` is a Hugging Face checkpoint directory (pre-quantized GPTQ, AWQ and FP8 ones
@@ -52,12 +54,16 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
     ``kv_cache_dtype="fp8"`` stores the KV cache in E4M3. ``calibration`` is the text that
     the calibrated schemes and static activation scales calibrate on (default: Python's
     documentation). ``ep=tp`` splits the experts of mixture-of-experts layers across the
-    ``tp`` ranks (expert parallelism) instead of holding every expert on every rank.
+    ``tp`` ranks (expert parallelism) instead of holding every expert on every rank;
+    ``expert_dispatch`` says how tokens meet them: ``"all_reduce"`` (every rank runs its
+    experts on all the tokens routed to them, then one all-reduce) or ``"all_to_all"``
+    (each rank routes its share of the tokens and sends them to the experts' ranks).
     """
     _check_options(target, kv_cache_dtype, tp, pp, max_batch_size, max_seq_len)
     if ep not in (1, tp):
         raise ValueError(f"ep must be 1 or equal to tp ({tp}): expert parallelism splits the experts across the "
                          f"tensor-parallel ranks, got ep={ep}")
+    check_dispatch(expert_dispatch, ep)
     quant = QuantConfig.of(quantization) if quantization is not None else None
     if calibration is not None and (quant is None or not quant.calibrated):
         raise ValueError("calibration text is used by int4_gptq, int4_awq, w8a8_sq and static activation scales only "
@@ -72,7 +78,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             stage("importing")
             imported = _load_path(model, dtype, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload, _stop_tokens_of_dir(model), stage, tp, quant,
-                           kv_cache_dtype, calibration, pp, ep)
+                           kv_cache_dtype, calibration, pp, ep, expert_dispatch)
     if not isinstance(model, nn.Module):
         raise TypeError(f"kiln.compile takes a checkpoint directory or an nn.Module, got {type(model).__name__}")
     if example_inputs is None and _is_causal_lm(model):
@@ -81,7 +87,7 @@ def compile(model: str | os.PathLike | nn.Module, *, target: str = "cpu", dtype:
             imported = import_model(model, tokenizer, max_batch_size, max_seq_len)
             return _engine(imported, target, limits, workload,
                            _ids(getattr(model.generation_config, "eos_token_id", None)), stage, tp, quant,
-                           kv_cache_dtype, calibration, pp, ep)
+                           kv_cache_dtype, calibration, pp, ep, expert_dispatch)
     if example_inputs is None:
         raise TypeError(f"compiling a {type(model).__name__} needs example_inputs")
     if quant is not None or kv_cache_dtype != "auto":
@@ -140,7 +146,7 @@ BUILD_STAGES = ("importing", "optimizing", "generating the executor", "tuning ke
 def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: Workload | None,
             stop_token_ids: tuple[int, ...], stage, tp: int = 1, quantization: QuantConfig | None = None,
             kv_cache_dtype: str = "auto", calibration: Sequence[str] | None = None, pp: int = 1,
-            ep: int = 1) -> Engine:
+            ep: int = 1, expert_dispatch: str = "all_reduce") -> Engine:
     architecture = (getattr(imported.config, "architectures", None) or [imported.config.model_type])[0]
     pipeline, backend = TARGETS[target]
     eos = getattr(imported.tokenizer, "eos_token_id", None)
@@ -153,7 +159,7 @@ def _engine(imported: ImportedLM, target: str, limits: EngineLimits, workload: W
     stage("optimizing")
     batches = calibration_batches(imported.tokenizer, calibration, limits.max_seq_len) \
         if quantization and quantization.calibrated else ()
-    run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches, ep=ep)
+    run_pipeline(pipeline, graph, tp, quantization, kv_cache_dtype, batches, ep=ep, expert_dispatch=expert_dispatch)
     verify(graph)
     check_backend_support(graph, backend, target)
     _check_cache_dtype(graph, kv_cache_dtype)

@@ -22,6 +22,7 @@ from .moe_sparsemixer import SPARSEMIXER_RULES
 from .written_attention import raise_written_attention
 from .manager import Pass, PassError, PassManager, PassRecord, format_records, rewrite_pass
 from .partition import PartitionError, partition, partition_tensor_parallel
+from .partition_experts import check_dispatch
 from .partition_pipeline import CostModel, PipelineStages, pipeline_schedule, run_stages, split_pipeline
 from .partition_rules import SELECTION_THROUGH_COLLECTIVES
 from .partition_simulator import simulate_ranks
@@ -104,22 +105,26 @@ def pipeline_manager(name: str, quantization: QuantConfig | None = None, kv_cach
 
 def run_pipeline(name: str, graph: Graph, tp: int = 1, quantization: QuantConfig | None = None,
                  kv_cache_dtype: str = "auto", calibration: Sequence = (), ep: int = 1,
-                 **options) -> list[PassRecord]:
+                 expert_dispatch: str = "all_reduce", **options) -> list[PassRecord]:
     """Run the named pipeline (quantized, its KV cache in ``kv_cache_dtype``: see
     ``pipeline``) on ``graph`` to a fixpoint; with ``tp`` > 1, the passes before fusion run
     first, then ``partition`` (once), then the whole pipeline but its run-once stages, so
     that the fusions see the sharded graph. ``ep`` (1 or ``tp``) splits the experts of
-    mixture-of-experts layers across the ``tp`` ranks too."""
+    mixture-of-experts layers across the ``tp`` ranks too, their tokens dispatched by
+    ``expert_dispatch`` (``"all_reduce"``, the default, or ``"all_to_all"``: see
+    ``partition_tensor_parallel``)."""
     if ep not in (1, tp):
         raise ValueError(f"expert parallelism splits experts across the tensor-parallel ranks: ep must be 1 or "
                          f"tp ({tp}), got {ep}")
+    check_dispatch(expert_dispatch, ep)
     passes = pipeline(name, quantization, kv_cache_dtype, calibration)
     if tp == 1:
         return PassManager(passes, until_stable=True, **options).run(graph)
     before = passes[:[p.name for p in passes].index("fuse")]
     debug = options.get("debug", False)
     records = PassManager(before, until_stable=True, debug=debug).run(graph)
-    records += PassManager([partition(tp, expert_parallel=ep > 1)], debug=debug).run(graph)
+    records += PassManager([partition(tp, expert_parallel=ep > 1, expert_dispatch=expert_dispatch)],
+                           debug=debug).run(graph)
     return records + PassManager([p for p in passes if not p.once], until_stable=True, **options).run(graph)
 
 
@@ -135,4 +140,5 @@ __all__ = [
     "select_logits", "trace", "PartitionError", "partition", "partition_tensor_parallel", "run_pipeline",
     "CostModel", "PipelineStages", "pipeline_schedule", "run_stages", "simulate_ranks", "split_pipeline", "MLA_RULES",
     "GROUPED_MOE_RULES", "raise_written_attention", "COMPLEX_ROTARY_RULES", "DENSE_MOE_RULES", "SPARSEMIXER_RULES",
+    "check_dispatch",
 ]

@@ -19,7 +19,8 @@ gate/up by columns, o_proj and down_proj by rows), attention split by heads,
 vocabulary-parallel embedding and LM head all follow from the rules. With
 ``strict=True`` a graph whose attention cannot be split over ``ranks`` is refused with the
 reason. With ``expert_parallel=True`` the experts of mixture-of-experts layers are split
-across the ranks too (``partition_experts``); otherwise those layers run replicated.
+across the ranks too (``partition_experts``; ``expert_dispatch`` chooses how the tokens
+meet them: ``"all_reduce"`` or ``"all_to_all"``); otherwise those layers run replicated.
 """
 
 from __future__ import annotations
@@ -27,24 +28,31 @@ from __future__ import annotations
 from ..ir import Graph, verify
 from .cleanup import eliminate_dead_code
 from .manager import Pass
-from .partition_experts import EXPERT_RULES
+from .partition_experts import EXPERT_RULES, check_dispatch
 from .partition_rules import RULES
 from .sharding import REPLICATED, PartitionError, Partitioner
 
 __all__ = ["PartitionError", "partition", "partition_tensor_parallel"]
 
+COLLECTIVES = ("all_reduce", "all_gather", "moe_all_to_all", "moe_experts_all_to_all")
 
-def partition_tensor_parallel(graph: Graph, ranks: int, strict: bool = False, expert_parallel: bool = False) -> int:
+
+def partition_tensor_parallel(graph: Graph, ranks: int, strict: bool = False, expert_parallel: bool = False,
+                              expert_dispatch: str = "all_reduce") -> int:
     """Rewrite ``graph`` in place into the program each of ``ranks`` ranks runs; return
     the number of collectives inserted. With ``strict``, refuse (``PartitionError``, with
     the reasons) a graph whose attention (or, with ``expert_parallel``, whose experts)
-    cannot be split over the ranks."""
+    cannot be split over the ranks. ``expert_dispatch`` (with ``expert_parallel``):
+    ``"all_reduce"`` (every rank runs its experts on every token routed to them, and the
+    partial sums are reduced) or ``"all_to_all"`` (each rank's share of the tokens goes to
+    the experts' ranks and back, ``moe_all_to_all``)."""
+    check_dispatch(expert_dispatch)
     if ranks < 1:
         raise PartitionError(f"tensor parallelism needs at least one rank, got {ranks}")
     if ranks == 1:
         return 0
     p = Partitioner(graph, ranks)
-    rules = {**RULES, **EXPERT_RULES} if expert_parallel else RULES
+    rules = {**RULES, **EXPERT_RULES[expert_dispatch]} if expert_parallel else RULES
     for node in graph.nodes:
         rule = rules.get(node.op)
         results = rule(p, node) if rule is not None else None
@@ -60,12 +68,17 @@ def partition_tensor_parallel(graph: Graph, ranks: int, strict: bool = False, ex
     graph.take_contents(p.graph)
     eliminate_dead_code(graph)
     verify(graph)
-    return sum(1 for n in graph.nodes if n.op in ("all_reduce", "all_gather"))
+    return sum(1 for n in graph.nodes if n.op in COLLECTIVES)
 
 
-def partition(ranks: int, strict: bool = True, expert_parallel: bool = False) -> Pass:
+def partition(ranks: int, strict: bool = True, expert_parallel: bool = False,
+              expert_dispatch: str = "all_reduce") -> Pass:
     """The ``partition`` pass for ``ranks``-way tensor parallelism, the experts split across
-    the ranks too with ``expert_parallel`` (run once, before fusion)."""
-    return Pass("partition", lambda graph: partition_tensor_parallel(graph, ranks, strict, expert_parallel),
-                f"{ranks}-way tensor parallelism{' with expert parallelism' if expert_parallel else ''}: "
+    the ranks too with ``expert_parallel`` (their tokens dispatched by ``expert_dispatch``),
+    run once, before fusion."""
+    check_dispatch(expert_dispatch)
+    experts = f" with expert parallelism ({expert_dispatch})" if expert_parallel else ""
+    return Pass("partition",
+                lambda graph: partition_tensor_parallel(graph, ranks, strict, expert_parallel, expert_dispatch),
+                f"{ranks}-way tensor parallelism{experts}: "
                 "sharded weights and the collectives between them", changes_signature=True)

@@ -15,10 +15,12 @@ stacked ``gate_up`` and ``down`` split along the experts), and:
 - each rank's result is a partial sum over its experts, reduced once (``all_reduce``)
   where a replicated value is needed, as a row-parallel linear's is.
 
-No token crosses ranks here because the step's activations are replicated on every rank
-of a tensor-parallel group: each rank already holds every token its experts need. An
-``all_to_all`` dispatch pays off where attention is data-parallel (tokens split across
-ranks); kiln's step graphs are not, yet.
+That is the default dispatch, ``"all_reduce"``: no token crosses ranks, because the step's
+activations are replicated on every rank of a tensor-parallel group. With
+``"all_to_all"`` each rank routes only its share of the tokens and sends each choice's row
+to the rank owning the expert: ``moe`` becomes ``moe_all_to_all`` and ``moe_experts``
+``moe_experts_all_to_all`` (collectives over the group, ``ir/opdefs/moe_all_to_all.py``),
+whose results are replicated; a rank's experts then run only on the rows chosen for them.
 """
 
 from __future__ import annotations
@@ -80,4 +82,58 @@ def moe(p: Partitioner, node: Node):
     return _local_experts(p, node, x, weights, indices, gate_up, down)
 
 
-EXPERT_RULES = {"moe": moe, "moe_experts": moe_experts}
+def _whole_router(p: Partitioner, logits: Value) -> Value:
+    """The router's logits on every rank: a linear of constant weights that the tensor-parallel
+    rules split by columns is computed again whole (its ``tokens x hidden x experts`` products
+    cost less than gathering its columns); any other value is converted as usual."""
+    node = logits.producer
+    if node is None or node.op != "linear" or not isinstance(p.sharding(logits), Split) \
+            or not all(v is None or v.is_constant for v in node.inputs[1:]):
+        return p.operand(logits, REPLICATED)
+    inputs = [None if v is None else p.operand(v, REPLICATED) for v in node.inputs]
+    return p.call("linear", inputs, node.attrs, node.location).result
+
+
+def _exchanged(p: Partitioner, node: Node, op: str, experts_at: int, router_at: int | None = None):
+    """``node`` as ``op``: its experts (``gate_up``, ``down`` at ``experts_at``) split, the
+    router's logits (at ``router_at``) computed whole, its other operands and its result
+    replicated."""
+    gate_up, down = node.inputs[experts_at:experts_at + 2]
+    if not _splits_experts(p, gate_up, down):
+        return None
+
+    def operand(index: int, value: Value | None) -> Value | None:
+        if value is None:
+            return None
+        if index in (experts_at, experts_at + 1):
+            return p.operand(value, Split(0, p.ranks))
+        return _whole_router(p, value) if index == router_at else p.operand(value, REPLICATED)
+
+    inputs = [operand(i, v) for i, v in enumerate(node.inputs)]
+    out = p.call(op, inputs, {**node.attrs, "ranks": p.ranks}, node.location)
+    return [(out.result, REPLICATED)]
+
+
+def moe_all_to_all(p: Partitioner, node: Node):
+    """``moe`` whose tokens go to their experts' ranks and back (``moe_all_to_all``)."""
+    return _exchanged(p, node, "moe_all_to_all", experts_at=2, router_at=1)
+
+
+def moe_experts_all_to_all(p: Partitioner, node: Node):
+    """``moe_experts`` whose tokens go to their experts' ranks and back (``moe_experts_all_to_all``)."""
+    return _exchanged(p, node, "moe_experts_all_to_all", experts_at=3)
+
+
+DISPATCHES = ("all_reduce", "all_to_all")
+EXPERT_RULES = {"all_reduce": {"moe": moe, "moe_experts": moe_experts},
+                "all_to_all": {"moe": moe_all_to_all, "moe_experts": moe_experts_all_to_all}}
+
+
+def check_dispatch(expert_dispatch: str, ep: int | None = None) -> None:
+    """Refuse an ``expert_dispatch`` that is not one of ``DISPATCHES`` (naming them), or,
+    given the expert-parallel degree ``ep``, an all-to-all without expert parallelism."""
+    if expert_dispatch not in DISPATCHES:
+        raise ValueError(f"expert_dispatch must be one of {', '.join(map(repr, DISPATCHES))}, got {expert_dispatch!r}")
+    if ep == 1 and expert_dispatch == "all_to_all":
+        raise ValueError("expert_dispatch='all_to_all' sends tokens to the ranks that hold their experts: it needs "
+                         "expert parallelism (ep equal to tp, above 1), got ep=1")

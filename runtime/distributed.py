@@ -36,9 +36,11 @@ import torch
 import torch.distributed as dist
 
 from ..backends import kernels_for
+from ..ir.opdefs.moe import moe_experts_reference
 from ..version import __version__
 from .engine import CacheSpec, Engine, load_engine
 from .executor import load_executor
+from .expert_exchange import exchange_kernels
 from .kv_transfer import BlockReceiver
 from .model_runner import INPUTS
 from .pipeline import Layout, PipelineStats, StageRunner
@@ -52,9 +54,11 @@ class WorkerError(RuntimeError):
     """A parallel worker died or stopped answering; names the rank."""
 
 
-def collective_kernels(size: int, process_group: dist.ProcessGroup | None = None) -> dict[str, object]:
+def collective_kernels(size: int, process_group: dist.ProcessGroup | None = None,
+                       experts: Callable | None = None) -> dict[str, object]:
     """The collectives of a partitioned graph over ``size`` ranks, run on
-    ``process_group`` (default: the whole world)."""
+    ``process_group`` (default: the whole world); the expert-parallel all-to-all ops run
+    the rank's experts with ``experts`` (default: the reference ``moe_experts``)."""
     def all_reduce(x: torch.Tensor, ranks: int, group: str) -> torch.Tensor:
         _check_group(ranks, size)
         out = x.clone()
@@ -67,7 +71,8 @@ def collective_kernels(size: int, process_group: dist.ProcessGroup | None = None
         dist.all_gather(parts, x.contiguous(), group=process_group)
         return torch.cat(parts, dim)
 
-    return {"all_reduce": all_reduce, "all_gather": all_gather}
+    return {"all_reduce": all_reduce, "all_gather": all_gather,
+            **exchange_kernels(size, process_group, experts or moe_experts_reference)}
 
 
 def _check_group(ranks: int, size: int) -> None:
@@ -121,7 +126,7 @@ def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int,
         written = stage.graph.outputs[len(stage.graph.outputs) - len(stage.cache_inputs):]
         writers = {v.producer.op for v in written if v.producer is not None}
         kernels = {op: wrap(kernel) if op in writers else kernel for op, kernel in kernels.items()}
-    kernels.update(collective_kernels(info.tp, group))
+    kernels.update(collective_kernels(info.tp, group, kernels["moe_experts"]))
     step = load_executor(stage.executor_source, f"executor.stage{stage.index}.py", weights, kernels)
     caches = stage.cache_inputs
     spec = CacheSpec(tuple(v.name for v in caches), tuple((v.shape[2], v.shape[3]) for v in caches),

@@ -435,10 +435,11 @@ def _redundant(b: GraphDraft):
     return ops.reshape(x, shape=x.shape)
 
 
-def _moe(b: GraphDraft, routed_apart: bool = False):
+def _moe(b: GraphDraft, routed_apart: bool = False, exchanged: bool = False):
     """A routed mixture of experts over [tokens, hidden], whole or as topk + moe_experts, its
     routing weights on the experts' outputs or inputs; ``routed_apart``: as moe_route +
-    moe_experts, the form an expert-parallel graph has."""
+    moe_experts, the form an expert-parallel graph has; ``exchanged``: as the all-to-all
+    forms (moe_all_to_all, moe_experts_all_to_all) over a group of one rank."""
     x = b.value(lambda v: v.type.rank == 2 and isinstance(v.shape[-1], int) and v.shape[-1] >= 1)
     if x is None:
         return None
@@ -450,6 +451,8 @@ def _moe(b: GraphDraft, routed_apart: bool = False):
                          weigh_inputs=b.draw(st.booleans()))
     if not routed_apart and b.draw(st.booleans()):
         weights, indices = ops.topk(ops.softmax(logits, dim=-1), k=top_k)
+        if exchanged:
+            return ops.moe_experts_all_to_all(x, weights, indices, gate_up, down, ranks=1, **experts_attrs)
         return ops.moe_experts(x, weights, indices, gate_up, down, **experts_attrs)
     scoring = b.draw(st.sampled_from(["softmax", "sigmoid", "sparsemixer"]))
     groups = b.draw(st.sampled_from([g for g in (1, 2) if experts % g == 0 and (g == 1 or experts // g >= 2)]))
@@ -460,6 +463,8 @@ def _moe(b: GraphDraft, routed_apart: bool = False):
     if routed_apart:
         weights, indices = ops.moe_route(logits, bias, **routing)
         return ops.moe_experts(x, weights, indices, gate_up, down, **experts_attrs)
+    if exchanged:
+        return ops.moe_all_to_all(x, logits, gate_up, down, bias, ranks=1, **routing, **experts_attrs)
     return ops.moe(x, logits, gate_up, down, bias, **routing, **experts_attrs)
 
 
@@ -469,13 +474,13 @@ GENERATORS: dict[str, Callable[[GraphDraft], Value | None]] = {
     "norm": _norm, "movement": _movement, "cast": _cast, "duplicate": _duplicate,
     "attention": _attention, "rotary": _rotary, "lookup": _lookup, "creation": _creation, "paged": _paged,
     "fused": _fused, "collective": _collective, "moe": _moe, "quantized": _quantized, "mla": _mla,
-    "moe_route": lambda b: _moe(b, routed_apart=True),
+    "moe_route": lambda b: _moe(b, routed_apart=True), "moe_all_to_all": lambda b: _moe(b, exchanged=True),
 }
 
 # The generators of ops that every backend lowers: no collectives, mixtures of experts,
 # quantized linears or latent attention (the TensorRT and ONNX backends refuse those by name).
 PORTABLE_GENERATORS = tuple(name for name in GENERATORS if name not in ("collective", "moe", "quantized", "mla",
-                                                                        "moe_route"))
+                                                                        "moe_route", "moe_all_to_all"))
 
 
 Generator = Callable[[GraphDraft], "Value | None"]

@@ -24,6 +24,7 @@ def test_core_op_set_is_complete():
         "linear_int8", "linear_int4", "linear_fp8", "linear_w8a8", "rms_norm_quant", "add_rms_norm_quant",
         "scaled_linear", "conv",
         "mla_attention", "paged_mla_attention", "moe_route", "log1p", "floor",
+        "moe_all_to_all", "moe_experts_all_to_all",
     }
     assert set(REGISTRY.names()) == expected
     assert all(op.doc for op in REGISTRY), [op.name for op in REGISTRY if not op.doc]

@@ -102,6 +102,8 @@ NOT_LOWERED = {
     "moe": "mixture-of-experts layers are not lowered to TensorRT yet",
     "moe_experts": "mixture-of-experts layers are not lowered to TensorRT yet",
     "moe_route": "mixture-of-experts layers are not lowered to TensorRT yet",
+    "moe_all_to_all": "expert-parallel TensorRT networks are not built yet",
+    "moe_experts_all_to_all": "expert-parallel TensorRT networks are not built yet",
     "topk": "top-k routing is lowered only inside moe, which TensorRT does not take yet",
     "expm1": "not lowered to TensorRT yet",
     "softplus": "not lowered to TensorRT yet",
