@@ -1,7 +1,7 @@
 """The Triton paged attention against the registry's reference op: decode (split-KV),
 prefill, chunked prefill with a cached prefix and mixed steps, GQA, sliding window,
-softcap, chunked local attention (Llama 4), blocks out of order, padded sequences; the
-cache writes fused into the kernel."""
+softcap, chunked local attention (Llama 4), ALiBi (BLOOM, MPT), blocks out of order, padded
+sequences; the cache writes fused into the kernel."""
 
 import pytest
 import torch
@@ -46,10 +46,11 @@ def make_step(query_lens, cached_lens, heads, kv_heads, head_dim, block_size, dt
 
 
 def check(query_lens, cached_lens, heads=4, kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32,
-          device="cpu", scale=None, sliding_window=None, softcap=None, chunk_size=None, config=None,
-          tolerance=2e-3):
+          device="cpu", scale=None, sliding_window=None, softcap=None, chunk_size=None, alibi_bias_max=None,
+          config=None, tolerance=2e-3):
     args = make_step(query_lens, cached_lens, heads, kv_heads, head_dim, block_size, dtype, device)
-    attrs = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size)
+    attrs = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, chunk_size=chunk_size,
+                 alibi_bias_max=alibi_bias_max)
     want, want_k, want_v = REGISTRY["paged_attention"].reference(*(a.cpu().float() for a in args[:5]),
                                                                  *(a.cpu() for a in args[5:]), **attrs)
     k_cache, v_cache = args[3], args[4]
@@ -115,6 +116,25 @@ def test_chunked_attention_reads_no_key_before_its_chunk(query_lens, cached_lens
     assert (out - want).norm() / want.norm() < 2e-3
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (12, 4)])
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_alibi(case, heads, kv_heads):
+    """ALiBi's slopes for 4 heads (a power of two), 6 and 12 (not: the interleaved extra
+    slopes), in groups of 1, 3 and 3 query heads per KV head (BLOOM and MPT have 1)."""
+    check(*CPU_CASES[case], heads=heads, kv_heads=kv_heads, alibi_bias_max=8.0)
+
+
+def test_alibi_with_splits_small_tiles_window_and_softcap():
+    small = attention.AttentionConfig(decode=attention.DecodeConfig(block_n=16, num_splits=3),
+                                      prefill=attention.PrefillConfig(block_q=4, block_n=16))
+    check([1, 1, 1], [70, 3, 40], heads=6, kv_heads=6, alibi_bias_max=8.0, config=small)  # the splits' biases
+    check([1, 9, 1, 5], [30, 40, 64, 11], heads=6, kv_heads=3, alibi_bias_max=4.0, sliding_window=7, softcap=5.0,
+          scale=0.3, config=small)
+    check([1, 1], [9, 20], heads=6, kv_heads=2, head_dim=24, dtype=torch.float16, block_size=8, alibi_bias_max=8.0)
+    with pytest.raises(ValueError, match="alibi_bias_max must be positive"):
+        attention.paged_attention(*make_step([1], [3], 4, 4, 32, 16, torch.float32, "cpu"), alibi_bias_max=0.0)
+
+
 def test_decode_splits_long_contexts():
     small = attention.AttentionConfig(decode=attention.DecodeConfig(block_n=16, num_splits=3))
     check([1, 1], [70, 3], config=small)
@@ -153,6 +173,21 @@ def test_llama4_chunked_attention_in_bfloat16(case):
               "mixed": ([1] * 30 + [700, 1], [int(x) for x in torch.randint(1, 9000, (30,))] + [7900, 12000])}[case]
     check(*shapes, heads=40, kv_heads=8, head_dim=128, dtype=torch.bfloat16, device="cuda", chunk_size=8192,
           tolerance=2e-2)
+
+
+@GPU
+@pytest.mark.parametrize("case", ["decode", "prefill", "chunked", "mixed"])
+def test_bloom_alibi_in_bfloat16(case):
+    """ALiBi at BLOOM-7B1's attention (32 heads of 128, no grouping) and, in the mixed step,
+    BLOOM-176B's (112 heads: not a power of two)."""
+    shapes = {"decode": ([1] * 64, [int(x) for x in torch.randint(1, 3000, (64,))]),
+              "prefill": ([2048], [0]), "chunked": ([512, 300], [1024, 77]),
+              "mixed": ([1] * 30 + [700, 1], [int(x) for x in torch.randint(1, 900, (30,))] + [0, 4000])}[case]
+    check(*shapes, heads=32, kv_heads=32, head_dim=128, dtype=torch.bfloat16, device="cuda", alibi_bias_max=8.0,
+          tolerance=2e-2)
+    if case == "mixed":
+        check(*shapes, heads=112, kv_heads=112, head_dim=128, dtype=torch.bfloat16, device="cuda",
+              alibi_bias_max=8.0, tolerance=2e-2)
 
 
 @GPU

@@ -15,6 +15,10 @@ sees the keys at ``k <= p`` with ``k // chunk_size == p // chunk_size``) is a co
 flag and a runtime size, so that layers without them pay nothing; with them, each program
 starts at the tile of the first key its queries may see (the splits of a decode share the
 visible keys), so a long context's keys before the window or chunk are never read.
+ALiBi (BLOOM, MPT: ``alibi_bias_max``) is a constexpr flag in the same way: each program
+computes its query heads' slopes as ``alibi_slopes`` in ``ir/opdefs/nn.py`` does (nothing is
+copied to the GPU per step) and adds ``slope * (key - query)`` to the scores after the
+scaling and softcap, before the mask.
 
 Both read the keys of earlier steps from the paged cache (block tables are read inside
 the kernel) and the step's own keys and values straight from ``k`` and ``v``; each
@@ -165,6 +169,16 @@ def _scores(q, keys, scale_log2, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _alibi_slopes_log2(heads, alibi_step, alibi_pow2):
+    """ALiBi's slopes of query ``heads`` in base 2, as ``alibi_slopes`` computes them: for
+    ``p = alibi_pow2`` (the largest power of two not above the head count) and ``alibi_step``
+    (the maximum bias over ``p``), head ``h < p`` has ``2 ** (-alibi_step (h + 1))``, and head
+    ``h >= p`` the odd slopes of ``2 p`` heads, ``2 ** (-alibi_step (h - p + 1/2))``."""
+    exponent = tl.where(heads < alibi_pow2, heads + 1.0, heads - alibi_pow2 + 0.5)
+    return tl.exp2(-alibi_step * exponent) * 1.4426950408889634
+
+
+@triton.jit
 def _online_softmax(s, m, l, acc, values):
     """One step of the running softmax over a tile of scores ``s`` (-inf where masked)."""
     m_new = tl.maximum(m, tl.max(s, 1))
@@ -189,15 +203,15 @@ def _first_key(query_pos, window, chunk_size, WINDOW: tl.constexpr, CHUNK: tl.co
     return first
 
 
-@triton.jit(do_not_specialize=["window", "chunk_size", "num_splits", "stride_bt", "stride_ps", "stride_ph",
-                               "stride_pk"])
+@triton.jit(do_not_specialize=["window", "chunk_size", "alibi_pow2", "num_splits", "stride_bt", "stride_ps",
+                               "stride_ph", "stride_pk"])
 def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables,
-                   part_out, part_lse, scale_log2, softcap, window, chunk_size, num_splits,
+                   part_out, part_lse, scale_log2, softcap, window, chunk_size, alibi_step, alibi_pow2, num_splits,
                    stride_qt, stride_qh, stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, stride_bt,
                    stride_ps, stride_ph, stride_pk,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                   CHUNK: tl.constexpr, DIRECT: tl.constexpr, FP8_CACHE: tl.constexpr):
+                   CHUNK: tl.constexpr, ALIBI: tl.constexpr, DIRECT: tl.constexpr, FP8_CACHE: tl.constexpr):
     seq = tl.program_id(0)  # decode sequence s has token s
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -217,6 +231,8 @@ def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context
     heads = kv_head * G + g
     q_rows = token.to(tl.int64) * stride_qt + heads * stride_qh
     qv = tl.load(q + q_rows[:, None] + d[None, :], mask=(g < G)[:, None] & d_mask[None, :], other=0.0)
+    if ALIBI:
+        slopes = _alibi_slopes_log2(heads, alibi_step, alibi_pow2)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -229,6 +245,8 @@ def _decode_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context
         keys = _gather(k_cache, k, *kv_at, d, d_mask, FP8_CACHE)
         values = _gather(v_cache, v, *kv_at, d, d_mask, FP8_CACHE)
         s = _scores(qv, keys, scale_log2, softcap, SOFTCAP)
+        if ALIBI:
+            s += slopes[:, None] * (pos - cached).to(tl.float32)[None, :]
         allowed = valid
         if WINDOW or CHUNK:
             allowed = allowed & (pos >= seen_from)
@@ -285,14 +303,15 @@ def _sequence_of(query_start, block, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["window", "chunk_size", "num_seqs", "stride_bt"])
+@triton.jit(do_not_specialize=["window", "chunk_size", "alibi_pow2", "num_seqs", "stride_bt"])
 def _prefill_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables, out,
-                    scale_log2, softcap, window, chunk_size, num_seqs,
+                    scale_log2, softcap, window, chunk_size, alibi_step, alibi_pow2, num_seqs,
                     stride_qt, stride_qh, stride_nt, stride_nh, stride_cb, stride_ct, stride_ch, stride_bt,
                     stride_ot, stride_oh,
                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CHUNK: tl.constexpr, FP8_CACHE: tl.constexpr):
+                    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CHUNK: tl.constexpr, ALIBI: tl.constexpr,
+                    FP8_CACHE: tl.constexpr):
     block = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _sequence_of(query_start, block, num_seqs, BLOCK_Q)
@@ -318,6 +337,8 @@ def _prefill_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, contex
         # from the tile of the first key that the block's first query sees: later queries see no earlier key
         lo = _first_key(cached + q_block * BLOCK_Q, window, chunk_size, WINDOW, CHUNK) // BLOCK_N * BLOCK_N
         seen_from = _first_key(q_pos, window, chunk_size, WINDOW, CHUNK)
+        if ALIBI:
+            slopes = _alibi_slopes_log2(row_head, alibi_step, alibi_pow2)
         m = tl.full([BLOCK_Q * G_PAD], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
         acc = tl.zeros([BLOCK_Q * G_PAD, D_PAD], tl.float32)
@@ -330,6 +351,8 @@ def _prefill_kernel(q, k, v, k_cache, v_cache, slot_mapping, query_start, contex
             keys = _gather(k_cache, k, *kv_at, d, d_mask, FP8_CACHE)
             values = _gather(v_cache, v, *kv_at, d, d_mask, FP8_CACHE)
             s = _scores(qv, keys, scale_log2, softcap, SOFTCAP)
+            if ALIBI:
+                s += slopes[:, None] * (pos[None, :] - q_pos[:, None]).to(tl.float32)
             allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None]) & row_valid[:, None]
             if WINDOW or CHUNK:
                 allowed = allowed & (pos[None, :] >= seen_from[:, None])
@@ -351,10 +374,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     place) and attend; returns the output [num_tokens, heads, head_dim] and the caches.
     With ``chunk_size`` (Llama 4's chunked local attention) a query at position ``p`` sees
     the keys at ``k <= p`` with ``k // chunk_size == p // chunk_size``, and no program reads
-    a tile of keys before its queries' chunk. ALiBi biases are not implemented
-    (``backends/support.py`` refuses such graphs at build)."""
-    if alibi_bias_max is not None:
-        raise NotImplementedError("the Triton paged attention has no ALiBi biases")
+    a tile of keys before its queries' chunk. With ``alibi_bias_max`` head ``h`` adds
+    ``alibi_slopes(heads, alibi_bias_max)[h] * (key - query)`` to its scores (BLOOM, MPT)."""
+    if alibi_bias_max is not None and alibi_bias_max <= 0:
+        raise ValueError(f"alibi_bias_max must be positive, got {alibi_bias_max}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     config = config or AttentionConfig()
@@ -372,11 +395,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     scale = head_dim ** -0.5 if scale is None else scale
     common = dict(G=group, G_PAD=max(_pow2(group), 1), D=head_dim, D_PAD=_pow2(head_dim),
                   BLOCK_SIZE=k_cache.shape[1], SOFTCAP=softcap is not None, WINDOW=sliding_window is not None,
-                  CHUNK=chunk_size is not None, FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn)
+                  CHUNK=chunk_size is not None, ALIBI=alibi_bias_max is not None, FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn)
     args = (q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1),
                k_cache.stride(2), block_tables.stride(0))
-    extras = (scale * _LOG2E, softcap or 1.0, sliding_window or 0, chunk_size or 1)
+    alibi_pow2 = 1 << (heads.bit_length() - 1)  # the largest power of two not above the head count
+    extras = (scale * _LOG2E, softcap or 1.0, sliding_window or 0, chunk_size or 1,
+              (alibi_bias_max or 1.0) / alibi_pow2, alibi_pow2)
     if tokens == num_seqs:
         max_context = block_tables.shape[1] * k_cache.shape[1]
         visible = min([max_context] + [n for n in (sliding_window, chunk_size) if n is not None])
