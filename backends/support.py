@@ -5,10 +5,10 @@ of its own for through torch, which is right for views and gathers but not for a
 attention whose reference reads sizes back to the host (no CUDA graph could capture it).
 Such ops are refused here by name (none is now: multi-head latent attention, the last,
 has its kernels in ``cuda/mla_attention.py``); so are attributes that ask a kernel for
-something it does not implement (the CUDA attention kernels have no ALiBi biases; Llama 4's
-chunked attention and input-weighed experts have theirs). Each refusal names the op, where
-it occurs and the reason, so that ``kiln.compile(target="h100")`` fails at build rather
-than at the first step. (TensorRT and ONNX refuse what their lowering
+something it does not implement (none is now either: the CUDA attention kernels serve ALiBi's
+biases, Llama 4's chunked attention and its input-weighed experts). Each refusal names the
+op, where it occurs and the reason, so that ``kiln.compile(target="h100")`` fails at build
+rather than at the first step. (TensorRT and ONNX refuse what their lowering
 tables lack in the same spirit: ``backends/tensorrt/table.py``, ``backends/onnx/table.py``.)
 """
 
@@ -20,9 +20,7 @@ from ..ir import Graph
 REFUSED_OPS: dict[str, dict[str, str]] = {}
 
 # backend -> op -> attribute -> the feature a set value (not None, not False) asks for, as users know it
-REFUSED_ATTRIBUTES: dict[str, dict[str, dict[str, str]]] = {
-    "cuda": {"paged_attention": {"alibi_bias_max": "ALiBi attention biases have no CUDA kernel yet"}},
-}
+REFUSED_ATTRIBUTES: dict[str, dict[str, dict[str, str]]] = {}
 
 
 class BackendSupportError(ValueError):

@@ -1,14 +1,15 @@
 """ALiBi attention: the slopes against BLOOM's and MPT's, the attention and paged-attention
 references with ALiBi, the raise of written-out attention and of attention given a
-positional mask (IR text in, one attention op out, numerics kept), and the backends that
-refuse ALiBi by name."""
+positional mask (IR text in, one attention op out, numerics kept), the backends that
+refuse ALiBi by name, and the CUDA target serving BLOOM and MPT with its Triton kernels."""
 
 import pytest
 import torch
-from hf_models import random_model, write_checkpoint
+from cuda_serving import assert_serves_transformers_greedy, compile_for_cuda
+from hf_models import random_model
 
-import kiln
-from kiln.backends import BackendSupportError, reference_kernels
+from kiln.backends import BackendSupportError, check_backend_support, reference_kernels
+from kiln.backends.support import REFUSED_ATTRIBUTES
 from kiln.ir import ops
 from kiln.ir.opdefs.nn import alibi_slopes, attention_reference
 from kiln.ir.opdefs.paged import paged_attention_reference
@@ -204,9 +205,22 @@ def test_tensorrt_and_onnx_refuse_alibi_by_name():
     assert unexportable(plain) is None and _no_window_or_softcap(plain) is None
 
 
-def test_cuda_targets_refuse_alibi_models_at_build(tmp_path):
-    checkpoint = write_checkpoint(random_model("bloom"), tmp_path)
-    with pytest.raises(BackendSupportError, match=r"target 'h100' cannot build .*\n  - paged_attention \(at "
-                                                  r"transformer.h.0.self_attention, alibi_bias_max=8.0\): ALiBi "
-                                                  r"attention biases have no CUDA kernel yet\ntarget 'cpu' serves it"):
-        kiln.compile(checkpoint, target="h100", dtype="float32", max_seq_len=64)
+@pytest.mark.parametrize("name", ["bloom", "mpt"])
+def test_cuda_target_serves_alibi_models_with_transformers_greedy_tokens(name, tmp_path):
+    """BLOOM and MPT (ALiBi over 6 heads: not a power of two) built for target "cuda", their
+    Triton kernels (Triton's interpreter on a CPU) serving a prefill across blocks beside a
+    short one, then decodes, with transformers' logits and greedy tokens."""
+    model = random_model(name)
+    engine = compile_for_cuda(model, tmp_path)
+    assert [n.attrs["alibi_bias_max"] for n in engine.graph.nodes if n.op == "paged_attention"] == [8.0, 8.0]
+    assert_serves_transformers_greedy(engine, model, [[5, 9, 13, 200, 7, 1, 2, 3, 4], [33, 34]],
+                                      [[3, 0, 7, 5], [1, 10, 2]])
+
+
+def test_a_backend_names_the_attributes_it_refuses(monkeypatch):
+    monkeypatch.setitem(REFUSED_ATTRIBUTES, "cuda", {"attention": {"alibi_bias_max": "ALiBi biases"}})
+    with pytest.raises(BackendSupportError, match=r"target 'h100' cannot build graph @g: the cuda backend refuses\n"
+                                                  r"  - attention \(at <top level>, alibi_bias_max=8.0\): ALiBi "
+                                                  r"biases\ntarget 'cpu' serves it"):
+        check_backend_support(_attention_graph(8.0), "cuda", "h100")
+    check_backend_support(_attention_graph(None), "cuda", "h100")

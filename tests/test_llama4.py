@@ -6,10 +6,8 @@ name. (The raise of complex products into interleaved rotary is in test_complex_
 the whole model against transformers in test_frontend_hf.py and test_paged.py, config
 "llama4".)"""
 
-import contextlib
-
-import pytest
 import torch
+from cuda_serving import assert_serves_transformers_greedy, compile_for_cuda
 from hf_models import random_model, write_checkpoint
 from test_alibi import _mixed_batch
 from torch import nn
@@ -19,8 +17,6 @@ import kiln
 from kiln.backends import reference_kernels
 from kiln.ir.opdefs.nn import attention_reference
 from kiln.ir.opdefs.paged import paged_attention_reference
-from kiln.runtime.batch import SequenceStep, step_inputs
-from kiln.runtime.executor import load_executor
 
 
 def _chunk_mask(queries: int, keys: int, chunk: int) -> torch.Tensor:
@@ -96,37 +92,14 @@ def test_router_scatter_of_the_top_logits():
 def test_cuda_target_serves_llama4_with_transformers_greedy_tokens(tmp_path):
     """The CUDA target builds Llama 4 (chunked attention of 4 positions, experts that weigh
     their inputs) and its Triton kernels (Triton's interpreter on a CPU) serve two prompts
-    that cross chunks and blocks, then decode: each step's logits within 1e-5 (on a CPU) of
-    transformers' over the whole sequence so far, and the same greedy tokens wherever
-    transformers' best two logits are not within twice that of each other."""
-    cuda_kernels = pytest.importorskip("kiln.backends.cuda.kernels").cuda_kernels
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tolerance = 1e-5 if device == "cpu" else 1e-2  # a GPU's float32 tl.dot rounds its operands to TF32
+    that cross chunks and blocks, then decode, with transformers' logits and greedy tokens."""
     model = random_model("llama4")
-    checkpoint = write_checkpoint(model, tmp_path)
-    untuned = pytest.warns(UserWarning, match="not tuned") if device == "cpu" else contextlib.nullcontext()
-    with untuned:
-        engine = kiln.compile(checkpoint, target="cuda", dtype="float32", max_batch_size=4, max_seq_len=64,
-                              max_num_tokens=64)
+    engine = compile_for_cuda(model, tmp_path)
     raised = [(n.op, n.attrs.get("chunk_size"), n.attrs.get("weigh_inputs")) for n in engine.graph.nodes
               if n.op in ("paged_attention", "moe")]
     assert raised == [("paged_attention", 4, None), ("paged_attention", None, None), ("moe", None, True)]
-    step = load_executor(engine.executor_source, "executor.py", engine.weights(device), cuda_kernels(device))
-    caches = engine.cache_spec.allocate(12, 4, device)
-    model = model.to(device)
-    sequences = [[5, 9, 13, 200, 7, 1, 2, 3, 4, 5, 6], [33, 34, 35]]
-    state = [SequenceStep(ids, 0, blocks) for ids, blocks in zip(sequences, ([3, 0, 7, 5, 11], [1, 10, 2, 6]))]
-    for _ in range(5):
-        with torch.no_grad():
-            got = step(**{k: v.to(device) for k, v in step_inputs(state, 4).items()}, **caches)[0]
-            want = torch.cat([model(torch.tensor([ids], device=device)).logits[:, -1] for ids in sequences])
-        assert (got - want).abs().max() < tolerance
-        best, second = want.topk(2).values.unbind(-1)
-        chosen = want.argmax(-1)
-        assert (got.argmax(-1) == chosen)[best - second > 2 * tolerance].all()
-        tokens = chosen.tolist()
-        state = [SequenceStep([t], len(ids), s.blocks) for s, t, ids in zip(state, tokens, sequences)]
-        sequences = [ids + [t] for ids, t in zip(sequences, tokens)]
+    assert_serves_transformers_greedy(engine, model, [[5, 9, 13, 200, 7, 1, 2, 3, 4, 5, 6], [33, 34, 35]],
+                                      [[3, 0, 7, 5, 11], [1, 10, 2, 6]])
 
 
 def test_onnx_and_tensorrt_refuse_chunked_attention(tmp_path):

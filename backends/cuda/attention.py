@@ -395,7 +395,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     scale = head_dim ** -0.5 if scale is None else scale
     common = dict(G=group, G_PAD=max(_pow2(group), 1), D=head_dim, D_PAD=_pow2(head_dim),
                   BLOCK_SIZE=k_cache.shape[1], SOFTCAP=softcap is not None, WINDOW=sliding_window is not None,
-                  CHUNK=chunk_size is not None, ALIBI=alibi_bias_max is not None, FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn)
+                  CHUNK=chunk_size is not None, ALIBI=alibi_bias_max is not None,
+                  FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn)
     args = (q, k, v, k_cache, v_cache, slot_mapping, query_start, context_lens, block_tables)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k_cache.stride(0), k_cache.stride(1),
                k_cache.stride(2), block_tables.stride(0))
