@@ -57,7 +57,7 @@ def _attention_config(node: Node, limits: EngineLimits) -> AttentionConfig:
     """The fastest paged-attention configurations for ``node``'s head layout."""
     q, k = node.inputs[0].type, node.inputs[1].type
     heads, kv_heads, head_dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[2])
-    attrs = {key: node.attrs.get(key) for key in ("scale", "sliding_window", "softcap")}
+    attrs = {key: node.attrs.get(key) for key in ("scale", "sliding_window", "softcap", "alibi_bias_max")}
     shape = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=q.dtype.torch_dtype)
 
     def run_with(cached: list[int], query_lens: list[int]):
