@@ -44,6 +44,7 @@ from .distributed import (TIMEOUT_S, Groups, WorkerError, WorkerGroup, failure, 
                           spawn_workers, stage_runner, stop_workers)
 from .engine import Engine, load_engine
 from .engine_files import read_manifest
+from .kv_cache import CacheLayout
 from .kv_transfer import DROP, LAND, POST, BlockReceiver, LayerSender
 from .pipeline import Layout
 from .prefill_cache import WorkerHoldings
@@ -83,10 +84,10 @@ def serve_prefill(directory: str, rank: int, device: torch.device, groups: Group
     tp, pp = (read_manifest(directory).get(key, 1) for key in ("tp", "pp"))
     local = rank % (tp * pp)  # the rank within the worker, and the decode rank in its place
     engine = load_engine(directory, rank=local)
-    num_blocks, block_size = cache_layout(0, 0, device)
+    cache = cache_layout(None, device)
+    block_size = cache.block_size
     sender = LayerSender({}, target=local)
-    runner = stage_runner(engine, directory, rank, device, num_blocks, block_size, groups[1][rank], rank - local,
-                          sender.wrap)
+    runner = stage_runner(engine, directory, rank, device, cache, groups[1][rank], rank - local, sender.wrap)
     sender.watch(runner.caches)
     limit = engine.info.max_num_tokens
     with torch.inference_mode():
@@ -167,7 +168,7 @@ class PrefillWorkers:
         _check_count(count)
         processes, scratch = spawn_workers(engine, count + 1, "kiln.runtime.disaggregated", timeout_s)[1:]
         workers = cls(processes, caches, WorkerHoldings(count, block_size), scratch=scratch)
-        workers._guard(lambda: cache_layout(num_blocks, block_size, torch.device("cpu")))
+        workers._guard(lambda: cache_layout(CacheLayout(num_blocks, block_size), torch.device("cpu")))
         return workers
 
     @classmethod

@@ -39,13 +39,14 @@ from ..backends import kernels_for
 from ..ir.opdefs.moe import moe_experts_reference
 from ..version import __version__
 from .engine import CacheSpec, Engine, load_engine
+from .kv_cache import CacheLayout
 from .executor import load_executor
 from .expert_exchange import exchange_kernels
 from .kv_transfer import BlockReceiver
 from .model_runner import INPUTS
 from .pipeline import Layout, PipelineStats, StageRunner
 from .pipeline_files import Stage, read_stage
-from .rank_commands import KV, STATS, STEP, STOP, broadcast_command, cache_layout, gather_busy
+from .rank_commands import KV, STATS, STEP, STOP, agree_num_blocks, broadcast_command, cache_layout, gather_busy
 
 TIMEOUT_S = 60.0
 
@@ -103,13 +104,14 @@ def rank_groups(layout: Layout, instances: int = 1) -> Groups:
 
 
 def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int, device: torch.device,
-                 num_blocks: int, block_size: int, group: dist.ProcessGroup | None = None, base: int = 0,
+                 cache: CacheLayout, group: dist.ProcessGroup | None = None, base: int = 0,
                  wrap: Callable[[Callable], Callable] | None = None) -> StageRunner:
     """Rank ``rank``'s runner in the copy of the engine's ranks that starts at ``base``:
     its stage (the whole graph without pipeline parallelism, with the engine's weights;
     else the stage's files in ``directory``), the backend's kernels (those that write the
     caches passed through ``wrap``, if given) and the collectives of its stage's ranks (on ``group``: default, the
-    world), and caches for its layers."""
+    world), and caches for its layers, sized once its weights are on ``device`` (``agree_num_blocks``: every
+    rank of the world takes part)."""
     info = engine.info
     layout = Layout(info.tp, info.pp, base)
     if info.pp == 1:
@@ -128,13 +130,14 @@ def stage_runner(engine: Engine, directory: str | os.PathLike | None, rank: int,
         kernels = {op: wrap(kernel) if op in writers else kernel for op, kernel in kernels.items()}
     kernels.update(collective_kernels(info.tp, group, kernels["moe_experts"]))
     step = load_executor(stage.executor_source, f"executor.stage{stage.index}.py", weights, kernels)
-    caches = stage.cache_inputs
-    spec = CacheSpec(tuple(v.name for v in caches), tuple((v.shape[2], v.shape[3]) for v in caches),
-                     caches[0].dtype.torch_dtype if caches else info.dtype, False)
+    inputs = stage.cache_inputs
+    spec = CacheSpec(tuple(v.name for v in inputs), tuple((v.shape[2], v.shape[3]) for v in inputs),
+                     inputs[0].dtype.torch_dtype if inputs else info.dtype, False)
     logits = engine.graph.outputs[0]
     step_inputs = [v for v in engine.graph.inputs if v.name in dict(INPUTS)]
-    return StageRunner(stage, layout, rank, step, spec.allocate(num_blocks, block_size, device), step_inputs,
-                       (int(logits.shape[-1]), logits.dtype.torch_dtype), device)
+    caches = spec.allocate(agree_num_blocks(cache, spec, device), cache.block_size, device)
+    logits_type = (int(logits.shape[-1]), logits.dtype.torch_dtype)
+    return StageRunner(stage, layout, rank, step, caches, step_inputs, logits_type, device)
 
 
 def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device, groups: Groups | None = None) -> None:
@@ -144,8 +147,7 @@ def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device, gr
     stop. ``groups`` are ``rank_groups``' (default: those of the engine's ranks alone)."""
     engine = load_engine(directory, rank=rank)
     group, stage_groups = groups or rank_groups(Layout(engine.info.tp, engine.info.pp))
-    num_blocks, block_size = cache_layout(0, 0, device)
-    runner = stage_runner(engine, directory, rank, device, num_blocks, block_size, stage_groups[rank])
+    runner = stage_runner(engine, directory, rank, device, cache_layout(None, device), stage_groups[rank])
     receiver = BlockReceiver(runner.caches)
     with torch.inference_mode():
         while True:
@@ -234,7 +236,7 @@ class WorkerGroup:
     disaggregated serving adds prefill ranks after them."""
 
     def __init__(self, engine: Engine, directory: str | os.PathLike | None, device: torch.device,
-                 processes: list[subprocess.Popen], num_blocks: int, block_size: int, groups: Groups,
+                 processes: list[subprocess.Popen], cache: CacheLayout, groups: Groups,
                  microbatches: int | None = None, scratch: tempfile.TemporaryDirectory | None = None):
         self.engine = engine
         self.device = device
@@ -245,20 +247,21 @@ class WorkerGroup:
         self._scratch = scratch
         self._closed = False
         self._steps, self._wall_s, self._split = 0, 0.0, 0
-        self._guard(lambda: cache_layout(num_blocks, block_size, device))
-        self.runner = self._guard(lambda: stage_runner(engine, directory, 0, device, num_blocks, block_size,
-                                                       stage_groups[0]))
+        self._guard(lambda: cache_layout(cache, device))
+        self.runner = self._guard(lambda: stage_runner(engine, directory, 0, device, cache, stage_groups[0]))
         self.caches = self.runner.caches
+        self.num_blocks = next(iter(self.caches.values())).shape[0]  # the count every rank agreed on
 
     @classmethod
-    def start(cls, engine: Engine, num_blocks: int, block_size: int, device: torch.device,
+    def start(cls, engine: Engine, cache: CacheLayout, device: torch.device,
               microbatches: int | None = None, prefill_workers: int = 0,
               timeout_s: float = TIMEOUT_S) -> WorkerGroup:
         """Spawn the workers of ranks 1.. (CPU, gloo), join them as rank 0, and send them
-        the cache layout; with ``prefill_workers``, as many prefill workers of ``tp x pp``
-        ranks each follow (``runtime/disaggregated.py``). Under torchrun (the process group
-        already initialized, NCCL on GPUs), the other ranks run ``serve_rank`` themselves:
-        nothing is spawned."""
+        the cache layout (``cache``: where its block count is 0, every rank plans its cache
+        after loading its weights, and all take the fewest blocks); with ``prefill_workers``,
+        as many prefill workers of ``tp x pp`` ranks each follow (``runtime/disaggregated.py``).
+        Under torchrun (the process group already initialized, NCCL on GPUs), the other ranks
+        run ``serve_rank`` themselves: nothing is spawned."""
         info = engine.info
         layout = Layout(info.tp, info.pp)
         world_size = layout.world_size
@@ -268,7 +271,7 @@ class WorkerGroup:
             if dist.get_world_size() != world_size:
                 raise WorkerError(f"the engine has tp={engine.info.tp} x pp={engine.info.pp} ranks; "
                                   f"{dist.get_world_size()} processes are running")
-            return cls(engine, engine.directory, device, [], num_blocks, block_size, rank_groups(layout), microbatches)
+            return cls(engine, engine.directory, device, [], cache, rank_groups(layout), microbatches)
         if device.type != "cpu":
             raise ValueError("workers spawned on one host run on the CPU (gloo); on GPUs start one process per "
                              "rank with torchrun (see docs/parallelism.md)")
@@ -278,7 +281,7 @@ class WorkerGroup:
             groups = rank_groups(layout, 1 + prefill_workers)
         except RuntimeError as exc:
             raise failure(processes, exc) from exc
-        return cls(engine, directory, device, processes, num_blocks, block_size, groups, microbatches, scratch)
+        return cls(engine, directory, device, processes, cache, groups, microbatches, scratch)
 
     def step(self, **tensors: torch.Tensor) -> list[torch.Tensor]:
         """Broadcast the step's inputs to the workers, then run rank 0's part of it; the

@@ -22,7 +22,7 @@ import torch
 from .batch import SequenceStep
 from .block_manager import BlockManager
 from .engine import Engine
-from .kv_cache import plan_num_blocks
+from .kv_cache import CacheLayout, plan_num_blocks
 from .model_runner import Feed, ModelRunner
 from .outputs import RequestOutput
 from .sampler import Sampling, sample_async, score
@@ -91,13 +91,12 @@ class LLMEngine:
         self.max_num_seqs = min(config.max_num_seqs or info.max_batch_size, info.max_batch_size)
         self.max_num_tokens = min(config.max_num_tokens or info.max_num_tokens, info.max_num_tokens)
         parallel = info.tp * info.pp > 1
-        # One process's weights go on the device before the cache is sized, so that the cache
-        # gets what they leave (the ranks of a parallel engine load theirs in their own processes).
-        local_step = None if parallel else engine.step_function(self.device)
         useful = self.max_num_seqs * -(-info.max_seq_len // self.block_size)
         reserve = max(info.workspace_bytes.values(), default=0)
-        num_blocks = config.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
-                                                           config.memory_fraction, useful, reserve)
+        # The weights go on the device before the cache is sized, so that the cache gets what
+        # they leave: here, or on each rank of a parallel engine (the ranks take the fewest blocks).
+        cache = CacheLayout(config.num_blocks or 0, self.block_size, config.memory_fraction, useful, reserve)
+        local_step = None if parallel else engine.step_function(self.device)
         fast = info.backend == "cuda" and self.device.type == "cuda" and not parallel  # kernels that never sync
         sizes = [s for s in info.profiles.cuda_graph_batch_sizes if s <= self.max_num_seqs]
         self.workers = None
@@ -106,11 +105,14 @@ class LLMEngine:
         if parallel:
             from .distributed import WorkerGroup
 
-            self.workers = WorkerGroup.start(engine, num_blocks, self.block_size, self.device, config.microbatches,
-                                             config.prefill_workers)
+            self.workers = WorkerGroup.start(engine, cache, self.device, config.microbatches, config.prefill_workers)
             self._stoppable.append(self.workers)
-        # a parallel engine's caches are its ranks' (rank 0's: its stage's layers, its shard)
-        self.caches = self.workers.caches if parallel else spec.allocate(num_blocks, self.block_size, self.device)
+            num_blocks = self.workers.num_blocks
+            self.caches = self.workers.caches  # rank 0's: its stage's layers, its shard
+        else:
+            num_blocks = cache.num_blocks or plan_num_blocks(spec, self.block_size, self.device,
+                                                             config.memory_fraction, useful, reserve)
+            self.caches = spec.allocate(num_blocks, self.block_size, self.device)
         step = self.workers.step if self.workers else local_step
         self.runner = ModelRunner(step, self.caches, self.device, self.block_size,
                                   -(-info.max_seq_len // self.block_size),

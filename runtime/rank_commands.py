@@ -18,10 +18,13 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from .engine import CacheSpec
+from .kv_cache import CacheLayout, plan_num_blocks
 from .model_runner import INPUTS
 
 STEP, STOP, STATS, KV = 0, -1, -2, -3  # what rank 0 broadcasts: a step, the end, the stage times, or KV blocks
 COMMAND_TAG = 1 << 28  # rank 0's commands to each worker (the pipeline's messages have small tags)
+_PPM = 1_000_000  # the memory fraction travels in parts per million
 IDLE_WAIT = datetime.timedelta(days=365)  # how long a worker waits for rank 0's next command: a server may idle
 
 
@@ -78,11 +81,36 @@ def receive_from_rank0(tensor: torch.Tensor, tag: int) -> None:
     dist.irecv(tensor, 0, tag=tag).wait(IDLE_WAIT)
 
 
-def cache_layout(num_blocks: int, block_size: int, device: torch.device) -> tuple[int, int]:
-    """Rank 0's cache layout (blocks, block size), on every rank of the world."""
-    layout = torch.tensor([num_blocks, block_size], dtype=torch.int64, device=device)
-    dist.broadcast(layout, 0)
-    return int(layout[0]), int(layout[1])
+def cache_layout(layout: CacheLayout | None, device: torch.device) -> CacheLayout:
+    """Rank 0's ``layout``, on every rank of the world (the others pass None)."""
+    fields = [layout.num_blocks, layout.block_size, round(layout.memory_fraction * _PPM), layout.useful_blocks,
+              layout.reserve_bytes] if layout is not None else [0] * 5
+    sent = torch.tensor(fields, dtype=torch.int64, device=device)
+    dist.broadcast(sent, 0)
+    num_blocks, block_size, fraction, useful, reserve = sent.tolist()
+    return CacheLayout(num_blocks, block_size, fraction / _PPM, useful, reserve)
+
+
+def agree_num_blocks(layout: CacheLayout, spec: CacheSpec, device: torch.device) -> int:
+    """The blocks every rank of the world allocates: ``layout``'s count, or else the fewest
+    that the ranks' plans allow, each made with its own weights already on ``device``
+    (ranks on the CPU share the host's memory, so each plans for its share of it)."""
+    if layout.num_blocks:
+        return layout.num_blocks
+    sharers = dist.get_world_size() if device.type == "cpu" else 1
+    problem = None
+    try:
+        mine = plan_num_blocks(spec, layout.block_size, device, layout.memory_fraction, layout.useful_blocks,
+                               layout.reserve_bytes, sharers)
+    except MemoryError as exc:  # the other ranks must still hear of it, or they would wait forever
+        mine, problem = 0, exc
+    agreed = torch.tensor([mine], dtype=torch.int64, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    if problem is not None:
+        raise problem
+    if not agreed.item():
+        raise MemoryError(f"rank {dist.get_rank()}: another rank has no room for a KV cache")
+    return int(agreed.item())
 
 
 def gather_busy(busy_s: float, device: torch.device, group: dist.ProcessGroup | None = None) -> list[float]:

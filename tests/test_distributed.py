@@ -37,6 +37,8 @@ def test_two_ranks_generate_what_one_does_and_a_killed_worker_is_named(tp2_engin
     params, want = greedy
     llm = kiln.LLM(tp2_engine)
     try:
+        engine = llm.llm_engine  # each rank sized its cache after its weights; all took the same count
+        assert engine.workers.num_blocks == len(engine.blocks.blocks) == 16 * 256 // 16  # every sequence at full length
         assert [o.token_ids for o in llm.generate(PROMPTS, params)] == [o.token_ids for o in want]
         assert_a_killed_worker_is_named(llm, 1, params)
     finally:
