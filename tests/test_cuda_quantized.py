@@ -76,7 +76,7 @@ def test_int8_kernels_match_the_reference(device, dtype, tolerance, rows, n, k, 
            config=_small_tiles(n, k, dequantize_from))
 
 
-@pytest.mark.parametrize("device, dtype, tolerance", CPU_CASES)
+@pytest.mark.parametrize("device, dtype, tolerance", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("rows, n, k, group, dequantize_from", [(1, 40, 256, 32, 512), (5, 40, 256, 32, 512),
                                                                 (33, 48, 256, 16, 16)])
 def test_int8_kernels_with_zero_points_match_the_reference(device, dtype, tolerance, rows, n, k, group,
