@@ -81,15 +81,31 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torchrun_worker(args: argparse.Namespace) -> bool:
+    """Under torchrun: join the world; True for a rank other than 0, which has served rank
+    0's steps until it stopped them. Rank 0 goes on, on its device (``args.device``)."""
+    from .runtime.distributed import join_torchrun
+
+    joined = join_torchrun(args.model, args.device)
+    if joined is None:
+        return False
+    rank, device = joined
+    args.device = str(device)
+    return rank != 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .api import as_engine
     from .runtime import RuntimeConfig
     from .runtime.admission import ServerLimits
     from .runtime.async_llm import AsyncLLM
     from .runtime.llm_engine import LLMEngine
+    from .runtime.distributed import leave_world
     from .runtime.server import create_app
     from .runtime.serving import run_server
 
+    if _torchrun_worker(args):
+        return 0
     start = time.perf_counter()
     parallel = {name: getattr(args, name) for name in ("tp", "pp") if getattr(args, name)}
     engine = as_engine(args.model, progress=True, **parallel)
@@ -112,10 +128,22 @@ def _serve(args: argparse.Namespace) -> int:
         run_server(app, args.host, args.port, limits.drain_timeout)
     finally:
         llm.shutdown()
+        leave_world()
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .runtime.distributed import leave_world
+
+    if _torchrun_worker(args):
+        return 0
+    try:
+        return _bench_rank0(args)
+    finally:
+        leave_world()
+
+
+def _bench_rank0(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 

@@ -8,7 +8,8 @@
 Rank 0 builds the engine (when given a checkpoint) into ``--engine-dir``, every rank
 loads its own weights from there, rank 0 serves batches of random prompts
 (``--input-len`` tokens in, ``--output-len`` out, ``ignore_eos``) at each concurrency
-and prints output tokens/s (and writes ``--json``), with the pipeline's bubble measured and
+and prints output tokens/s (and writes ``--json``, with the greedy tokens of
+``--check-prompts`` fixed prompts, the same for every layout), with the pipeline's bubble measured and
 predicted when ``--pp`` > 1; the other ranks run the steps rank 0 broadcasts. Ranks are
 laid out as TensorRT-LLM does: rank = stage * tp + tensor-parallel rank, so the ranks of a
 stage share a node. NCCL on GPUs, gloo on CPUs.
@@ -46,6 +47,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--num-blocks", type=int, default=None,
                         help="KV-cache blocks of 16 (default: what the batch needs)")
+    parser.add_argument("--cuda-graphs", default="all", choices=("all", "lazy", "off"),
+                        help="decode steps replayed from CUDA graphs (RuntimeConfig.cuda_graphs)")
+    parser.add_argument("--check-prompts", type=int, default=4,
+                        help="fixed random prompts whose greedy tokens go into --json, to compare layouts")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -85,12 +90,16 @@ def _engine_directory(args, rank: int, world: int) -> str:
 def _bench(args, directory: str, device: torch.device) -> None:
     engine = kiln.load(directory)
     blocks = args.num_blocks or max(args.concurrency) * -(-(args.input_len + args.output_len) // 16)
-    llm = kiln.LLM(engine, RuntimeConfig(device=str(device), num_blocks=blocks, microbatches=args.microbatches))
+    llm = kiln.LLM(engine, RuntimeConfig(device=str(device), num_blocks=blocks, microbatches=args.microbatches,
+                                         cuda_graphs=args.cuda_graphs))
     parallel = engine.info.tp * engine.info.pp > 1
     vocab = engine.vocab_size
     params = kiln.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     llm.generate([torch.randint(0, vocab, (args.input_len,), generator=gen).tolist()], params)  # warm-up
+    fixed = torch.Generator().manual_seed(1)  # the same prompts in every run, whatever the layout
+    checks = [torch.randint(0, vocab, (args.input_len,), generator=fixed).tolist() for _ in range(args.check_prompts)]
+    greedy = [o.token_ids for o in llm.generate(checks, params)] if checks else []
     results = []
     for concurrency in args.concurrency:
         prompts = [torch.randint(0, vocab, (args.input_len,), generator=gen).tolist() for _ in range(concurrency)]
@@ -111,7 +120,8 @@ def _bench(args, directory: str, device: torch.device) -> None:
         print(f"{line} ({seconds:.2f} s)")
     llm.close()
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(device), "results": results}, indent=2) + "\n")
+        report = {"device": str(device), "cuda_graphs": args.cuda_graphs, "results": results, "greedy": greedy}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _since(before: PipelineStats, after: PipelineStats) -> PipelineStats:

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,14 +40,16 @@ from ..backends import kernels_for
 from ..ir.opdefs.moe import moe_experts_reference
 from ..version import __version__
 from .engine import CacheSpec, Engine, load_engine
+from .engine_files import MANIFEST
 from .kv_cache import CacheLayout
 from .executor import load_executor
 from .expert_exchange import exchange_kernels
 from .kv_transfer import BlockReceiver
-from .model_runner import INPUTS
+from .model_runner import INPUTS, ModelRunner, Step
 from .pipeline import Layout, PipelineStats, StageRunner
 from .pipeline_files import Stage, read_stage
-from .rank_commands import KV, STATS, STEP, STOP, agree_num_blocks, broadcast_command, cache_layout, gather_busy
+from .rank_commands import (CAPTURE, KV, REPLAY, STATS, STEP, STOP, agree_num_blocks, broadcast_command, cache_layout,
+                            gather_busy)
 
 TIMEOUT_S = 60.0
 
@@ -147,19 +150,67 @@ def serve_rank(directory: str | os.PathLike, rank: int, device: torch.device, gr
     stop. ``groups`` are ``rank_groups``' (default: those of the engine's ranks alone)."""
     engine = load_engine(directory, rank=rank)
     group, stage_groups = groups or rank_groups(Layout(engine.info.tp, engine.info.pp))
-    runner = stage_runner(engine, directory, rank, device, cache_layout(None, device), stage_groups[rank])
+    cache = cache_layout(None, device)
+    runner = stage_runner(engine, directory, rank, device, cache, stage_groups[rank])
     receiver = BlockReceiver(runner.caches)
+    graphs = None  # this rank's decode graphs, made when rank 0 first asks for one
     with torch.inference_mode():
         while True:
-            command, count, data = broadcast_command(STOP, device, group=group)
+            command, count, data = broadcast_command(STOP, device, group=group,
+                                                     staged=graphs.staging if graphs else None)
             if command == STOP:
                 return
             if command == STATS:
                 gather_busy(runner.busy_s, device, group)
             elif command == KV:
                 receiver.handle(data.tolist(), rank)
+            elif command == CAPTURE:
+                graphs = graphs or rank_graphs(engine, runner.step, runner.caches, device, cache.block_size)
+                graphs.capture(count)
+            elif command == REPLAY:
+                graphs.replay_staged(count)
             else:
                 runner.run(data, count)
+
+
+def rank_graphs(engine: Engine, step: Step, caches: dict[str, torch.Tensor], device: torch.device,
+                block_size: int) -> ModelRunner:
+    """A tensor-parallel rank's runner of decode graphs, for every size the engine captures
+    (rank 0 asks for those it serves), its staging buffer laid out as rank 0's."""
+    max_blocks = -(-engine.info.max_seq_len // block_size)
+    return ModelRunner(step, caches, device, block_size, max_blocks, engine.info.profiles.cuda_graph_batch_sizes)
+
+
+def join_torchrun(directory: str | os.PathLike, device: str | None = None) -> tuple[int, torch.device] | None:
+    """In a process that torchrun started (``WORLD_SIZE`` > 1 in its environment): join the
+    world on this rank's device (``cuda:LOCAL_RANK`` and NCCL where there is a GPU and
+    ``device`` does not say "cpu"; else the CPU and gloo). Ranks other than 0 then serve
+    rank 0's steps of the engine in ``directory`` until it stops them, and leave the world.
+    Returns (rank, device), or None outside torchrun; rank 0 goes on to serve, and
+    ``leave_world`` ends its part."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not (Path(directory) / MANIFEST).is_file():
+        raise ValueError(f"{directory} is not an engine directory: under torchrun every rank loads the same engine, "
+                         f"built first with `kiln build CHECKPOINT --tp N --pp M -o DIR`")
+    gpu = torch.cuda.is_available() and (device or "cuda").split(":")[0] != "cpu"
+    on = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else "cpu")
+    if gpu:
+        torch.cuda.set_device(on)
+    dist.init_process_group("nccl" if gpu else "gloo")
+    rank = dist.get_rank()
+    if rank:
+        try:
+            serve_rank(directory, rank, on)
+        finally:
+            leave_world()
+    return rank, on
+
+
+def leave_world() -> None:
+    """Leave the process group that ``join_torchrun`` joined, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _threads_per_rank(world_size: int) -> int:
@@ -305,6 +356,20 @@ class WorkerGroup:
                                     gather_busy(self.runner.busy_s, self.device, self.group))[1])
         stages = tuple(busy[self.layout.rank(stage, 0)] for stage in range(self.layout.pp))
         return PipelineStats(self._steps, self._wall_s, stages, self._split / max(self._steps, 1))
+
+    @property
+    def local_step(self) -> Step:
+        """Rank 0's own executor (``GraphPeers``: what its decode graphs capture)."""
+        return self.runner.step
+
+    def capture(self, size: int) -> None:
+        """Have the other ranks capture their decode graphs of ``size`` sequences (``GraphPeers``)."""
+        self._guard(lambda: broadcast_command(CAPTURE, self.device, microbatches=size, group=self.group))
+
+    def replay(self, size: int, staged: torch.Tensor) -> None:
+        """Broadcast a decode graph's packed inputs and have the other ranks replay theirs (``GraphPeers``)."""
+        self._guard(lambda: broadcast_command(REPLAY, self.device, microbatches=size, group=self.group,
+                                              staged=staged))
 
     def kv(self, record: list[int]) -> None:
         """Tell the other ranks about a request's KV blocks (``kv_transfer.BlockReceiver.handle``)."""

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..ir.opdefs.moe_all_to_all import EXCHANGED
 from .batch import SequenceStep
 from .block_manager import BlockManager
 from .engine import Engine
@@ -97,8 +98,11 @@ class LLMEngine:
         # they leave: here, or on each rank of a parallel engine (the ranks take the fewest blocks).
         cache = CacheLayout(config.num_blocks or 0, self.block_size, config.memory_fraction, useful, reserve)
         local_step = None if parallel else engine.step_function(self.device)
-        fast = info.backend == "cuda" and self.device.type == "cuda" and not parallel  # kernels that never sync
+        # kernels that never sync; with pipeline stages, each step's micro-batches run eagerly
+        fast = info.backend == "cuda" and self.device.type == "cuda" and info.pp == 1
         sizes = [s for s in info.profiles.cuda_graph_batch_sizes if s <= self.max_num_seqs]
+        if any(node.op in EXCHANGED for node in engine.graph.nodes):
+            sizes = []  # the experts' all-to-all reads its counts on the host: not capturable
         self.workers = None
         self._stoppable: list = []  # the worker groups, in the order they stop (prefill workers first)
         weakref.finalize(self, _stop, self._stoppable)
@@ -117,7 +121,7 @@ class LLMEngine:
         self.runner = ModelRunner(step, self.caches, self.device, self.block_size,
                                   -(-info.max_seq_len // self.block_size),
                                   sizes if fast and config.cuda_graphs != "off" else (),
-                                  info.max_num_tokens if fast else None)
+                                  info.max_num_tokens if fast else None, self.workers)
         if fast:
             self.runner.warm_up(self.max_num_tokens, info.max_seq_len)
         if config.cuda_graphs == "all":

@@ -11,12 +11,17 @@ a context of 1 and slot -1: they attend only to themselves and write nothing to 
 cache. Other steps (prefills, chunks, mixed) run eagerly; given ``max_tokens``, their
 token count is padded up to a bucket (``token_bucket``) with rows that belong to no
 sequence: attention neither reads nor writes them, and no logits are taken from them.
+
+A tensor-parallel engine's ranks replay their graphs together (``GraphPeers``): rank 0
+tells the other ranks to capture each size with it (every rank captures its own executor,
+its collectives inside), and before each replay it broadcasts the packed, padded inputs
+into their staging buffers, which are laid out as its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -31,13 +36,29 @@ INPUTS = (("ids", torch.int64), ("positions", torch.int64), ("slot_mapping", tor
           ("logits_indices", torch.int64))
 
 
+class GraphPeers(Protocol):
+    """The other ranks of a tensor-parallel engine, as rank 0's runner drives their graphs."""
+
+    local_step: Step  # this rank's own executor: what its graphs capture
+
+    def capture(self, size: int) -> None:
+        """Have every other rank capture its graph of ``size`` sequences, as this one does now."""
+
+    def replay(self, size: int, staged: torch.Tensor) -> None:
+        """Broadcast ``staged`` (the start of this rank's staging buffer) into the other
+        ranks' staging buffers, and have them replay their graphs of ``size``."""
+
+
 class ModelRunner:
     """Runs steps of ``step`` over ``caches`` on ``device``; replays CUDA graphs for
-    decode steps of up to ``graph_sizes[-1]`` sequences (none on the CPU or when empty)."""
+    decode steps of up to ``graph_sizes[-1]`` sequences (none on the CPU or when empty),
+    together with ``peers``' when given."""
 
     def __init__(self, step: Step, caches: Mapping[str, torch.Tensor], device: torch.device, block_size: int,
-                 max_blocks: int, graph_sizes: Sequence[int] = (), max_tokens: int | None = None):
+                 max_blocks: int, graph_sizes: Sequence[int] = (), max_tokens: int | None = None,
+                 peers: GraphPeers | None = None):
         self.step = step
+        self.peers = peers
         self.max_tokens = max_tokens
         self.caches = dict(caches)
         self.device = device
@@ -87,6 +108,21 @@ class ModelRunner:
     def captured_sizes(self) -> tuple[int, ...]:
         return tuple(sorted(self._graphs))
 
+    @property
+    def staging(self) -> torch.Tensor:
+        """The device buffer the graphs read their inputs from (see ``_layout``)."""
+        return self._staging
+
+    def capture(self, size: int) -> None:
+        """Capture the graph of ``size`` sequences now, if it is not yet (a peer rank's side
+        of ``GraphPeers.capture``)."""
+        self._graph(size)
+
+    def replay_staged(self, size: int) -> None:
+        """Replay the graph of ``size`` over what the staging buffer holds (a peer rank's
+        side of ``GraphPeers.replay``; it was captured when rank 0 said)."""
+        self._graphs[size][0].replay()
+
     def _upload(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type != "cuda":
             return {name: t.to(self.device) for name, t in inputs.items()}
@@ -113,6 +149,8 @@ class ModelRunner:
         self._staging[:len(host)].copy_(host, non_blocking=True)
         if feed:
             _fill(self._staging[:size], self._staging[used:used + len(index)], feed.tokens)
+        if self.peers:
+            self.peers.replay(size, self._staging[:used])
         graph.replay()
         return out[:logits]
 
@@ -127,9 +165,12 @@ class ModelRunner:
             padding = torch.empty(_layout(size, self.max_blocks)[-1][1], dtype=torch.int64)
             _pad_into(padding, empty, size, self.max_blocks)  # all padding: the warm-up writes no cache slot
             self._staging[:len(padding)].copy_(padding)
+            if self.peers:
+                self.peers.capture(size)  # they run the same warm-up and capture: their collectives meet ours
+            step = self.peers.local_step if self.peers else self.step
 
             def body() -> torch.Tensor:
-                return self.step(**{n: inputs[n].to(dtype) for n, dtype in INPUTS}, **self.caches)[0]
+                return step(**{n: inputs[n].to(dtype) for n, dtype in INPUTS}, **self.caches)[0]
 
             with torch.inference_mode():
                 torch.cuda.synchronize(self.device)

@@ -6,8 +6,11 @@ connection, which ends the wait with an error). A command is a header of fixed s
 (``broadcast_command``): ``STEP`` (then the step's integer inputs, packed into one tensor
 and broadcast), ``STOP``, ``STATS`` (every rank's executor seconds, ``gather_busy``) or
 ``KV`` (then a payload: what a decode rank of disaggregated serving does with a request's
-KV blocks, ``kv_transfer.BlockReceiver.handle``). Commands reach the ranks of one process
-group, ranks 0.. of its size: the world, or the decode ranks when prefill ranks follow.
+KV blocks, ``kv_transfer.BlockReceiver.handle``), ``CAPTURE`` (a decode step's CUDA graph
+of the size the header gives, captured by every rank together) or ``REPLAY`` (then the
+graph's packed inputs, broadcast into every rank's staging buffer; see
+``model_runner.GraphPeers``). Commands reach the ranks of one process group, ranks 0.. of
+its size: the world, or the decode ranks when prefill ranks follow.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from .engine import CacheSpec
 from .kv_cache import CacheLayout, plan_num_blocks
 from .model_runner import INPUTS
 
-STEP, STOP, STATS, KV = 0, -1, -2, -3  # what rank 0 broadcasts: a step, the end, the stage times, or KV blocks
+# what rank 0 broadcasts: a step, the end, the stage times, KV blocks, a graph to capture or to replay
+STEP, STOP, STATS, KV, CAPTURE, REPLAY = 0, -1, -2, -3, -4, -5
 COMMAND_TAG = 1 << 28  # rank 0's commands to each worker (the pipeline's messages have small tags)
 _PPM = 1_000_000  # the memory fraction travels in parts per million
 IDLE_WAIT = datetime.timedelta(days=365)  # how long a worker waits for rank 0's next command: a server may idle
@@ -30,28 +34,42 @@ IDLE_WAIT = datetime.timedelta(days=365)  # how long a worker waits for rank 0's
 
 def broadcast_command(command: int, device: torch.device, inputs: Mapping[str, torch.Tensor] | None = None,
                       microbatches: int = 1, group: dist.ProcessGroup | None = None,
-                      payload: torch.Tensor | None = None) -> tuple[int, int, object]:
+                      payload: torch.Tensor | None = None, staged: torch.Tensor | None = None
+                      ) -> tuple[int, int, object]:
     """From rank 0 to every rank of ``group`` (the ranks 0.. of its size; default: the
-    world): ``command`` (``STEP``, ``STOP``, ``STATS`` or ``KV``) and, for a step, its
-    micro-batch count and integer inputs (one header of shapes, sent to each rank, which
-    waits for it without a time limit; then one packed int64 tensor, broadcast); for ``KV``,
-    an int64 ``payload`` sent after the header (a ``kv_transfer.BlockReceiver`` record).
-    Returns what rank 0 sent: (command, micro-batches or the payload's length, the inputs,
-    the payload or None)."""
-    header = torch.zeros(2 + 2 * len(INPUTS), dtype=torch.int64, device=device)
+    world): ``command`` and, for a step, its micro-batch count and integer inputs (one
+    header of shapes, sent to each rank, which waits for it without a time limit; then one
+    packed int64 tensor, broadcast); for ``KV``, an int64 ``payload`` sent after the header
+    (a ``kv_transfer.BlockReceiver`` record); for ``CAPTURE`` and ``REPLAY``, the graph's
+    size in place of the micro-batch count, and for ``REPLAY`` rank 0's ``staged`` inputs,
+    broadcast into the start of each other rank's ``staged`` (its staging buffer).
+    Returns what rank 0 sent: (command; the micro-batches, the graph's size or the payload's
+    length; the inputs, the payload or None)."""
+    length = 2 + 2 * len(INPUTS)
     if dist.get_rank() == 0:
-        header[0], header[1] = command, microbatches if payload is None else len(payload)
+        fields = [command, microbatches if payload is None else len(payload)]
+        if command == REPLAY:
+            fields.append(len(staged))
         if command == STEP:
             shapes = [tuple(inputs[name].shape) + (1,) * (2 - inputs[name].dim()) for name, _ in INPUTS]
-            header[2:] = torch.tensor([d for shape in shapes for d in shape])
+            fields += [d for shape in shapes for d in shape]
+        fields += [0] * (length - len(fields))
+        header = torch.tensor(fields, dtype=torch.int64)
+        if device.type == "cuda":  # sent without waiting for the device: rank 0 may launch ahead of it
+            header = header.pin_memory().to(device, non_blocking=True)
         ranks = range(1, dist.get_world_size(group))
         works = [dist.isend(header, rank, tag=COMMAND_TAG) for rank in ranks]
         works += [dist.isend(payload, rank, tag=COMMAND_TAG + 1) for rank in ranks if payload is not None]
         for work in works:
             work.wait()
     else:
+        header = torch.empty(length, dtype=torch.int64, device=device)
         receive_from_rank0(header, COMMAND_TAG)
-    command, count = int(header[0]), int(header[1])
+        fields = header.tolist()
+    command, count = fields[0], fields[1]
+    if command == REPLAY:
+        dist.broadcast(staged[:fields[2]], 0, group=group)
+        return command, count, None
     if command == KV:
         if dist.get_rank() != 0:
             payload = torch.empty(count, dtype=torch.int64)
@@ -59,7 +77,7 @@ def broadcast_command(command: int, device: torch.device, inputs: Mapping[str, t
         return command, count, payload
     if command != STEP:
         return command, count, None
-    shapes = header[2:].view(-1, 2).tolist()
+    shapes = list(zip(fields[2::2], fields[3::2]))
     sizes = [rows * cols for rows, cols in shapes]
     if dist.get_rank() == 0:
         packed = torch.cat([inputs[name].to(device).flatten().long() for name, _ in INPUTS])

@@ -5,12 +5,9 @@ error instead of leaving the other waiting."""
 
 from __future__ import annotations
 
-import multiprocessing
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
+from gloo_ranks import run_ranks
 
 from kiln.runtime import kv_cache
 from kiln.runtime.engine import CacheSpec
@@ -21,30 +18,12 @@ TOTAL = 1_000_000
 SPEC = CacheSpec(("k",), ((1, 4),), torch.float32, False)  # 16 bytes a token: 64 a block of 4
 
 
-def _rank(rank: int, port: int, free: list[int], results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(free))
-    kv_cache.available_memory = lambda device: (free[rank], TOTAL)  # this rank's device, as the test sets it
-    try:
-        results.put((rank, agree_num_blocks(CacheLayout(0, 4, 1.0, 10**9, 0), SPEC, torch.device("cpu"))))
-    except MemoryError as exc:
-        results.put((rank, str(exc)))
-    finally:
-        dist.destroy_process_group()
-
-
 def _agree(free: list[int]) -> dict[int, int | str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    processes = [context.Process(target=_rank, args=(rank, port, free, results)) for rank in range(len(free))]
-    for p in processes:
-        p.start()
-    got = dict(results.get(timeout=60) for _ in processes)
-    for p in processes:
-        p.join(timeout=30)
-    return got
+    def plan(rank: int) -> int:
+        kv_cache.available_memory = lambda device: (free[rank], TOTAL)  # this rank's device, as the test sets it
+        return agree_num_blocks(CacheLayout(0, 4, 1.0, 10**9, 0), SPEC, torch.device("cpu"))
+
+    return run_ranks(plan, len(free))
 
 
 def test_the_ranks_take_the_fewest_blocks_their_plans_allow():
@@ -54,8 +33,8 @@ def test_the_ranks_take_the_fewest_blocks_their_plans_allow():
 
 def test_a_rank_without_room_ends_every_rank_with_an_error():
     got = _agree([640_000, 0])
-    assert got[1].startswith("no room for a KV cache on cpu")
-    assert got[0] == "rank 0: another rank has no room for a KV cache"
+    assert got[1].startswith("MemoryError: no room for a KV cache on cpu")
+    assert got[0] == "MemoryError: rank 0: another rank has no room for a KV cache"
 
 
 def test_a_given_block_count_is_taken_as_it_is():

@@ -3,6 +3,7 @@ over a tp=2 engine start a worker for rank 1 and give the greedy tokens of one r
 killed worker ends the run with an error naming it; ``bench/parallel.py`` runs alone and
 under torchrun. Starting processes is slow on two cores, so these tests are few."""
 
+import json
 import os
 import runpy
 import signal
@@ -15,6 +16,7 @@ import pytest
 from live_server import serve_subprocess
 
 import kiln
+from kiln.cli import main as kiln_main
 
 PROMPTS = ["The for statement", "Python uses the"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,12 +80,31 @@ def test_the_parallel_benchmark_runs_alone_and_under_torchrun(saved_engine, tp2_
                                                                 capsys):
     options = ["--input-len", "8", "--output-len", "4", "--concurrency", "2"]
     script = ROOT / "bench" / "parallel.py"
-    monkeypatch.setattr(sys, "argv", [str(script), str(saved_engine), "--tp", "1", *options])
+    alone, report = tmp_path / "tp1.json", tmp_path / "tp2.json"
+    monkeypatch.setattr(sys, "argv", [str(script), str(saved_engine), "--tp", "1", *options, "--json", str(alone)])
     runpy.run_path(str(script), run_name="__main__")  # world size 1, in this process
     assert "tp=1 pp=1 concurrency=2:" in capsys.readouterr().out
-    report = tmp_path / "tp2.json"
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                str(script), str(tp2_engine), "--tp", "2", *options,
                                "--json", str(report)], capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
-    assert '"output_tokens": 8' in report.read_text()
+    tp1, tp2 = json.loads(alone.read_text()), json.loads(report.read_text())
+    assert tp2["results"][0]["output_tokens"] == 8
+    assert len(tp1["greedy"]) == 4 and tp2["greedy"] == tp1["greedy"]  # the same fixed prompts, the same tokens
+
+
+def test_kiln_bench_under_torchrun_measures_on_rank_0(tp2_engine):
+    """``torchrun -m kiln.cli bench`` over a tp=2 engine: rank 1 serves rank 0's steps, rank 0
+    prints the report, and both exit 0."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "kiln.cli",
+                          "bench", str(tp2_engine), "--input-len", "8", "--output-len", "4", "--concurrency", "2",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout[run.stdout.index("{"):])
+    assert report["runs"][0]["concurrency"] == 2 and report["runs"][0]["output_tokens"] == 8
+
+
+def test_under_torchrun_a_checkpoint_is_refused_with_what_to_build(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert kiln_main(["bench", str(ROOT / "models")]) == 1
+    assert "is not an engine directory: under torchrun every rank loads the same engine" in capsys.readouterr().err
